@@ -1,0 +1,234 @@
+//! The connection to a jobd server and the calls that are not about one job.
+
+use std::collections::HashMap;
+
+use jobd_proto::{JobId, JobState, pb, value};
+use serde::Serialize;
+use tonic::transport::{Channel, Endpoint};
+
+use crate::{Error, handle::JobHandle};
+
+/// A connection to one jobd server. Cheap to clone: clones share the
+/// underlying HTTP/2 connection, and calls on it run concurrently.
+#[derive(Debug, Clone)]
+pub struct JobClient {
+    rpc: pb::job_service_client::JobServiceClient<Channel>,
+}
+
+/// A submission with every option; [`JobClient::submit`] covers the common
+/// case.
+///
+/// ```
+/// use jobd_client::Submission;
+/// let s = Submission::new("hello", serde_json::json!("Ann"))
+///     .label("team", "infra")
+///     .request_id("order-42");
+/// assert_eq!(s.function, "hello");
+/// ```
+#[derive(Debug, Clone, Default)]
+pub struct Submission {
+    /// The registered function to run.
+    pub function: String,
+    /// Its argument, any JSON value.
+    pub args: serde_json::Value,
+    /// The pool to require ("async" or "blocking"); `None` for the
+    /// function's own.
+    pub pool: Option<String>,
+    /// A client request id, stored with the job.
+    pub request_id: Option<String>,
+    /// Labels stored with the job.
+    pub labels: HashMap<String, String>,
+}
+
+impl Submission {
+    /// A submission of `function` with `args` and no options.
+    pub fn new(function: impl Into<String>, args: serde_json::Value) -> Self {
+        Self {
+            function: function.into(),
+            args,
+            ..Self::default()
+        }
+    }
+
+    /// Requires the job to run on `pool`.
+    #[must_use]
+    pub fn pool(mut self, pool: impl Into<String>) -> Self {
+        self.pool = Some(pool.into());
+        self
+    }
+
+    /// Sets the client request id.
+    #[must_use]
+    pub fn request_id(mut self, id: impl Into<String>) -> Self {
+        self.request_id = Some(id.into());
+        self
+    }
+
+    /// Adds a label.
+    #[must_use]
+    pub fn label(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
+        self.labels.insert(key.into(), value.into());
+        self
+    }
+}
+
+/// One function the server can run.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FunctionInfo {
+    /// The name to submit it by.
+    pub name: String,
+    /// The pool it runs on ("async" or "blocking").
+    pub pool: String,
+    /// What it does and how to call it.
+    pub description: String,
+}
+
+impl JobClient {
+    /// Connects to a server. `addr` is a URI such as `http://127.0.0.1:50051`;
+    /// a bare `host:port` is taken as `http://host:port`.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidAddress`] or [`Error::Transport`].
+    pub async fn connect(addr: impl AsRef<str>) -> Result<Self, Error> {
+        let channel = endpoint(addr.as_ref())?.connect().await?;
+        Ok(Self::from_channel(channel))
+    }
+
+    /// Wraps an existing channel (to share it, or to configure TLS,
+    /// timeouts or interceptors yourself).
+    #[must_use]
+    pub fn from_channel(channel: Channel) -> Self {
+        Self {
+            rpc: pb::job_service_client::JobServiceClient::new(channel),
+        }
+    }
+
+    /// The generated gRPC stub, for calls this library does not wrap.
+    #[must_use]
+    pub fn rpc(&self) -> pb::job_service_client::JobServiceClient<Channel> {
+        self.rpc.clone()
+    }
+
+    /// Submits `function` with `args` and returns a handle to the job.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::NotFound`] for an unknown function, [`Error::InvalidArgument`],
+    /// or [`Error::Rpc`] (e.g. `RESOURCE_EXHAUSTED` when the pool's queue is
+    /// full).
+    pub async fn submit(
+        &self,
+        function: &str,
+        args: serde_json::Value,
+    ) -> Result<JobHandle, Error> {
+        self.submit_with(Submission::new(function, args)).await
+    }
+
+    /// Submits with arguments serialized from any `Serialize` type.
+    ///
+    /// # Errors
+    ///
+    /// As [`JobClient::submit`], plus [`Error::Json`].
+    pub async fn submit_json<T: Serialize + ?Sized>(
+        &self,
+        function: &str,
+        args: &T,
+    ) -> Result<JobHandle, Error> {
+        self.submit(function, serde_json::to_value(args)?).await
+    }
+
+    /// Submits with every option.
+    ///
+    /// # Errors
+    ///
+    /// As [`JobClient::submit`].
+    pub async fn submit_with(&self, submission: Submission) -> Result<JobHandle, Error> {
+        let request = pb::SubmitRequest {
+            function: submission.function,
+            args: Some(value::from_json(submission.args)),
+            pool: submission.pool.unwrap_or_default(),
+            request_id: submission.request_id.unwrap_or_default(),
+            labels: submission.labels,
+        };
+        let answer = self.rpc.clone().submit(request).await?.into_inner();
+        let id = parse_id(&answer.job_id)?;
+        Ok(self.job(id))
+    }
+
+    /// A handle to an existing job, by id. No request is made.
+    #[must_use]
+    pub fn job(&self, id: JobId) -> JobHandle {
+        JobHandle::new(self.clone(), id)
+    }
+
+    /// The functions the server can run, sorted by name.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Transport`] or [`Error::Rpc`].
+    pub async fn functions(&self) -> Result<Vec<FunctionInfo>, Error> {
+        let answer = self
+            .rpc
+            .clone()
+            .list_functions(pb::ListFunctionsRequest {})
+            .await?
+            .into_inner();
+        Ok(answer
+            .functions
+            .into_iter()
+            .map(|f| FunctionInfo {
+                name: f.name,
+                pool: f.pool,
+                description: f.description,
+            })
+            .collect())
+    }
+}
+
+/// Builds the endpoint for `addr`, adding `http://` to a bare `host:port`.
+pub(crate) fn endpoint(addr: &str) -> Result<Endpoint, Error> {
+    let uri = if addr.contains("://") {
+        addr.to_owned()
+    } else {
+        format!("http://{addr}")
+    };
+    let invalid = |reason: String| Error::InvalidAddress {
+        addr: addr.to_owned(),
+        reason,
+    };
+    let endpoint = Endpoint::from_shared(uri).map_err(|e| invalid(e.to_string()))?;
+    if endpoint.uri().host().is_none() {
+        return Err(invalid("no host".to_owned()));
+    }
+    // Small RPCs: do not let Nagle delay requests.
+    Ok(endpoint.tcp_nodelay(true))
+}
+
+pub(crate) fn parse_id(raw: &str) -> Result<JobId, Error> {
+    raw.parse()
+        .map_err(|e| Error::Protocol(format!("the server sent a bad job id: {e}")))
+}
+
+pub(crate) fn parse_state(raw: i32) -> Result<JobState, Error> {
+    JobState::try_from(raw)
+        .map_err(|raw| Error::Protocol(format!("the server sent an unknown job state {raw}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bare_host_port_gets_a_scheme() {
+        assert_eq!(
+            endpoint("127.0.0.1:50051").unwrap().uri().to_string(),
+            "http://127.0.0.1:50051/"
+        );
+        assert!(endpoint("http://[::1]:1").is_ok());
+        assert!(matches!(
+            endpoint("http://"),
+            Err(Error::InvalidAddress { .. })
+        ));
+    }
+}

@@ -1,0 +1,279 @@
+//! A handle to one remote job: the network's `concurrent.futures.Future`.
+
+use std::{
+    collections::HashMap,
+    future::{Future, IntoFuture},
+    pin::Pin,
+    time::{Duration, SystemTime},
+};
+
+use jobd_proto::{JobId, JobState, pb, value};
+use serde::de::DeserializeOwned;
+
+use crate::{Error, JobClient, client::parse_state};
+
+/// A submitted job. Ask it whether it is [`done`](Self::done), wait for its
+/// [`result`](Self::result), or `.await` it directly.
+///
+/// ```no_run
+/// # async fn run(client: jobd_client::JobClient) -> Result<(), jobd_client::Error> {
+/// let job = client.submit("sleep", serde_json::json!(0.1)).await?;
+/// assert!(!job.done().await?);
+/// let slept: f64 = job.result_as().await?;
+/// # Ok(()) }
+/// ```
+#[derive(Debug, Clone)]
+pub struct JobHandle {
+    client: JobClient,
+    id: JobId,
+}
+
+/// How a finished job ended, as data: a failed job is not an error here.
+#[derive(Debug, Clone, PartialEq)]
+pub struct JobOutcome {
+    /// SUCCEEDED, FAILED or CANCELLED.
+    pub state: JobState,
+    /// The value, or the job's error kind and message.
+    pub result: Result<serde_json::Value, (pb::ErrorKind, String)>,
+}
+
+/// Everything the server knows about a job (`GetJob`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct JobInfo {
+    /// The job id.
+    pub id: JobId,
+    /// The function it runs.
+    pub function: String,
+    /// The pool it runs on.
+    pub pool: String,
+    /// Its state.
+    pub state: JobState,
+    /// Its argument.
+    pub args: serde_json::Value,
+    /// Its labels.
+    pub labels: HashMap<String, String>,
+    /// The request id it was submitted with, if any.
+    pub request_id: Option<String>,
+    /// When it was accepted.
+    pub submitted_at: Option<SystemTime>,
+    /// When its latest attempt started.
+    pub started_at: Option<SystemTime>,
+    /// When it finished.
+    pub finished_at: Option<SystemTime>,
+    /// How many attempts have started.
+    pub attempt: u32,
+    /// Its outcome, once finished.
+    pub outcome: Option<JobOutcome>,
+}
+
+/// What a cancel request achieved.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CancelReport {
+    /// What happened (cancelled, aborted, requested, already done).
+    pub outcome: pb::CancelOutcome,
+    /// True if the job is now cancelled, as `Future.cancel()` returns.
+    pub cancelled: bool,
+    /// The job's state after the request.
+    pub state: JobState,
+}
+
+impl JobHandle {
+    pub(crate) fn new(client: JobClient, id: JobId) -> Self {
+        Self { client, id }
+    }
+
+    /// The job's id.
+    #[must_use]
+    pub fn id(&self) -> JobId {
+        self.id
+    }
+
+    /// True once the job has finished, without waiting.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::NotFound`] and transport errors.
+    pub async fn done(&self) -> Result<bool, Error> {
+        Ok(self.state().await?.is_terminal())
+    }
+
+    /// The job's current state, without waiting.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::NotFound`] and transport errors.
+    pub async fn state(&self) -> Result<JobState, Error> {
+        let answer = self
+            .client
+            .rpc()
+            .done(pb::DoneRequest {
+                job_id: self.id.to_string(),
+            })
+            .await?
+            .into_inner();
+        parse_state(answer.state)
+    }
+
+    /// Everything the server knows about the job.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::NotFound`] and transport errors.
+    pub async fn status(&self) -> Result<JobInfo, Error> {
+        let job = self
+            .client
+            .rpc()
+            .get_job(pb::GetJobRequest {
+                job_id: self.id.to_string(),
+            })
+            .await?
+            .into_inner()
+            .job
+            .ok_or_else(|| Error::Protocol("GetJob answered without a job".to_owned()))?;
+        job_info(job)
+    }
+
+    /// Waits for the job to finish and returns its value.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::JobFailed`], [`Error::Cancelled`], [`Error::NotFound`],
+    /// transport errors.
+    pub async fn result(&self) -> Result<serde_json::Value, Error> {
+        self.outcome(None).await?.into_value(self.id)
+    }
+
+    /// As [`JobHandle::result`], giving up after `timeout` with
+    /// [`Error::Timeout`] (the job keeps running).
+    ///
+    /// # Errors
+    ///
+    /// As [`JobHandle::result`], plus [`Error::Timeout`].
+    pub async fn result_timeout(&self, timeout: Duration) -> Result<serde_json::Value, Error> {
+        self.outcome(Some(timeout)).await?.into_value(self.id)
+    }
+
+    /// Waits for the value and deserializes it into `R`.
+    ///
+    /// # Errors
+    ///
+    /// As [`JobHandle::result`], plus [`Error::Json`].
+    pub async fn result_as<R: DeserializeOwned>(&self) -> Result<R, Error> {
+        Ok(serde_json::from_value(self.result().await?)?)
+    }
+
+    /// Waits (at most `timeout`, if given) for the job to finish and returns
+    /// how it ended, with failure and cancellation as data.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Timeout`], [`Error::NotFound`], transport errors.
+    pub async fn outcome(&self, timeout: Option<Duration>) -> Result<JobOutcome, Error> {
+        let answer = self
+            .client
+            .rpc()
+            .result(pb::ResultRequest {
+                job_id: self.id.to_string(),
+                timeout: timeout.map(wire_duration),
+            })
+            .await?
+            .into_inner();
+        let state = parse_state(answer.state)?;
+        outcome(state, answer.value, answer.error)
+            .ok_or_else(|| Error::Protocol(format!("Result answered in state {state}")))
+    }
+
+    /// Asks the server to cancel the job; see [`CancelReport`].
+    ///
+    /// # Errors
+    ///
+    /// [`Error::NotFound`] and transport errors.
+    pub async fn cancel(&self) -> Result<CancelReport, Error> {
+        let answer = self
+            .client
+            .rpc()
+            .cancel(pb::CancelRequest {
+                job_id: self.id.to_string(),
+            })
+            .await?
+            .into_inner();
+        Ok(CancelReport {
+            outcome: pb::CancelOutcome::try_from(answer.outcome)
+                .unwrap_or(pb::CancelOutcome::Unspecified),
+            cancelled: answer.cancelled,
+            state: parse_state(answer.state)?,
+        })
+    }
+}
+
+impl JobOutcome {
+    /// The value, or the job's failure as an [`Error`].
+    ///
+    /// # Errors
+    ///
+    /// [`Error::JobFailed`] or [`Error::Cancelled`].
+    pub fn into_value(self, id: JobId) -> Result<serde_json::Value, Error> {
+        match self.result {
+            Ok(value) => Ok(value),
+            Err(_) if self.state == JobState::Cancelled => Err(Error::Cancelled { id }),
+            Err((kind, message)) => Err(Error::JobFailed { id, kind, message }),
+        }
+    }
+}
+
+impl IntoFuture for JobHandle {
+    type Output = Result<serde_json::Value, Error>;
+    type IntoFuture = Pin<Box<dyn Future<Output = Self::Output> + Send>>;
+
+    /// Awaiting a handle waits for its result, like `future.result()`.
+    fn into_future(self) -> Self::IntoFuture {
+        Box::pin(async move { self.result().await })
+    }
+}
+
+fn wire_duration(d: Duration) -> prost_types::Duration {
+    prost_types::Duration {
+        seconds: i64::try_from(d.as_secs()).unwrap_or(i64::MAX),
+        // Always below 10^9, so it fits.
+        nanos: i32::try_from(d.subsec_nanos()).unwrap_or(0),
+    }
+}
+
+/// The outcome of a terminal job; `None` if the state is not terminal.
+fn outcome(
+    state: JobState,
+    value: Option<prost_types::Value>,
+    error: Option<pb::JobError>,
+) -> Option<JobOutcome> {
+    if !state.is_terminal() {
+        return None;
+    }
+    let result = match (state, error) {
+        (JobState::Succeeded, _) => Ok(value::option_to_json(value)),
+        (_, Some(e)) => Err((
+            pb::ErrorKind::try_from(e.kind).unwrap_or(pb::ErrorKind::Unspecified),
+            e.message,
+        )),
+        (_, None) => Err((pb::ErrorKind::Unspecified, state.to_string())),
+    };
+    Some(JobOutcome { state, result })
+}
+
+fn job_info(job: pb::Job) -> Result<JobInfo, Error> {
+    let state = parse_state(job.state)?;
+    let time = |t: Option<prost_types::Timestamp>| t.and_then(|t| SystemTime::try_from(t).ok());
+    Ok(JobInfo {
+        id: crate::client::parse_id(&job.id)?,
+        function: job.function,
+        pool: job.pool,
+        state,
+        args: value::option_to_json(job.args),
+        labels: job.labels,
+        request_id: Some(job.request_id).filter(|r| !r.is_empty()),
+        submitted_at: time(job.submit_time),
+        started_at: time(job.start_time),
+        finished_at: time(job.finish_time),
+        attempt: job.attempt,
+        outcome: outcome(state, job.value, job.error),
+    })
+}

@@ -1,0 +1,32 @@
+//! Rust client for [jobd](https://example.invalid/jobd): submit named job
+//! functions to a remote server and await their results, the way
+//! `concurrent.futures` does in one process.
+//!
+//! ```no_run
+//! # async fn run() -> Result<(), jobd_client::Error> {
+//! use jobd_client::JobClient;
+//!
+//! let client = JobClient::connect("http://127.0.0.1:50051").await?;
+//! let job = client.submit("hello", serde_json::json!("Ann")).await?;
+//! println!("submitted {}", job.id());
+//! let greeting = job.await?; // same as job.result().await
+//! assert_eq!(greeting, "Hello, Ann!");
+//! # Ok(()) }
+//! ```
+//!
+//! A job that fails or is cancelled is reported as [`Error::JobFailed`] or
+//! [`Error::Cancelled`]; every other variant means the request itself failed.
+//! Use [`JobHandle::outcome`] to get a failed job's outcome as data instead.
+//!
+//! This crate's default `cli` feature builds the `jobctl` binary; library
+//! users depend on it with `default-features = false` and pay for none of the
+//! CLI's dependencies.
+
+mod client;
+mod error;
+mod handle;
+
+pub use client::{FunctionInfo, JobClient, Submission};
+pub use error::Error;
+pub use handle::{CancelReport, JobHandle, JobInfo, JobOutcome};
+pub use jobd_proto::{JobId, JobState, pb};

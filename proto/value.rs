@@ -1,0 +1,99 @@
+//! Conversion between `google.protobuf.Value` (what the wire carries, so that
+//! grpcurl's JSON is natural) and `serde_json::Value` (what job functions and
+//! client code work with).
+//!
+//! protobuf numbers are `f64`, so integers beyond 2^53 lose precision on the
+//! wire, exactly as in JSON itself; integral doubles come back as JSON
+//! integers so `3` stays `3`, not `3.0`.
+
+use prost_types::{ListValue, Struct, Value, value::Kind};
+
+/// Converts a JSON value to its protobuf form.
+///
+/// ```
+/// use jobd_proto::value::{from_json, to_json};
+/// let json = serde_json::json!({"name": "Ann", "n": [1, 2.5, null, true]});
+/// assert_eq!(to_json(from_json(json.clone())), json);
+/// ```
+#[must_use]
+pub fn from_json(json: serde_json::Value) -> Value {
+    let kind = match json {
+        serde_json::Value::Null => Kind::NullValue(0),
+        serde_json::Value::Bool(b) => Kind::BoolValue(b),
+        serde_json::Value::Number(n) => Kind::NumberValue(n.as_f64().unwrap_or(f64::NAN)),
+        serde_json::Value::String(s) => Kind::StringValue(s),
+        serde_json::Value::Array(items) => Kind::ListValue(ListValue {
+            values: items.into_iter().map(from_json).collect(),
+        }),
+        serde_json::Value::Object(map) => Kind::StructValue(Struct {
+            fields: map.into_iter().map(|(k, v)| (k, from_json(v))).collect(),
+        }),
+    };
+    Value { kind: Some(kind) }
+}
+
+/// Converts a protobuf value to JSON. A value with no kind set (which some
+/// clients send for "nothing") becomes JSON `null`, as does a non-finite
+/// number, which JSON cannot represent.
+#[must_use]
+pub fn to_json(value: Value) -> serde_json::Value {
+    match value.kind {
+        None | Some(Kind::NullValue(_)) => serde_json::Value::Null,
+        Some(Kind::BoolValue(b)) => serde_json::Value::Bool(b),
+        Some(Kind::NumberValue(n)) => number_to_json(n),
+        Some(Kind::StringValue(s)) => serde_json::Value::String(s),
+        Some(Kind::ListValue(list)) => {
+            serde_json::Value::Array(list.values.into_iter().map(to_json).collect())
+        }
+        Some(Kind::StructValue(s)) => {
+            serde_json::Value::Object(s.fields.into_iter().map(|(k, v)| (k, to_json(v))).collect())
+        }
+    }
+}
+
+/// Converts an optional protobuf value (an absent message field) to JSON;
+/// absent means `null`.
+#[must_use]
+pub fn option_to_json(value: Option<Value>) -> serde_json::Value {
+    value.map_or(serde_json::Value::Null, to_json)
+}
+
+fn number_to_json(n: f64) -> serde_json::Value {
+    // 2^53: above it not every integer is representable, so keep the float.
+    const MAX_EXACT: f64 = 9_007_199_254_740_992.0;
+    if n.fract() == 0.0 && n.abs() <= MAX_EXACT {
+        // Exact: the value is integral and within i64's exactly-representable range.
+        #[allow(clippy::cast_possible_truncation)]
+        return serde_json::Value::from(n as i64);
+    }
+    serde_json::Number::from_f64(n).map_or(serde_json::Value::Null, serde_json::Value::Number)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn integers_stay_integers() {
+        assert_eq!(to_json(from_json(json!(3))), json!(3));
+        assert_eq!(to_json(from_json(json!(-7))), json!(-7));
+        assert_eq!(to_json(from_json(json!(2.5))), json!(2.5));
+    }
+
+    #[test]
+    fn nested_values_round_trip() {
+        let v = json!({"a": [1, {"b": null}], "c": "d", "e": false});
+        assert_eq!(to_json(from_json(v.clone())), v);
+    }
+
+    #[test]
+    fn missing_and_non_finite_become_null() {
+        assert_eq!(option_to_json(None), json!(null));
+        assert_eq!(to_json(Value { kind: None }), json!(null));
+        let nan = Value {
+            kind: Some(Kind::NumberValue(f64::NAN)),
+        };
+        assert_eq!(to_json(nan), json!(null));
+    }
+}

@@ -1,0 +1,227 @@
+//! The job functions the `jobd` binary ships with: a greeting, an echo, the
+//! benchmark no-op, an async sleep, the blocking `return_future` of the
+//! concurrent.futures example, and a CPU-bound hash.
+//!
+//! Embedders may start from [`registry`] and add their own.
+
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use sha2::{Digest, Sha256};
+
+use crate::{Ctx, JobError, Registry};
+
+/// The longest `sleep` or `return_future` delay accepted, so a typo cannot
+/// park a worker for a year.
+pub const MAX_BUILTIN_DELAY: Duration = Duration::from_secs(24 * 3600);
+
+/// The most rounds `sha256` runs.
+pub const MAX_SHA256_ROUNDS: u64 = 100_000_000;
+
+/// A registry holding every built-in function.
+///
+/// ```
+/// let registry = jobd::builtins::registry();
+/// assert!(registry.get("hello").is_some());
+/// ```
+#[must_use]
+pub fn registry() -> Registry {
+    let mut registry = Registry::new();
+    registry
+        .register_async(
+            "hello",
+            "Greets someone: args \"Ann\", [\"Ann\"], {\"name\": \"Ann\"} or none; returns \"Hello, Ann!\"",
+            |_ctx, args| async move { hello(&args) },
+        )
+        .register_async("echo", "Returns its arguments unchanged", |_ctx, args| async move {
+            Ok(args)
+        })
+        .register_async(
+            "noop",
+            "Returns its argument at once: the benchmark workload",
+            |_ctx, args| std::future::ready(Ok(args)),
+        )
+        .register_async(
+            "sleep",
+            "Sleeps asynchronously: args seconds (e.g. 5 or 0.5, or {\"seconds\": 5}); returns the seconds; cancellable mid-sleep",
+            |_ctx, args| async move {
+                let delay = seconds(&args, "seconds", None)?;
+                tokio::time::sleep(delay).await;
+                Ok(json!(delay.as_secs_f64()))
+            },
+        )
+        .register_blocking(
+            "return_future",
+            "Blocks a pool thread for a delay, then returns the message: args \"msg\", [\"msg\", 3] or {\"message\": \"msg\", \"delay\": 3}; delay defaults to 3 s",
+            return_future,
+        )
+        .register_blocking(
+            "sha256",
+            "CPU-bound: hashes the text repeatedly: args {\"text\": \"abc\", \"rounds\": 100000} or \"abc\"; returns the hex digest; honours cancel",
+            sha256,
+        );
+    registry
+}
+
+fn hello(args: &Value) -> Result<Value, JobError> {
+    let name = match args {
+        Value::Null => "world",
+        Value::String(name) => name,
+        Value::Array(items) => match items.as_slice() {
+            [] => "world",
+            [Value::String(name)] => name,
+            _ => return Err(JobError::bad_args("hello takes at most one name")),
+        },
+        Value::Object(map) => match map.get("name") {
+            None | Some(Value::Null) => "world",
+            Some(Value::String(name)) => name,
+            Some(_) => return Err(JobError::bad_args("\"name\" must be a string")),
+        },
+        _ => return Err(JobError::bad_args("expected a name (a string)")),
+    };
+    Ok(json!(format!("Hello, {name}!")))
+}
+
+/// Reads a delay in seconds from a number, or from `field` of an object, with
+/// an optional default; refuses negative, non-finite and huge values.
+fn seconds(args: &Value, field: &str, default: Option<f64>) -> Result<Duration, JobError> {
+    let raw = match args {
+        Value::Number(n) => n.as_f64(),
+        Value::Object(map) => match map.get(field) {
+            Some(v) => Some(v.as_f64().ok_or_else(|| {
+                JobError::bad_args(format!("\"{field}\" must be a number of seconds"))
+            })?),
+            None => default,
+        },
+        Value::Null => default,
+        _ => None,
+    };
+    let secs = raw.ok_or_else(|| JobError::bad_args(format!("expected {field} (a number)")))?;
+    if !(0.0..=MAX_BUILTIN_DELAY.as_secs_f64()).contains(&secs) {
+        return Err(JobError::bad_args(format!(
+            "{field} must be between 0 and {} seconds",
+            MAX_BUILTIN_DELAY.as_secs()
+        )));
+    }
+    Ok(Duration::from_secs_f64(secs))
+}
+
+/// The concurrent.futures example: sleep (really blocking the thread, and
+/// deliberately deaf to cancel, as `time.sleep` is), then return the message.
+fn return_future(_ctx: Ctx, args: Value) -> Result<Value, JobError> {
+    const DEFAULT_DELAY: f64 = 3.0;
+    let (message, delay) = match &args {
+        Value::String(msg) => (
+            msg.clone(),
+            seconds(&Value::Null, "delay", Some(DEFAULT_DELAY))?,
+        ),
+        Value::Array(items) => match items.as_slice() {
+            [Value::String(msg)] => (msg.clone(), Duration::from_secs_f64(DEFAULT_DELAY)),
+            [Value::String(msg), delay] => (msg.clone(), seconds(delay, "delay", None)?),
+            _ => return Err(JobError::bad_args("expected [message] or [message, delay]")),
+        },
+        Value::Object(map) => {
+            let msg = map
+                .get("message")
+                .and_then(Value::as_str)
+                .ok_or_else(|| JobError::bad_args("\"message\" (a string) is required"))?;
+            (
+                msg.to_owned(),
+                seconds(&args, "delay", Some(DEFAULT_DELAY))?,
+            )
+        }
+        _ => return Err(JobError::bad_args("expected a message")),
+    };
+    std::thread::sleep(delay);
+    Ok(Value::String(message))
+}
+
+fn sha256(ctx: Ctx, args: Value) -> Result<Value, JobError> {
+    let (text, rounds) = match &args {
+        Value::String(text) => (text.clone(), 1),
+        Value::Object(map) => (
+            map.get("text")
+                .and_then(Value::as_str)
+                .unwrap_or("")
+                .to_owned(),
+            map.get("rounds")
+                .map_or(Some(1), Value::as_u64)
+                .ok_or_else(|| JobError::bad_args("\"rounds\" must be a non-negative integer"))?,
+        ),
+        _ => {
+            return Err(JobError::bad_args(
+                "expected a string or {\"text\", \"rounds\"}",
+            ));
+        }
+    };
+    if rounds > MAX_SHA256_ROUNDS {
+        return Err(JobError::bad_args(format!(
+            "rounds must be at most {MAX_SHA256_ROUNDS}"
+        )));
+    }
+    let mut digest = Sha256::digest(text.as_bytes());
+    for round in 1..rounds {
+        // Checking every round would cost more than the hash; this is often
+        // enough to stop within a millisecond.
+        if round % 4096 == 0 && ctx.is_cancelled() {
+            return Err(JobError::Cancelled);
+        }
+        digest = Sha256::digest(digest);
+    }
+    Ok(Value::String(hex(&digest)))
+}
+
+fn hex(bytes: &[u8]) -> String {
+    use std::fmt::Write as _;
+    bytes
+        .iter()
+        .fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
+            let _ = write!(s, "{b:02x}");
+            s
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hello_accepts_every_documented_shape() {
+        assert_eq!(hello(&Value::Null).unwrap(), json!("Hello, world!"));
+        assert_eq!(hello(&json!("Ann")).unwrap(), json!("Hello, Ann!"));
+        assert_eq!(hello(&json!(["Ann"])).unwrap(), json!("Hello, Ann!"));
+        assert_eq!(
+            hello(&json!({"name": "Ann"})).unwrap(),
+            json!("Hello, Ann!")
+        );
+        assert!(hello(&json!(42)).is_err());
+        assert!(hello(&json!(["a", "b"])).is_err());
+    }
+
+    #[test]
+    fn seconds_are_bounded() {
+        assert_eq!(
+            seconds(&json!(0.5), "s", None).unwrap(),
+            Duration::from_millis(500)
+        );
+        assert_eq!(
+            seconds(&json!({"s": 2}), "s", None).unwrap(),
+            Duration::from_secs(2)
+        );
+        assert_eq!(
+            seconds(&Value::Null, "s", Some(3.0)).unwrap(),
+            Duration::from_secs(3)
+        );
+        assert!(seconds(&json!(-1), "s", None).is_err());
+        assert!(seconds(&json!(1e12), "s", None).is_err());
+        assert!(seconds(&json!("x"), "s", None).is_err());
+    }
+
+    #[test]
+    fn sha256_matches_a_known_digest() {
+        assert_eq!(
+            hex(&Sha256::digest(b"abc")),
+            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
+    }
+}

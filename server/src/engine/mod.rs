@@ -1,0 +1,446 @@
+//! The engine: accepts submissions, runs them on the async and blocking
+//! pools, and answers questions about jobs. Plain Rust with domain types; the
+//! gRPC layer in [`crate::grpc`] is a thin translation in front of it.
+//!
+//! The life of a job: `submit` reserves a slot in the pool's bounded queue,
+//! records the job as pending, then queues it. A pool worker claims it
+//! (pending -> running), runs the function with panics caught, and records
+//! the outcome, which wakes every waiter. Cancel and shutdown act on the same
+//! records through the store, which owns every state transition.
+
+mod queue;
+mod store;
+
+use std::{
+    collections::BTreeMap,
+    num::NonZeroUsize,
+    panic::AssertUnwindSafe,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::{Duration, SystemTime},
+};
+
+use futures::FutureExt as _;
+use jobd_proto::{JobId, JobState};
+use tokio::sync::Semaphore;
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+
+use self::{
+    queue::{JobQueue, Rejected},
+    store::{Cancelled, JobStore, WaitFor},
+};
+use crate::{
+    Error,
+    ctx::Ctx,
+    function::{Body, Function, PoolKind, Registry},
+    job::{Finished, JobError, JobRecord, Outcome},
+};
+
+/// Pool sizes and queue bounds.
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    /// How many async jobs may run at once.
+    pub async_concurrency: NonZeroUsize,
+    /// How many dedicated threads the blocking pool has.
+    pub blocking_workers: NonZeroUsize,
+    /// How many pending jobs each pool's queue holds before Submit is refused
+    /// with `RESOURCE_EXHAUSTED`.
+    pub max_queued: NonZeroUsize,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        Self {
+            async_concurrency: NonZeroUsize::new(1024).expect("nonzero"),
+            blocking_workers: std::thread::available_parallelism().unwrap_or(NonZeroUsize::MIN),
+            max_queued: NonZeroUsize::new(100_000).expect("nonzero"),
+        }
+    }
+}
+
+/// A validated submission.
+#[derive(Debug, Clone, Default)]
+pub struct SubmitSpec {
+    /// The registered function to run.
+    pub function: String,
+    /// Its argument.
+    pub args: serde_json::Value,
+    /// The pool the client asked for, if any; must match the function's.
+    pub pool: Option<PoolKind>,
+    /// The client's request id, if any.
+    pub request_id: Option<String>,
+    /// Labels to store with the job.
+    pub labels: BTreeMap<String, String>,
+}
+
+/// What `Cancel` did, as `Future.cancel()` would report it and more.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CancelOutcome {
+    /// It was pending and will never run.
+    Cancelled,
+    /// It was running on the async pool and was aborted.
+    Aborted,
+    /// It is running on the blocking pool; a cooperative request was sent.
+    Requested,
+    /// It had already finished.
+    AlreadyDone,
+}
+
+impl CancelOutcome {
+    /// True when the job is now cancelled (`Future.cancel()`'s answer).
+    #[must_use]
+    pub fn cancelled(self) -> bool {
+        matches!(self, Self::Cancelled | Self::Aborted)
+    }
+}
+
+/// Handle to a running engine. Cheap to clone.
+///
+/// ```
+/// # #[tokio::main(flavor = "current_thread")] async fn main() {
+/// use jobd::{Engine, EngineConfig, Registry, SubmitSpec};
+///
+/// let mut registry = Registry::new();
+/// registry.register_async("double", "Doubles a number", |_ctx, args| async move {
+///     Ok(serde_json::json!(args.as_i64().unwrap_or(0) * 2))
+/// });
+/// let engine = Engine::start(registry, EngineConfig::default());
+/// let id = engine
+///     .submit(SubmitSpec { function: "double".into(), args: 21.into(), ..Default::default() })
+///     .unwrap()
+///     .0;
+/// let finished = engine.wait(id).await.unwrap();
+/// assert_eq!(finished.outcome, Ok(serde_json::json!(42)));
+/// engine.shutdown(std::time::Duration::from_secs(1)).await;
+/// # }
+/// ```
+#[derive(Clone)]
+pub struct Engine {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    registry: Registry,
+    store: JobStore,
+    async_queue: JobQueue,
+    blocking_queue: JobQueue,
+    async_slots: Arc<Semaphore>,
+    /// Cleared when a drain starts: Submit then answers `ShuttingDown`.
+    accepting: AtomicBool,
+    /// Fired at the end of shutdown: every waiter still waiting gives up.
+    stopped: CancellationToken,
+    /// Running async jobs, the dispatcher, and one token per blocking thread.
+    workers: TaskTracker,
+    runtime: tokio::runtime::Handle,
+}
+
+impl Engine {
+    /// Starts the pools: a dispatcher task for the async pool and
+    /// `blocking_workers` dedicated OS threads for the blocking pool.
+    ///
+    /// # Panics
+    ///
+    /// Outside a tokio runtime, or if the OS refuses to spawn a thread.
+    #[must_use]
+    pub fn start(registry: Registry, config: EngineConfig) -> Self {
+        let inner = Arc::new(Inner {
+            registry,
+            store: JobStore::default(),
+            async_queue: JobQueue::new(config.max_queued.get()),
+            blocking_queue: JobQueue::new(config.max_queued.get()),
+            async_slots: Arc::new(Semaphore::new(config.async_concurrency.get())),
+            accepting: AtomicBool::new(true),
+            stopped: CancellationToken::new(),
+            workers: TaskTracker::new(),
+            runtime: tokio::runtime::Handle::current(),
+        });
+        inner.workers.spawn(Arc::clone(&inner).dispatch_async());
+        for n in 0..config.blocking_workers.get() {
+            let inner = Arc::clone(&inner);
+            let token = inner.workers.token();
+            std::thread::Builder::new()
+                .name(format!("jobd-blocking-{n}"))
+                .spawn(move || {
+                    let _running = token;
+                    inner.serve_blocking();
+                })
+                .expect("spawn a blocking-pool thread");
+        }
+        Self { inner }
+    }
+
+    /// The registered functions.
+    #[must_use]
+    pub fn registry(&self) -> &Registry {
+        &self.inner.registry
+    }
+
+    /// Accepts a job; returns its id and state at the time of the answer.
+    ///
+    /// # Errors
+    ///
+    /// `UnknownFunction`, `InvalidArgument` (pool mismatch), `QueueFull`,
+    /// `ShuttingDown`.
+    pub fn submit(&self, spec: SubmitSpec) -> Result<(JobId, JobState), Error> {
+        let inner = &self.inner;
+        if !inner.accepting.load(Ordering::Acquire) {
+            return Err(Error::ShuttingDown);
+        }
+        let function = inner
+            .registry
+            .get(&spec.function)
+            .ok_or_else(|| Error::UnknownFunction(spec.function.clone()))?;
+        let pool = function.pool();
+        if let Some(requested) = spec.pool
+            && requested != pool
+        {
+            return Err(Error::invalid(
+                "pool",
+                format!(
+                    "function {:?} runs on the {pool} pool, not the {requested} pool",
+                    spec.function
+                ),
+            ));
+        }
+        let queue = inner.queue(pool);
+        let key = queue.reserve(0).map_err(|rejected| match rejected {
+            Rejected::Full => Error::QueueFull {
+                pool,
+                capacity: queue.capacity(),
+            },
+            Rejected::Closed => Error::ShuttingDown,
+        })?;
+        let id = JobId::new();
+        inner.store.insert(
+            JobRecord {
+                id,
+                function: Arc::clone(function.name()),
+                pool,
+                state: JobState::Pending,
+                args: spec.args,
+                labels: spec.labels,
+                request_id: spec.request_id,
+                submitted_at: SystemTime::now(),
+                started_at: None,
+                finished_at: None,
+                attempt: 0,
+                outcome: None,
+            },
+            key,
+        );
+        queue.push(key, id);
+        Ok((id, JobState::Pending))
+    }
+
+    /// The job's current state.
+    ///
+    /// # Errors
+    ///
+    /// `JobNotFound`.
+    pub fn state(&self, id: JobId) -> Result<JobState, Error> {
+        self.inner
+            .store
+            .view(id, |r| r.state)
+            .ok_or(Error::JobNotFound(id))
+    }
+
+    /// A copy of the job's whole record.
+    ///
+    /// # Errors
+    ///
+    /// `JobNotFound`.
+    pub fn get(&self, id: JobId) -> Result<JobRecord, Error> {
+        self.inner
+            .store
+            .view(id, JobRecord::clone)
+            .ok_or(Error::JobNotFound(id))
+    }
+
+    /// Waits, without polling, until the job is terminal. Callers bound the
+    /// wait with `tokio::time::timeout`; dropping the future is safe.
+    ///
+    /// # Errors
+    ///
+    /// `JobNotFound`, or `ShuttingDown` if the engine stops first.
+    pub async fn wait(&self, id: JobId) -> Result<Finished, Error> {
+        let store = &self.inner.store;
+        loop {
+            let notify = match store.wait_for(id).ok_or(Error::JobNotFound(id))? {
+                WaitFor::Finished(finished) => return Ok(finished),
+                WaitFor::Pending(notify) => notify,
+            };
+            let notified = notify.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            // The job may have finished between `wait_for` and `enable`.
+            if store.is_terminal(id).ok_or(Error::JobNotFound(id))? {
+                continue;
+            }
+            tokio::select! {
+                () = &mut notified => {}
+                () = self.inner.stopped.cancelled() => return Err(Error::ShuttingDown),
+            }
+        }
+    }
+
+    /// Cancels the job if it can, as described on [`CancelOutcome`].
+    ///
+    /// # Errors
+    ///
+    /// `JobNotFound`.
+    pub fn cancel(&self, id: JobId) -> Result<(CancelOutcome, JobState), Error> {
+        let inner = &self.inner;
+        let found = inner.store.cancel(id).ok_or(Error::JobNotFound(id))?;
+        let outcome = match found {
+            Cancelled::Pending(pool, key) => {
+                if let Some(key) = key {
+                    inner.queue(pool).remove(key);
+                }
+                CancelOutcome::Cancelled
+            }
+            Cancelled::AbortedAsync => CancelOutcome::Aborted,
+            Cancelled::RequestedBlocking => CancelOutcome::Requested,
+            Cancelled::AlreadyDone => CancelOutcome::AlreadyDone,
+        };
+        Ok((outcome, self.state(id)?))
+    }
+
+    /// How many jobs the engine holds, in any state.
+    #[must_use]
+    pub fn job_count(&self) -> usize {
+        self.inner.store.len()
+    }
+
+    /// How many jobs wait in each pool's queue: (async, blocking).
+    #[must_use]
+    pub fn queued(&self) -> (usize, usize) {
+        (
+            self.inner.async_queue.len(),
+            self.inner.blocking_queue.len(),
+        )
+    }
+
+    /// Drains: refuses new jobs, starts no pending job, lets running jobs
+    /// finish for up to `grace`, then interrupts whatever still runs (async
+    /// jobs are aborted; blocking jobs are asked to stop and marked failed)
+    /// and releases every waiter. Idempotent.
+    pub async fn shutdown(&self, grace: Duration) {
+        let inner = &self.inner;
+        inner.accepting.store(false, Ordering::Release);
+        inner.async_queue.close();
+        inner.blocking_queue.close();
+        inner.workers.close();
+        if tokio::time::timeout(grace, inner.workers.wait())
+            .await
+            .is_err()
+        {
+            let n = inner
+                .store
+                .interrupt_running("the server shut down before the job finished");
+            tracing::warn!(
+                jobs = n,
+                ?grace,
+                "grace period over; interrupted running jobs"
+            );
+        }
+        inner.stopped.cancel();
+    }
+}
+
+impl Inner {
+    fn queue(&self, pool: PoolKind) -> &JobQueue {
+        match pool {
+            PoolKind::Async => &self.async_queue,
+            PoolKind::Blocking => &self.blocking_queue,
+        }
+    }
+
+    /// Takes a concurrency slot, then a job, and runs it as a task; the slot
+    /// is held until the job ends, so at most `async_concurrency` run at once.
+    async fn dispatch_async(self: Arc<Self>) {
+        loop {
+            let Ok(slot) = Arc::clone(&self.async_slots).acquire_owned().await else {
+                return;
+            };
+            let Some(id) = self.async_queue.pop().await else {
+                return;
+            };
+            let inner = Arc::clone(&self);
+            self.workers.spawn(async move {
+                let _slot = slot;
+                inner.run_async(id).await;
+            });
+        }
+    }
+
+    async fn run_async(&self, id: JobId) {
+        let Some(claim) = self.store.claim(id) else {
+            return;
+        };
+        let outcome = match self.function(&claim.function).map(Function::body) {
+            Some(Body::Async(body)) => {
+                let ctx = Ctx::new(
+                    id,
+                    claim.attempt,
+                    claim.cancel.clone(),
+                    self.runtime.clone(),
+                );
+                // Building the future runs user code too, so it is guarded
+                // like the future itself.
+                match std::panic::catch_unwind(AssertUnwindSafe(|| body(ctx, claim.args))) {
+                    Ok(job) => tokio::select! {
+                        biased;
+                        () = claim.cancel.cancelled() => Err(JobError::Cancelled),
+                        result = AssertUnwindSafe(job).catch_unwind() => {
+                            result.unwrap_or_else(|panic| Err(panicked(&*panic)))
+                        }
+                    },
+                    Err(panic) => Err(panicked(&*panic)),
+                }
+            }
+            _ => Err(JobError::failed(format!(
+                "function {:?} is not an async function",
+                claim.function
+            ))),
+        };
+        self.store.finish(id, claim.attempt, outcome);
+    }
+
+    /// The loop of one blocking-pool thread.
+    fn serve_blocking(&self) {
+        while let Some(id) = self.runtime.block_on(self.blocking_queue.pop()) {
+            let Some(claim) = self.store.claim(id) else {
+                continue;
+            };
+            let outcome: Outcome = match self.function(&claim.function).map(Function::body) {
+                Some(Body::Blocking(body)) => {
+                    let ctx = Ctx::new(id, claim.attempt, claim.cancel, self.runtime.clone());
+                    std::panic::catch_unwind(AssertUnwindSafe(|| body(ctx, claim.args)))
+                        .unwrap_or_else(|panic| Err(panicked(&*panic)))
+                }
+                _ => Err(JobError::failed(format!(
+                    "function {:?} is not a blocking function",
+                    claim.function
+                ))),
+            };
+            self.store.finish(id, claim.attempt, outcome);
+        }
+    }
+
+    fn function(&self, name: &str) -> Option<&Function> {
+        self.registry.get(name)
+    }
+}
+
+/// The message of a caught panic, which is a `&str` or a `String` unless the
+/// code panicked with some other payload.
+fn panicked(payload: &(dyn std::any::Any + Send)) -> JobError {
+    let message = payload
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a non-string panic payload".to_owned());
+    JobError::Panicked(message)
+}

@@ -1,0 +1,50 @@
+//! The errors the engine reports to its callers. They are mapped to gRPC
+//! status codes in exactly one place, `grpc::status`.
+
+use jobd_proto::JobId;
+
+use crate::function::PoolKind;
+
+/// Why a request to the engine failed. A job that failed is *not* an
+/// `Error`: it is a [`Finished`](crate::job::Finished) job whose outcome says
+/// so.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Error {
+    /// No function of that name is registered.
+    #[error("unknown job function {0:?}; see ListFunctions for the registered ones")]
+    UnknownFunction(String),
+    /// A request field is malformed.
+    #[error("invalid {field}: {reason}")]
+    InvalidArgument {
+        /// The request field, as named in the .proto.
+        field: &'static str,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// No job with that id exists.
+    #[error("job {0} not found")]
+    JobNotFound(JobId),
+    /// The pool's queue holds `capacity` jobs already.
+    #[error("the {pool} pool's queue is full ({capacity} jobs waiting); retry later")]
+    QueueFull {
+        /// The pool that is full.
+        pool: PoolKind,
+        /// Its queue capacity (`--max-queued`).
+        capacity: usize,
+    },
+    /// The server is draining for shutdown and takes no new work.
+    #[error("the server is shutting down")]
+    ShuttingDown,
+    /// A wait for a job ended before the job did.
+    #[error("job {0} did not finish before the timeout")]
+    WaitTimedOut(JobId),
+}
+
+impl Error {
+    pub(crate) fn invalid(field: &'static str, reason: impl Into<String>) -> Self {
+        Self::InvalidArgument {
+            field,
+            reason: reason.into(),
+        }
+    }
+}

@@ -1,0 +1,252 @@
+//! The function registry: which named job functions this server can run, and
+//! on which pool.
+//!
+//! Embedders build a [`Registry`], register their own async or blocking
+//! functions next to (or instead of) the [built-ins](crate::builtins), and
+//! hand it to the [`Engine`](crate::Engine).
+
+use std::{collections::BTreeMap, fmt, future::Future, pin::Pin, sync::Arc};
+
+use crate::{ctx::Ctx, job::Outcome};
+
+/// The two kinds of pool a function can run on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum PoolKind {
+    /// Tokio tasks with a concurrency limit: for I/O-bound work.
+    Async,
+    /// A fixed set of dedicated OS threads: for CPU-bound or blocking work.
+    Blocking,
+}
+
+impl PoolKind {
+    /// The pool's name on the wire and in the CLI.
+    #[must_use]
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Async => "async",
+            Self::Blocking => "blocking",
+        }
+    }
+
+    /// Parses a pool name as clients send it.
+    #[must_use]
+    pub fn from_name(name: &str) -> Option<Self> {
+        match name {
+            "async" => Some(Self::Async),
+            "blocking" => Some(Self::Blocking),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for PoolKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A boxed future as async job functions return it.
+pub type JobFuture = Pin<Box<dyn Future<Output = Outcome> + Send + 'static>>;
+
+type AsyncBody = Arc<dyn Fn(Ctx, serde_json::Value) -> JobFuture + Send + Sync>;
+type BlockingBody = Arc<dyn Fn(Ctx, serde_json::Value) -> Outcome + Send + Sync>;
+
+/// The code of a registered function.
+#[derive(Clone)]
+pub(crate) enum Body {
+    Async(AsyncBody),
+    Blocking(BlockingBody),
+}
+
+/// One registered job function.
+#[derive(Clone)]
+pub struct Function {
+    name: Arc<str>,
+    description: String,
+    body: Body,
+}
+
+impl Function {
+    /// The name clients submit it by.
+    #[must_use]
+    pub fn name(&self) -> &Arc<str> {
+        &self.name
+    }
+
+    /// The one-line description `ListFunctions` shows.
+    #[must_use]
+    pub fn description(&self) -> &str {
+        &self.description
+    }
+
+    /// The pool it runs on.
+    #[must_use]
+    pub fn pool(&self) -> PoolKind {
+        match self.body {
+            Body::Async(_) => PoolKind::Async,
+            Body::Blocking(_) => PoolKind::Blocking,
+        }
+    }
+
+    pub(crate) fn body(&self) -> &Body {
+        &self.body
+    }
+}
+
+impl fmt::Debug for Function {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Function")
+            .field("name", &self.name)
+            .field("pool", &self.pool())
+            .finish_non_exhaustive()
+    }
+}
+
+/// The longest function name accepted at registration and at Submit.
+pub const MAX_FUNCTION_NAME_LEN: usize = 128;
+
+/// True if `name` is a usable function name: 1 to 128 characters of ASCII
+/// letters, digits, `_`, `-`, `.` and `:`. Shared by registration and request
+/// validation so the two cannot drift apart.
+#[must_use]
+pub fn is_valid_function_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= MAX_FUNCTION_NAME_LEN
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.' | b':'))
+}
+
+/// The named job functions a server can run.
+///
+/// ```
+/// use jobd::{Ctx, JobError, Registry};
+/// use serde_json::{json, Value};
+///
+/// let mut registry = Registry::new();
+/// registry
+///     .register_async("greet", "Greets {name}", |_ctx: Ctx, args: Value| async move {
+///         Ok(json!(format!("hi {}", args["name"].as_str().unwrap_or("you"))))
+///     })
+///     .register_blocking("square", "Squares a number", |_ctx: Ctx, args: Value| {
+///         let n = args.as_f64().ok_or_else(|| JobError::bad_args("expected a number"))?;
+///         Ok(json!(n * n))
+///     });
+/// assert_eq!(registry.len(), 2);
+/// ```
+#[derive(Clone, Default)]
+pub struct Registry {
+    functions: BTreeMap<Arc<str>, Function>,
+}
+
+impl Registry {
+    /// An empty registry.
+    #[must_use]
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Registers an async function, run as a tokio task on the async pool.
+    /// Cancelling it while it runs drops (aborts) its future.
+    ///
+    /// # Panics
+    ///
+    /// If `name` is not a valid function name (see [`is_valid_function_name`])
+    /// or is already registered: both are programming errors caught at start-up.
+    pub fn register_async<F, Fut>(&mut self, name: &str, description: &str, f: F) -> &mut Self
+    where
+        F: Fn(Ctx, serde_json::Value) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Outcome> + Send + 'static,
+    {
+        let body: AsyncBody = Arc::new(move |ctx, args| Box::pin(f(ctx, args)));
+        self.insert(name, description, Body::Async(body))
+    }
+
+    /// Registers a blocking function, run on one of the blocking pool's
+    /// dedicated threads. It cannot be interrupted: it should check its
+    /// [`Ctx`] to honour cancel requests.
+    ///
+    /// # Panics
+    ///
+    /// As [`Registry::register_async`].
+    pub fn register_blocking<F>(&mut self, name: &str, description: &str, f: F) -> &mut Self
+    where
+        F: Fn(Ctx, serde_json::Value) -> Outcome + Send + Sync + 'static,
+    {
+        self.insert(name, description, Body::Blocking(Arc::new(f)))
+    }
+
+    fn insert(&mut self, name: &str, description: &str, body: Body) -> &mut Self {
+        assert!(
+            is_valid_function_name(name),
+            "invalid job function name {name:?}: use 1-{MAX_FUNCTION_NAME_LEN} characters of [A-Za-z0-9_.:-]"
+        );
+        let name: Arc<str> = Arc::from(name);
+        let function = Function {
+            name: Arc::clone(&name),
+            description: description.to_owned(),
+            body,
+        };
+        let previous = self.functions.insert(Arc::clone(&name), function);
+        assert!(
+            previous.is_none(),
+            "job function {name:?} is registered twice"
+        );
+        self
+    }
+
+    /// Looks a function up by name.
+    #[must_use]
+    pub fn get(&self, name: &str) -> Option<&Function> {
+        self.functions.get(name)
+    }
+
+    /// All functions, sorted by name.
+    pub fn iter(&self) -> impl Iterator<Item = &Function> {
+        self.functions.values()
+    }
+
+    /// How many functions are registered.
+    #[must_use]
+    pub fn len(&self) -> usize {
+        self.functions.len()
+    }
+
+    /// True when nothing is registered.
+    #[must_use]
+    pub fn is_empty(&self) -> bool {
+        self.functions.is_empty()
+    }
+}
+
+impl fmt::Debug for Registry {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_list().entries(self.functions.values()).finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn function_names_are_validated_in_one_place() {
+        assert!(is_valid_function_name("hello"));
+        assert!(is_valid_function_name("ns:img.resize-v2_x"));
+        assert!(!is_valid_function_name(""));
+        assert!(!is_valid_function_name("has space"));
+        assert!(!is_valid_function_name("nul\0"));
+        assert!(!is_valid_function_name("émoji😀"));
+        assert!(!is_valid_function_name(
+            &"a".repeat(MAX_FUNCTION_NAME_LEN + 1)
+        ));
+    }
+
+    #[test]
+    #[should_panic(expected = "registered twice")]
+    fn duplicate_registration_is_refused() {
+        let mut r = Registry::new();
+        r.register_blocking("x", "", |_, v| Ok(v));
+        r.register_blocking("x", "", |_, v| Ok(v));
+    }
+}

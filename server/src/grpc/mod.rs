@@ -1,0 +1,195 @@
+//! The gRPC face of the engine: `jobd.v1.JobService`. Each handler decodes
+//! and validates its request ([`decode`]), calls the engine, and encodes the
+//! answer; errors become statuses in one place ([`status`]).
+
+mod deadline;
+pub(crate) mod decode;
+mod status;
+
+use jobd_proto::{JobState, pb, value};
+use tonic::{Request, Response, Status};
+
+use crate::{
+    Error,
+    engine::{CancelOutcome, Engine, SubmitSpec},
+    function::PoolKind,
+    job::{JobError, JobRecord, Outcome},
+};
+
+/// Implements `jobd.v1.JobService` over an [`Engine`].
+#[derive(Clone)]
+pub struct JobService {
+    engine: Engine,
+}
+
+impl JobService {
+    /// Serves `engine`.
+    #[must_use]
+    pub fn new(engine: Engine) -> Self {
+        Self { engine }
+    }
+
+    /// Wraps this service for `tonic::transport::Server::add_service`.
+    #[must_use]
+    pub fn into_server(self) -> pb::job_service_server::JobServiceServer<Self> {
+        pb::job_service_server::JobServiceServer::new(self)
+    }
+}
+
+#[tonic::async_trait]
+impl pb::job_service_server::JobService for JobService {
+    async fn submit(
+        &self,
+        request: Request<pb::SubmitRequest>,
+    ) -> Result<Response<pb::SubmitResponse>, Status> {
+        let spec = SubmitSpec::try_from(request.into_inner())?;
+        let (id, state) = self.engine.submit(spec)?;
+        Ok(Response::new(pb::SubmitResponse {
+            job_id: id.to_string(),
+            state: wire_state(state),
+        }))
+    }
+
+    async fn done(
+        &self,
+        request: Request<pb::DoneRequest>,
+    ) -> Result<Response<pb::DoneResponse>, Status> {
+        let id = decode::job_id(&request.get_ref().job_id)?;
+        let state = self.engine.state(id)?;
+        Ok(Response::new(pb::DoneResponse {
+            done: state.is_terminal(),
+            state: wire_state(state),
+        }))
+    }
+
+    async fn result(
+        &self,
+        request: Request<pb::ResultRequest>,
+    ) -> Result<Response<pb::ResultResponse>, Status> {
+        let caller_deadline = deadline::remaining(request.metadata());
+        let req = request.into_inner();
+        let id = decode::job_id(&req.job_id)?;
+        let timeout = decode::timeout("timeout", req.timeout)?;
+        let limit = match (timeout, caller_deadline) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        let wait = self.engine.wait(id);
+        let finished = match limit {
+            Some(limit) => tokio::time::timeout(limit, wait)
+                .await
+                .map_err(|_| Error::WaitTimedOut(id))??,
+            None => wait.await?,
+        };
+        let (value, error) = wire_outcome(finished.outcome);
+        Ok(Response::new(pb::ResultResponse {
+            job_id: req.job_id,
+            state: wire_state(finished.state),
+            value,
+            error,
+        }))
+    }
+
+    async fn cancel(
+        &self,
+        request: Request<pb::CancelRequest>,
+    ) -> Result<Response<pb::CancelResponse>, Status> {
+        let id = decode::job_id(&request.get_ref().job_id)?;
+        let (outcome, state) = self.engine.cancel(id)?;
+        Ok(Response::new(pb::CancelResponse {
+            outcome: pb::CancelOutcome::from(outcome).into(),
+            cancelled: outcome.cancelled(),
+            state: wire_state(state),
+        }))
+    }
+
+    async fn get_job(
+        &self,
+        request: Request<pb::GetJobRequest>,
+    ) -> Result<Response<pb::GetJobResponse>, Status> {
+        let id = decode::job_id(&request.get_ref().job_id)?;
+        let record = self.engine.get(id)?;
+        Ok(Response::new(pb::GetJobResponse {
+            job: Some(wire_job(record)),
+        }))
+    }
+
+    async fn list_functions(
+        &self,
+        _request: Request<pb::ListFunctionsRequest>,
+    ) -> Result<Response<pb::ListFunctionsResponse>, Status> {
+        let functions = self
+            .engine
+            .registry()
+            .iter()
+            .map(|f| pb::FunctionInfo {
+                name: f.name().to_string(),
+                pool: f.pool().as_str().to_owned(),
+                pool_kind: wire_pool_kind(f.pool()).into(),
+                description: f.description().to_owned(),
+            })
+            .collect();
+        Ok(Response::new(pb::ListFunctionsResponse { functions }))
+    }
+}
+
+fn wire_state(state: JobState) -> i32 {
+    pb::JobState::from(state).into()
+}
+
+fn wire_pool_kind(pool: PoolKind) -> pb::PoolKind {
+    match pool {
+        PoolKind::Async => pb::PoolKind::Async,
+        PoolKind::Blocking => pb::PoolKind::Blocking,
+    }
+}
+
+impl From<CancelOutcome> for pb::CancelOutcome {
+    fn from(outcome: CancelOutcome) -> Self {
+        match outcome {
+            CancelOutcome::Cancelled => Self::Cancelled,
+            CancelOutcome::Aborted => Self::Aborted,
+            CancelOutcome::Requested => Self::Requested,
+            CancelOutcome::AlreadyDone => Self::AlreadyDone,
+        }
+    }
+}
+
+fn wire_error(err: JobError) -> pb::JobError {
+    let kind = match &err {
+        JobError::Failed(_) => pb::ErrorKind::Failed,
+        JobError::Panicked(_) => pb::ErrorKind::Panicked,
+        JobError::Cancelled => pb::ErrorKind::Cancelled,
+        JobError::Interrupted(_) => pb::ErrorKind::Interrupted,
+    };
+    pb::JobError {
+        kind: kind.into(),
+        message: err.to_string(),
+    }
+}
+
+fn wire_outcome(outcome: Outcome) -> (Option<prost_types::Value>, Option<pb::JobError>) {
+    match outcome {
+        Ok(v) => (Some(value::from_json(v)), None),
+        Err(e) => (None, Some(wire_error(e))),
+    }
+}
+
+fn wire_job(record: JobRecord) -> pb::Job {
+    let (value, error) = record.outcome.map_or((None, None), wire_outcome);
+    pb::Job {
+        id: record.id.to_string(),
+        function: record.function.to_string(),
+        pool: record.pool.as_str().to_owned(),
+        state: wire_state(record.state),
+        args: Some(value::from_json(record.args)),
+        labels: record.labels.into_iter().collect(),
+        request_id: record.request_id.unwrap_or_default(),
+        submit_time: Some(record.submitted_at.into()),
+        start_time: record.started_at.map(Into::into),
+        finish_time: record.finished_at.map(Into::into),
+        attempt: record.attempt,
+        value,
+        error,
+    }
+}

@@ -1,0 +1,104 @@
+//! What a job is in the server's domain: its record, its outcome, and the
+//! error type job functions return.
+
+use std::{collections::BTreeMap, sync::Arc, time::SystemTime};
+
+use jobd_proto::{JobId, JobState};
+
+use crate::function::PoolKind;
+
+/// Why a job function did not produce a value.
+///
+/// Job functions return `Result<serde_json::Value, JobError>`. A failure is
+/// data: it is stored with the job and reported to clients as state `FAILED`
+/// (or `CANCELLED`), never as a transport error.
+///
+/// ```
+/// use jobd::JobError;
+/// let err = JobError::failed("disk on fire");
+/// assert_eq!(err.to_string(), "disk on fire");
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum JobError {
+    /// The function reported an error.
+    #[error("{0}")]
+    Failed(String),
+    /// The function panicked. The pool worker survived.
+    #[error("job panicked: {0}")]
+    Panicked(String),
+    /// The job was cancelled: before it started, by aborting it, or because
+    /// the function honoured a cooperative cancel request.
+    #[error("job was cancelled")]
+    Cancelled,
+    /// The job was stopped because the server shut down while it ran.
+    #[error("job interrupted: {0}")]
+    Interrupted(String),
+}
+
+impl JobError {
+    /// A plain failure with a message.
+    pub fn failed(message: impl std::fmt::Display) -> Self {
+        Self::Failed(message.to_string())
+    }
+
+    /// A failure for arguments the function cannot use.
+    pub fn bad_args(message: impl std::fmt::Display) -> Self {
+        Self::Failed(format!("invalid arguments: {message}"))
+    }
+
+    /// The terminal state a job ends in when its function returns this error.
+    #[must_use]
+    pub fn terminal_state(&self) -> JobState {
+        match self {
+            Self::Cancelled => JobState::Cancelled,
+            Self::Failed(_) | Self::Panicked(_) | Self::Interrupted(_) => JobState::Failed,
+        }
+    }
+}
+
+impl From<serde_json::Error> for JobError {
+    fn from(err: serde_json::Error) -> Self {
+        Self::bad_args(err)
+    }
+}
+
+/// How a finished job ended.
+pub type Outcome = Result<serde_json::Value, JobError>;
+
+/// Everything the server stores about one job.
+#[derive(Debug, Clone)]
+pub struct JobRecord {
+    /// The job's id.
+    pub id: JobId,
+    /// The registered function it runs.
+    pub function: Arc<str>,
+    /// The pool it runs on.
+    pub pool: PoolKind,
+    /// Where it is in its life.
+    pub state: JobState,
+    /// The argument it was submitted with.
+    pub args: serde_json::Value,
+    /// Labels given at submit.
+    pub labels: BTreeMap<String, String>,
+    /// The client's request id, if one was given.
+    pub request_id: Option<String>,
+    /// When the server accepted it.
+    pub submitted_at: SystemTime,
+    /// When the latest attempt started.
+    pub started_at: Option<SystemTime>,
+    /// When it reached a terminal state.
+    pub finished_at: Option<SystemTime>,
+    /// How many times execution has started.
+    pub attempt: u32,
+    /// Set once the job is terminal.
+    pub outcome: Option<Outcome>,
+}
+
+/// A finished job's answer, as `Result` returns it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Finished {
+    /// The terminal state.
+    pub state: JobState,
+    /// The value or the error.
+    pub outcome: Outcome,
+}

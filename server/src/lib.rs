@@ -1,0 +1,48 @@
+//! jobd: Python's `concurrent.futures` across the network.
+//!
+//! Clients submit named job functions with JSON arguments over gRPC; the
+//! server runs them on an async pool (tokio tasks, for I/O-bound work) or a
+//! blocking pool (dedicated OS threads, for CPU-bound or blocking work) and
+//! answers `Done`, `Result`, `Cancel` and status questions.
+//!
+//! This crate is both the `jobd` binary and a library for embedding: build a
+//! [`Registry`] of your own functions, [`Engine::start`] it, and [`serve`] it.
+//!
+//! ```no_run
+//! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+//! use std::time::Duration;
+//! use jobd::{Engine, EngineConfig, JobError, Registry};
+//! use serde_json::json;
+//!
+//! let mut registry = jobd::builtins::registry();
+//! registry.register_blocking("add", "Adds [a, b]", |_ctx, args| {
+//!     let (a, b) = serde_json::from_value::<(f64, f64)>(args)?;
+//!     Ok(json!(a + b))
+//! });
+//! let engine = Engine::start(registry, EngineConfig::default());
+//! let listener = tokio::net::TcpListener::bind("127.0.0.1:50051").await?;
+//! jobd::serve(listener, engine, std::future::pending(), Duration::from_secs(30)).await?;
+//! # Ok(()) }
+//! ```
+//!
+//! Module map: [`function`] (the registry), [`ctx`] (what a running job
+//! sees), [`job`] (records and outcomes), `engine` (queues, pools, the job
+//! table), `grpc` (the wire), [`server`] (assembly and shutdown),
+//! [`builtins`] (the shipped functions).
+
+pub mod builtins;
+pub mod ctx;
+mod engine;
+mod error;
+pub mod function;
+mod grpc;
+pub mod job;
+pub mod server;
+
+pub use ctx::Ctx;
+pub use engine::{CancelOutcome, Engine, EngineConfig, SubmitSpec};
+pub use error::Error;
+pub use function::{PoolKind, Registry};
+pub use grpc::JobService;
+pub use job::{Finished, JobError, JobRecord, Outcome};
+pub use server::{ServeError, serve};

@@ -1,0 +1,146 @@
+//! The `jobd` server binary: the built-in job functions behind gRPC on
+//! 127.0.0.1:50051 by default.
+
+use std::{net::SocketAddr, num::NonZeroUsize, time::Duration};
+
+use anyhow::Context as _;
+use clap::Parser;
+use jobd::{Engine, EngineConfig};
+use tracing_subscriber::EnvFilter;
+
+/// jobd: run named job functions on async and blocking pools, over gRPC.
+///
+/// Submit jobs with `jobctl submit hello`, fetch results with
+/// `jobctl result ID`, or talk to it with any gRPC tool (`grpcurl -plaintext
+/// 127.0.0.1:50051 list`; reflection and health checks are built in).
+/// Every flag can also be set through the environment variable shown.
+/// Logging follows RUST_LOG (default: info).
+#[derive(Debug, Parser)]
+#[command(version, about, long_about)]
+struct Args {
+    /// Address to listen on. Port 0 picks a free port; the actual address is
+    /// printed as `listening on ADDR`.
+    #[arg(long, env = "JOBD_LISTEN", default_value = "127.0.0.1:50051")]
+    listen: SocketAddr,
+
+    /// How many async jobs may run at once on the async pool.
+    #[arg(long, env = "JOBD_ASYNC_CONCURRENCY", default_value = "1024")]
+    async_concurrency: NonZeroUsize,
+
+    /// Dedicated OS threads in the blocking pool [default: number of cores].
+    #[arg(long, env = "JOBD_BLOCKING_WORKERS")]
+    blocking_workers: Option<NonZeroUsize>,
+
+    /// Pending jobs each pool's queue holds; past it Submit answers
+    /// RESOURCE_EXHAUSTED.
+    #[arg(long, env = "JOBD_MAX_QUEUED", default_value = "100000")]
+    max_queued: NonZeroUsize,
+
+    /// On SIGINT/SIGTERM, how long running jobs may take to finish before they
+    /// are interrupted, e.g. "30s", "500ms", "2m".
+    #[arg(long, env = "JOBD_SHUTDOWN_GRACE", default_value = "30s", value_parser = parse_duration)]
+    shutdown_grace: Duration,
+}
+
+fn parse_duration(raw: &str) -> Result<Duration, String> {
+    let raw = raw.trim();
+    let (number, unit) = raw
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .map_or((raw, "s"), |i| raw.split_at(i));
+    let n: f64 = number
+        .parse()
+        .map_err(|_| format!("{raw:?} is not a duration like 30s, 500ms or 2m"))?;
+    let secs = match unit {
+        "ms" => n / 1000.0,
+        "s" => n,
+        "m" => n * 60.0,
+        "h" => n * 3600.0,
+        _ => {
+            return Err(format!(
+                "unknown unit {unit:?} in {raw:?}: use ms, s, m or h"
+            ));
+        }
+    };
+    Duration::try_from_secs_f64(secs).map_err(|e| format!("{raw:?}: {e}"))
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+
+    let config = EngineConfig {
+        async_concurrency: args.async_concurrency,
+        blocking_workers: args
+            .blocking_workers
+            .unwrap_or_else(|| EngineConfig::default().blocking_workers),
+        max_queued: args.max_queued,
+    };
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", args.listen))?;
+    let addr = listener
+        .local_addr()
+        .context("cannot read the bound address")?;
+    tracing::info!(?config, "starting jobd");
+    let engine = Engine::start(jobd::builtins::registry(), config);
+    // Printed on stdout (not a log line) so scripts and tests can read it.
+    println!("listening on {addr}");
+    jobd::serve(listener, engine, shutdown_signal(), args.shutdown_grace).await?;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// Resolves on the first SIGINT or SIGTERM.
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        if let Err(err) = tokio::signal::ctrl_c().await {
+            tracing::error!(%err, "cannot listen for SIGINT");
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut sigterm) => {
+                sigterm.recv().await;
+            }
+            Err(err) => {
+                tracing::error!(%err, "cannot listen for SIGTERM");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => tracing::info!("SIGINT received"),
+        () = terminate => tracing::info!("SIGTERM received"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_parse_with_units() {
+        assert_eq!(parse_duration("30s"), Ok(Duration::from_secs(30)));
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert_eq!(parse_duration("7"), Ok(Duration::from_secs(7)));
+        assert!(parse_duration("soon").is_err());
+        assert!(parse_duration("5d").is_err());
+    }
+
+    #[test]
+    fn cli_definition_is_valid() {
+        use clap::CommandFactory as _;
+        Args::command().debug_assert();
+    }
+}

@@ -1,0 +1,113 @@
+//! Assembles the gRPC server: `jobd.v1.JobService`, `grpc.health.v1.Health`
+//! and reflection (`v1` and `v1alpha`), on a listener the caller bound, with
+//! one shutdown path shared by `main` and the tests.
+
+use std::{future::Future, time::Duration};
+
+use jobd_proto::pb::job_service_server::JobServiceServer;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::server::TcpIncoming;
+use tonic_health::ServingStatus;
+
+use crate::{engine::Engine, grpc::JobService};
+
+/// How long the transport gets, after the engine has drained, to flush its
+/// last answers and close connections before `serve` returns anyway.
+const TRANSPORT_DRAIN: Duration = Duration::from_secs(5);
+
+/// Why the server could not start or stopped on its own.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// Building the reflection service failed (a broken descriptor set).
+    #[error("cannot build the reflection service: {0}")]
+    Reflection(#[from] tonic_reflection::server::Error),
+    /// The transport failed.
+    #[error("gRPC transport error: {0}")]
+    Transport(#[from] tonic::transport::Error),
+}
+
+/// Serves `engine` on `listener` until `shutdown` resolves, then drains:
+/// health turns `NOT_SERVING`, no new connections or calls are accepted, no
+/// pending job starts, running jobs get `grace` to finish (then they are
+/// interrupted), waiting callers are answered, and the function returns.
+///
+/// ```no_run
+/// # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+/// use std::time::Duration;
+/// use jobd::{builtins, Engine, EngineConfig};
+///
+/// let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+/// println!("listening on {}", listener.local_addr()?);
+/// let engine = Engine::start(builtins::registry(), EngineConfig::default());
+/// jobd::serve(listener, engine, async { let _ = tokio::signal::ctrl_c().await; }, Duration::from_secs(30)).await?;
+/// # Ok(()) }
+/// ```
+///
+/// # Errors
+///
+/// [`ServeError`] if reflection cannot be built or the transport fails.
+pub async fn serve(
+    listener: TcpListener,
+    engine: Engine,
+    shutdown: impl Future<Output = ()> + Send,
+    grace: Duration,
+) -> Result<(), ServeError> {
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health.set_serving::<JobServiceServer<JobService>>().await;
+
+    let reflection_v1 = reflection().build_v1()?;
+    let reflection_v1alpha = reflection().build_v1alpha()?;
+
+    // Small RPCs are the workload: never let Nagle hold an answer back.
+    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+    let stop_transport = CancellationToken::new();
+    let server = tonic::transport::Server::builder()
+        .add_service(JobService::new(engine.clone()).into_server())
+        .add_service(health_service)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .serve_with_incoming_shutdown(incoming, stop_transport.clone().cancelled_owned());
+    tokio::pin!(server);
+
+    tokio::select! {
+        result = &mut server => {
+            // The transport stopped by itself: nothing left to drain into.
+            engine.shutdown(Duration::ZERO).await;
+            return result.map_err(Into::into);
+        }
+        () = shutdown => {}
+    }
+
+    tracing::info!(?grace, "shutting down: draining running jobs");
+    health
+        .set_not_serving::<JobServiceServer<JobService>>()
+        .await;
+    health
+        .set_service_status("", ServingStatus::NotServing)
+        .await;
+    stop_transport.cancel();
+    let drain_engine = async {
+        engine.shutdown(grace).await;
+        tracing::info!("engine drained");
+    };
+    let (result, ()) = tokio::join!(
+        async {
+            match tokio::time::timeout(grace + TRANSPORT_DRAIN, &mut server).await {
+                Ok(result) => result,
+                Err(_) => {
+                    tracing::warn!("connections still open after the drain; closing them");
+                    Ok(())
+                }
+            }
+        },
+        drain_engine
+    );
+    result.map_err(Into::into)
+}
+
+fn reflection() -> tonic_reflection::server::Builder<'static> {
+    tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(jobd_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+}
