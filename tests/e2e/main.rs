@@ -1,1 +1,14 @@
-//! e2e
+//! End-to-end tests: a real jobd server in this process on 127.0.0.1:0,
+//! driven over gRPC by the real client library.
+//!
+//! One test binary (see `autotests = false` in the root Cargo.toml) so the
+//! workspace links it once. Tests that run the `jobd` or `jobctl` binaries as
+//! processes live in `server/tests/` and `client/tests/`, where Cargo
+//! provides their paths.
+
+mod cancel;
+mod errors;
+mod harness;
+mod lifecycle;
+mod pools;
+mod shutdown;

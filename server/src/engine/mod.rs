@@ -17,7 +17,7 @@ use std::{
     panic::AssertUnwindSafe,
     sync::{
         Arc,
-        atomic::{AtomicBool, Ordering},
+        atomic::{AtomicBool, AtomicUsize, Ordering},
     },
     time::{Duration, SystemTime},
 };
@@ -131,6 +131,9 @@ struct Inner {
     accepting: AtomicBool,
     /// Fired at the end of shutdown: every waiter still waiting gives up.
     stopped: CancellationToken,
+    /// Callers currently inside `wait` (an operator's gauge, and how tests
+    /// know a Result call has reached the server).
+    waiters: AtomicUsize,
     /// Running async jobs, the dispatcher, and one token per blocking thread.
     workers: TaskTracker,
     runtime: tokio::runtime::Handle,
@@ -153,6 +156,7 @@ impl Engine {
             async_slots: Arc::new(Semaphore::new(config.async_concurrency.get())),
             accepting: AtomicBool::new(true),
             stopped: CancellationToken::new(),
+            waiters: AtomicUsize::new(0),
             workers: TaskTracker::new(),
             runtime: tokio::runtime::Handle::current(),
         });
@@ -266,6 +270,7 @@ impl Engine {
     /// `JobNotFound`, or `ShuttingDown` if the engine stops first.
     pub async fn wait(&self, id: JobId) -> Result<Finished, Error> {
         let store = &self.inner.store;
+        let _waiting = WaiterGauge::enter(&self.inner.waiters);
         loop {
             let notify = match store.wait_for(id).ok_or(Error::JobNotFound(id))? {
                 WaitFor::Finished(finished) => return Ok(finished),
@@ -311,6 +316,12 @@ impl Engine {
     #[must_use]
     pub fn job_count(&self) -> usize {
         self.inner.store.len()
+    }
+
+    /// How many callers are waiting for a job to finish right now.
+    #[must_use]
+    pub fn waiters(&self) -> usize {
+        self.inner.waiters.load(Ordering::Acquire)
     }
 
     /// How many jobs wait in each pool's queue: (async, blocking).
@@ -431,6 +442,23 @@ impl Inner {
 
     fn function(&self, name: &str) -> Option<&Function> {
         self.registry.get(name)
+    }
+}
+
+/// Counts a caller inside `wait` for as long as its future lives, including
+/// when it is dropped mid-wait by a timeout or a client that went away.
+struct WaiterGauge<'a>(&'a AtomicUsize);
+
+impl<'a> WaiterGauge<'a> {
+    fn enter(counter: &'a AtomicUsize) -> Self {
+        counter.fetch_add(1, Ordering::AcqRel);
+        Self(counter)
+    }
+}
+
+impl Drop for WaiterGauge<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
