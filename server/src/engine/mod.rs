@@ -284,8 +284,16 @@ impl Engine {
                 continue;
             }
             tokio::select! {
+                biased;
                 () = &mut notified => {}
-                () = self.inner.stopped.cancelled() => return Err(Error::ShuttingDown),
+                () = self.inner.stopped.cancelled() => {
+                    // Jobs interrupted by the stop finished just before it:
+                    // that is still an answer.
+                    return store
+                        .view(id, store::finished)
+                        .flatten()
+                        .ok_or(Error::ShuttingDown);
+                }
             }
         }
     }
