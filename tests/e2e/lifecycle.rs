@@ -275,3 +275,49 @@ async fn failed_and_panicked_jobs_are_data_not_rpc_errors() {
     assert_eq!(after.result().await.unwrap(), json!("still here"));
     server.shutdown().await;
 }
+
+/// grpcurl 1.8 asks for reflection v1alpha (tested in server/tests); newer
+/// tools ask for v1, checked here with a real v1 client.
+#[tokio::test]
+async fn reflection_v1_lists_and_resolves_the_service() {
+    use tonic_reflection::pb::v1::{
+        ServerReflectionRequest, server_reflection_client::ServerReflectionClient,
+        server_reflection_request::MessageRequest, server_reflection_response::MessageResponse,
+    };
+    let (server, _fx) = TestServer::with_fixtures().await;
+    let channel = tonic::transport::Endpoint::from_shared(server.url())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut reflection = ServerReflectionClient::new(channel);
+    let requests = [
+        MessageRequest::ListServices(String::new()),
+        MessageRequest::FileContainingSymbol("jobd.v1.JobService".into()),
+        MessageRequest::FileContainingSymbol("google.protobuf.Duration".into()),
+    ]
+    .map(|m| ServerReflectionRequest { host: String::new(), message_request: Some(m) });
+    let mut answers = reflection
+        .server_reflection_info(futures::stream::iter(requests))
+        .await
+        .unwrap()
+        .into_inner();
+
+    let Some(MessageResponse::ListServicesResponse(list)) =
+        answers.message().await.unwrap().unwrap().message_response
+    else {
+        panic!("expected a service list");
+    };
+    let names: Vec<_> = list.service.into_iter().map(|s| s.name).collect();
+    for expected in ["jobd.v1.JobService", "grpc.health.v1.Health", "grpc.reflection.v1.ServerReflection"] {
+        assert!(names.iter().any(|n| n == expected), "{expected} not in {names:?}");
+    }
+    for _ in 0..2 {
+        let answer = answers.message().await.unwrap().unwrap().message_response;
+        let Some(MessageResponse::FileDescriptorResponse(files)) = answer else {
+            panic!("expected descriptors, got {answer:?}");
+        };
+        assert!(!files.file_descriptor_proto.is_empty());
+    }
+    server.shutdown().await;
+}
