@@ -3,7 +3,10 @@
 
 use jobd_proto::JobId;
 
-use crate::function::PoolKind;
+use crate::{
+    function::PoolKind,
+    store::{Gone, StoreError},
+};
 
 /// Why a request to the engine failed. A job that failed is *not* an
 /// `Error`: it is a [`Finished`](crate::job::Finished) job whose outcome says
@@ -21,9 +24,31 @@ pub enum Error {
         /// What is wrong with it.
         reason: String,
     },
-    /// No job with that id exists.
+    /// No job with that id exists, and none ever did as far as the server
+    /// remembers.
     #[error("job {0} not found")]
     JobNotFound(JobId),
+    /// The job existed but was removed.
+    #[error("job {id} not found: it {}", match gone {
+        Gone::Expired => "finished longer ago than the retention period and was removed",
+        Gone::Deleted => "was deleted",
+    })]
+    JobGone {
+        /// The job.
+        id: JobId,
+        /// Why it is gone.
+        gone: Gone,
+    },
+    /// The request id was used before for a different submission.
+    #[error(
+        "request_id {request_id:?} was already used for job {existing} with a different function or arguments"
+    )]
+    DuplicateRequest {
+        /// The reused request id.
+        request_id: String,
+        /// The job it belongs to.
+        existing: JobId,
+    },
     /// The pool's queue holds `capacity` jobs already.
     #[error("the {pool} pool's queue is full ({capacity} jobs waiting); retry later")]
     QueueFull {
@@ -38,6 +63,9 @@ pub enum Error {
     /// A wait for a job ended before the job did.
     #[error("job {0} did not finish before the timeout")]
     WaitTimedOut(JobId),
+    /// The job store cannot be written (fail-stop) or read.
+    #[error(transparent)]
+    Store(StoreError),
 }
 
 impl Error {

@@ -64,6 +64,8 @@ pub struct Function {
     name: Arc<str>,
     description: String,
     body: Body,
+    /// False for functions whose interrupted runs must not be repeated.
+    retry_safe: bool,
 }
 
 impl Function {
@@ -86,6 +88,13 @@ impl Function {
             Body::Async(_) => PoolKind::Async,
             Body::Blocking(_) => PoolKind::Blocking,
         }
+    }
+
+    /// Whether a run interrupted by a crash may be run again (the default);
+    /// see [`Registry::not_safe_to_retry`].
+    #[must_use]
+    pub fn retry_safe(&self) -> bool {
+        self.retry_safe
     }
 
     pub(crate) fn body(&self) -> &Body {
@@ -186,12 +195,36 @@ impl Registry {
             name: Arc::clone(&name),
             description: description.to_owned(),
             body,
+            retry_safe: true,
         };
         let previous = self.functions.insert(Arc::clone(&name), function);
         assert!(
             previous.is_none(),
             "job function {name:?} is registered twice"
         );
+        self
+    }
+
+    /// Marks `name` as not safe to run twice: when the server dies while it
+    /// runs, recovery marks the job FAILED ("interrupted by restart") instead
+    /// of running it again. Execution is otherwise at-least-once.
+    ///
+    /// ```
+    /// let mut registry = jobd::Registry::new();
+    /// registry
+    ///     .register_blocking("charge_card", "Charges a card once", |_ctx, args| Ok(args))
+    ///     .not_safe_to_retry("charge_card");
+    /// assert!(!registry.get("charge_card").unwrap().retry_safe());
+    /// ```
+    ///
+    /// # Panics
+    ///
+    /// If `name` is not registered.
+    pub fn not_safe_to_retry(&mut self, name: &str) -> &mut Self {
+        self.functions
+            .get_mut(name)
+            .unwrap_or_else(|| panic!("job function {name:?} is not registered"))
+            .retry_safe = false;
         self
     }
 

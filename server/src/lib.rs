@@ -38,6 +38,7 @@ pub mod function;
 mod grpc;
 pub mod job;
 pub mod server;
+pub mod store;
 
 pub use ctx::Ctx;
 pub use engine::{CancelOutcome, Engine, EngineConfig, SubmitSpec};
@@ -46,3 +47,4 @@ pub use function::{PoolKind, Registry};
 pub use grpc::JobService;
 pub use job::{Finished, JobError, JobRecord, Outcome};
 pub use server::{ServeError, serve};
+pub use store::{Gone, StoreConfig, StoreError};

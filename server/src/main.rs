@@ -1,11 +1,11 @@
 //! The `jobd` server binary: the built-in job functions behind gRPC on
 //! 127.0.0.1:50051 by default.
 
-use std::{net::SocketAddr, num::NonZeroUsize, time::Duration};
+use std::{net::SocketAddr, num::NonZeroUsize, path::PathBuf, time::Duration};
 
 use anyhow::Context as _;
 use clap::Parser;
-use jobd::{Engine, EngineConfig};
+use jobd::{Engine, EngineConfig, StoreConfig};
 use tracing_subscriber::EnvFilter;
 
 /// jobd: run named job functions on async and blocking pools, over gRPC.
@@ -40,6 +40,37 @@ struct Args {
     /// are interrupted, e.g. "30s", "500ms", "2m".
     #[arg(long, env = "JOBD_SHUTDOWN_GRACE", default_value = "30s", value_parser = parse_duration)]
     shutdown_grace: Duration,
+
+    /// Where job state lives: "sqlite" (durable: an acknowledged job survives
+    /// crashes and restarts) or "memory" (ephemeral, lost on exit).
+    #[arg(long, env = "JOBD_STORE", value_enum, default_value = "sqlite")]
+    store: StoreKind,
+
+    /// Directory of the sqlite store (created if missing; one jobd at a time).
+    #[arg(long, env = "JOBD_DATA_DIR", default_value = "jobd-data")]
+    data_dir: PathBuf,
+
+    /// How long finished jobs and their results are kept, e.g. "7d", "12h".
+    /// Removed jobs leave a small tombstone so lookups say "expired".
+    #[arg(long, env = "JOBD_RETENTION", default_value = "7d", value_parser = parse_duration)]
+    retention: Duration,
+
+    /// With the sqlite store: finished jobs kept in memory for fast reads
+    /// (older ones are read from disk).
+    #[arg(long, env = "JOBD_CACHE_FINISHED", default_value = "100000")]
+    cache_finished: usize,
+
+    /// TEST ONLY: acknowledge Submit before its commit, breaking durability
+    /// on purpose so the crash test can prove it detects loss.
+    #[arg(long, hide = true)]
+    unsafe_ack_before_commit: bool,
+}
+
+/// The `--store` choices.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum StoreKind {
+    Sqlite,
+    Memory,
 }
 
 fn parse_duration(raw: &str) -> Result<Duration, String> {
@@ -55,9 +86,10 @@ fn parse_duration(raw: &str) -> Result<Duration, String> {
         "s" => n,
         "m" => n * 60.0,
         "h" => n * 3600.0,
+        "d" => n * 86400.0,
         _ => {
             return Err(format!(
-                "unknown unit {unit:?} in {raw:?}: use ms, s, m or h"
+                "unknown unit {unit:?} in {raw:?}: use ms, s, m, h or d"
             ));
         }
     };
@@ -97,6 +129,15 @@ async fn run(args: Args) -> anyhow::Result<()> {
             .blocking_workers
             .unwrap_or_else(|| EngineConfig::default().blocking_workers),
         max_queued: args.max_queued,
+        retention: args.retention,
+        cache_finished: args.cache_finished,
+        unsafe_ack_before_commit: args.unsafe_ack_before_commit,
+    };
+    let store = match args.store {
+        StoreKind::Sqlite => StoreConfig::Sqlite {
+            dir: args.data_dir.clone(),
+        },
+        StoreKind::Memory => StoreConfig::Memory,
     };
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
@@ -104,8 +145,14 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let addr = listener
         .local_addr()
         .context("cannot read the bound address")?;
-    tracing::info!(?config, "starting jobd");
-    let engine = Engine::start(jobd::builtins::registry(), config);
+    tracing::info!(?config, ?store, "starting jobd");
+    // Opening a durable store reads the disk and recovers unfinished jobs:
+    // blocking work, kept off the async workers.
+    let engine = tokio::task::spawn_blocking(move || {
+        Engine::open(jobd::builtins::registry(), config, &store)
+    })
+    .await
+    .context("opening the job store panicked")??;
     // Printed on stdout (not a log line) so scripts and tests can read it.
     println!("listening on {addr}");
     jobd::serve(listener, engine, shutdown_signal(), args.shutdown_grace).await?;
@@ -151,8 +198,9 @@ mod tests {
         assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
         assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
         assert_eq!(parse_duration("7"), Ok(Duration::from_secs(7)));
+        assert_eq!(parse_duration("7d"), Ok(Duration::from_secs(7 * 86400)));
         assert!(parse_duration("soon").is_err());
-        assert!(parse_duration("5d").is_err());
+        assert!(parse_duration("5w").is_err());
     }
 
     #[test]

@@ -144,6 +144,7 @@ pub(crate) fn config(
         async_concurrency: NonZeroUsize::new(async_concurrency).unwrap(),
         blocking_workers: NonZeroUsize::new(blocking_workers).unwrap(),
         max_queued: NonZeroUsize::new(max_queued).unwrap(),
+        ..EngineConfig::default()
     }
 }
 

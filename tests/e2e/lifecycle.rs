@@ -296,7 +296,10 @@ async fn reflection_v1_lists_and_resolves_the_service() {
         MessageRequest::FileContainingSymbol("jobd.v1.JobService".into()),
         MessageRequest::FileContainingSymbol("google.protobuf.Duration".into()),
     ]
-    .map(|m| ServerReflectionRequest { host: String::new(), message_request: Some(m) });
+    .map(|m| ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(m),
+    });
     let mut answers = reflection
         .server_reflection_info(futures::stream::iter(requests))
         .await
@@ -309,8 +312,15 @@ async fn reflection_v1_lists_and_resolves_the_service() {
         panic!("expected a service list");
     };
     let names: Vec<_> = list.service.into_iter().map(|s| s.name).collect();
-    for expected in ["jobd.v1.JobService", "grpc.health.v1.Health", "grpc.reflection.v1.ServerReflection"] {
-        assert!(names.iter().any(|n| n == expected), "{expected} not in {names:?}");
+    for expected in [
+        "jobd.v1.JobService",
+        "grpc.health.v1.Health",
+        "grpc.reflection.v1.ServerReflection",
+    ] {
+        assert!(
+            names.iter().any(|n| n == expected),
+            "{expected} not in {names:?}"
+        );
     }
     for _ in 0..2 {
         let answer = answers.message().await.unwrap().unwrap().message_response;

@@ -25,12 +25,17 @@ async fn running_jobs_finish_and_waiters_get_their_answers() {
     server.shutdown().await;
     // The drain waited for the running job; its waiter got the real result.
     assert_eq!(waiter.await.unwrap().unwrap(), json!("finished anyway"));
-    assert_eq!(engine.state(running.id()).unwrap(), JobState::Succeeded);
+    assert_eq!(
+        engine.state(running.id()).await.unwrap(),
+        JobState::Succeeded
+    );
     // New work is refused.
-    let refused = engine.submit(jobd::SubmitSpec {
-        function: "hello".into(),
-        ..Default::default()
-    });
+    let refused = engine
+        .submit(jobd::SubmitSpec {
+            function: "hello".into(),
+            ..Default::default()
+        })
+        .await;
     assert_eq!(refused, Err(jobd::Error::ShuttingDown));
 }
 
@@ -54,7 +59,7 @@ async fn jobs_still_running_after_the_grace_period_are_interrupted() {
     let (kind, message) = outcome.result.unwrap_err();
     assert_eq!(kind, jobd_client::pb::ErrorKind::Interrupted);
     assert!(message.contains("shut down"), "{message}");
-    assert_eq!(engine.state(stuck.id()).unwrap(), JobState::Failed);
+    assert_eq!(engine.state(stuck.id()).await.unwrap(), JobState::Failed);
 }
 
 #[tokio::test]

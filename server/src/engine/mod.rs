@@ -9,7 +9,6 @@
 //! records through the store, which owns every state transition.
 
 mod queue;
-mod store;
 
 use std::{
     collections::BTreeMap,
@@ -27,16 +26,19 @@ use jobd_proto::{JobId, JobState};
 use tokio::sync::Semaphore;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
-use self::{
-    queue::{JobQueue, Rejected},
-    store::{Cancelled, JobStore, WaitFor},
-};
+pub(crate) use self::queue::QueueKey;
+use self::queue::{JobQueue, Rejected};
 use crate::{
     Error,
     ctx::Ctx,
     function::{Body, Function, PoolKind, Registry},
     job::{Finished, JobError, JobRecord, Outcome},
+    store::{Admission, CancelPlan, Retention, Store, StoreConfig, StoreError, WaitFor},
 };
+
+/// Finished jobs removed per retention step; small, so a purge never holds
+/// the writer for long.
+const PURGE_BATCH: usize = 1000;
 
 /// Pool sizes and queue bounds.
 #[derive(Debug, Clone)]
@@ -48,6 +50,15 @@ pub struct EngineConfig {
     /// How many pending jobs each pool's queue holds before Submit is refused
     /// with `RESOURCE_EXHAUSTED`.
     pub max_queued: NonZeroUsize,
+    /// How long finished jobs and their results are kept.
+    pub retention: Duration,
+    /// With a durable store, how many finished jobs stay in memory for fast
+    /// reads (older ones are read from disk).
+    pub cache_finished: usize,
+    /// Test-only mutation: acknowledge Submit before its commit. Exists so
+    /// the crash test can prove it detects lost jobs. Never set it.
+    #[doc(hidden)]
+    pub unsafe_ack_before_commit: bool,
 }
 
 impl Default for EngineConfig {
@@ -56,6 +67,9 @@ impl Default for EngineConfig {
             async_concurrency: NonZeroUsize::new(1024).expect("nonzero"),
             blocking_workers: std::thread::available_parallelism().unwrap_or(NonZeroUsize::MIN),
             max_queued: NonZeroUsize::new(100_000).expect("nonzero"),
+            retention: Duration::from_secs(7 * 24 * 3600),
+            cache_finished: 100_000,
+            unsafe_ack_before_commit: false,
         }
     }
 }
@@ -109,6 +123,7 @@ impl CancelOutcome {
 /// let engine = Engine::start(registry, EngineConfig::default());
 /// let id = engine
 ///     .submit(SubmitSpec { function: "double".into(), args: 21.into(), ..Default::default() })
+///     .await
 ///     .unwrap()
 ///     .0;
 /// let finished = engine.wait(id).await.unwrap();
@@ -123,7 +138,7 @@ pub struct Engine {
 
 struct Inner {
     registry: Registry,
-    store: JobStore,
+    store: Store,
     async_queue: JobQueue,
     blocking_queue: JobQueue,
     async_slots: Arc<Semaphore>,
@@ -140,17 +155,45 @@ struct Inner {
 }
 
 impl Engine {
-    /// Starts the pools: a dispatcher task for the async pool and
-    /// `blocking_workers` dedicated OS threads for the blocking pool.
+    /// Starts an engine with the in-memory store: the pools (a dispatcher
+    /// task for the async pool, `blocking_workers` dedicated OS threads) and
+    /// the retention task.
     ///
     /// # Panics
     ///
     /// Outside a tokio runtime, or if the OS refuses to spawn a thread.
     #[must_use]
     pub fn start(registry: Registry, config: EngineConfig) -> Self {
+        Self::open(registry, config, &StoreConfig::Memory)
+            .expect("the in-memory store always opens")
+    }
+
+    /// Opens `store` (recovering what a previous run left unfinished, for a
+    /// durable store) and starts the engine on it. Opening a durable store is
+    /// blocking file I/O; call it before serving, or from a blocking context.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError`] when the data directory or database cannot be used.
+    ///
+    /// # Panics
+    ///
+    /// Outside a tokio runtime, or if the OS refuses to spawn a thread.
+    pub fn open(
+        registry: Registry,
+        config: EngineConfig,
+        store: &StoreConfig,
+    ) -> Result<Self, StoreError> {
+        let retention = Retention {
+            keep_finished: config.retention,
+            keep_tombstones: config.retention.saturating_mul(4),
+            cache_finished: config.cache_finished,
+        };
+        let (store, recovered) =
+            Store::open(store, &registry, retention, config.unsafe_ack_before_commit)?;
         let inner = Arc::new(Inner {
             registry,
-            store: JobStore::default(),
+            store,
             async_queue: JobQueue::new(config.max_queued.get()),
             blocking_queue: JobQueue::new(config.max_queued.get()),
             async_slots: Arc::new(Semaphore::new(config.async_concurrency.get())),
@@ -160,6 +203,12 @@ impl Engine {
             workers: TaskTracker::new(),
             runtime: tokio::runtime::Handle::current(),
         });
+        for record in recovered {
+            let queue = inner.queue(record.pool);
+            let (id, key) = (record.id, queue.reserve_recovered());
+            inner.store.restore(record, key);
+            queue.push(key, id);
+        }
         inner.workers.spawn(Arc::clone(&inner).dispatch_async());
         for n in 0..config.blocking_workers.get() {
             let inner = Arc::clone(&inner);
@@ -172,7 +221,9 @@ impl Engine {
                 })
                 .expect("spawn a blocking-pool thread");
         }
-        Self { inner }
+        // Not tracked: it stops with `stopped`, and a drain need not wait for it.
+        tokio::spawn(Arc::clone(&inner).retain(config.retention));
+        Ok(Self { inner })
     }
 
     /// The registered functions.
@@ -182,15 +233,23 @@ impl Engine {
     }
 
     /// Accepts a job; returns its id and state at the time of the answer.
+    /// With a durable store the job is on disk when this returns. A request
+    /// id seen before with the same function and arguments returns the
+    /// earlier job instead of creating one.
     ///
     /// # Errors
     ///
     /// `UnknownFunction`, `InvalidArgument` (pool mismatch), `QueueFull`,
-    /// `ShuttingDown`.
-    pub fn submit(&self, spec: SubmitSpec) -> Result<(JobId, JobState), Error> {
+    /// `DuplicateRequest`, `ShuttingDown`, `Store` (fail-stop).
+    pub async fn submit(&self, spec: SubmitSpec) -> Result<(JobId, JobState), Error> {
         let inner = &self.inner;
         if !inner.accepting.load(Ordering::Acquire) {
             return Err(Error::ShuttingDown);
+        }
+        if !inner.store.is_healthy() {
+            return Err(Error::Store(StoreError::Unavailable(
+                "a commit failed earlier; the store no longer acknowledges writes".into(),
+            )));
         }
         let function = inner
             .registry
@@ -217,49 +276,52 @@ impl Engine {
             Rejected::Closed => Error::ShuttingDown,
         })?;
         let id = JobId::new();
-        inner.store.insert(
-            JobRecord {
-                id,
-                function: Arc::clone(function.name()),
-                pool,
-                state: JobState::Pending,
-                args: spec.args,
-                labels: spec.labels,
-                request_id: spec.request_id,
-                submitted_at: SystemTime::now(),
-                started_at: None,
-                finished_at: None,
-                attempt: 0,
-                outcome: None,
-            },
-            key,
-        );
-        queue.push(key, id);
-        Ok((id, JobState::Pending))
+        let record = JobRecord {
+            id,
+            function: Arc::clone(function.name()),
+            pool,
+            state: JobState::Pending,
+            args: spec.args,
+            labels: spec.labels,
+            request_id: spec.request_id,
+            submitted_at: SystemTime::now(),
+            started_at: None,
+            finished_at: None,
+            attempt: 0,
+            outcome: None,
+        };
+        match inner.store.admit(record, key).await {
+            Ok(Admission::New) => {
+                queue.push(key, id);
+                Ok((id, JobState::Pending))
+            }
+            Ok(Admission::Existing(existing)) => {
+                queue.release(key);
+                Ok((existing, inner.store.state(existing).await?))
+            }
+            Err(err) => {
+                queue.release(key);
+                Err(err)
+            }
+        }
     }
 
     /// The job's current state.
     ///
     /// # Errors
     ///
-    /// `JobNotFound`.
-    pub fn state(&self, id: JobId) -> Result<JobState, Error> {
-        self.inner
-            .store
-            .view(id, |r| r.state)
-            .ok_or(Error::JobNotFound(id))
+    /// `JobNotFound`, `JobGone`, `Store`.
+    pub async fn state(&self, id: JobId) -> Result<JobState, Error> {
+        self.inner.store.state(id).await
     }
 
     /// A copy of the job's whole record.
     ///
     /// # Errors
     ///
-    /// `JobNotFound`.
-    pub fn get(&self, id: JobId) -> Result<JobRecord, Error> {
-        self.inner
-            .store
-            .view(id, JobRecord::clone)
-            .ok_or(Error::JobNotFound(id))
+    /// `JobNotFound`, `JobGone`, `Store`.
+    pub async fn get(&self, id: JobId) -> Result<JobRecord, Error> {
+        self.inner.store.get(id).await
     }
 
     /// Waits, without polling, until the job is terminal. Callers bound the
@@ -272,15 +334,16 @@ impl Engine {
         let store = &self.inner.store;
         let _waiting = WaiterGauge::enter(&self.inner.waiters);
         loop {
-            let notify = match store.wait_for(id).ok_or(Error::JobNotFound(id))? {
+            let notify = match store.wait_for(id).await? {
                 WaitFor::Finished(finished) => return Ok(finished),
                 WaitFor::Pending(notify) => notify,
             };
             let notified = notify.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            // The job may have finished between `wait_for` and `enable`.
-            if store.is_terminal(id).ok_or(Error::JobNotFound(id))? {
+            // The job may have finished (or left memory) between `wait_for`
+            // and `enable`; then look again.
+            if store.is_terminal(id) != Some(false) {
                 continue;
             }
             tokio::select! {
@@ -289,10 +352,7 @@ impl Engine {
                 () = self.inner.stopped.cancelled() => {
                     // Jobs interrupted by the stop finished just before it:
                     // that is still an answer.
-                    return store
-                        .view(id, store::finished)
-                        .flatten()
-                        .ok_or(Error::ShuttingDown);
+                    return store.finished_in_memory(id).ok_or(Error::ShuttingDown);
                 }
             }
         }
@@ -302,28 +362,46 @@ impl Engine {
     ///
     /// # Errors
     ///
-    /// `JobNotFound`.
-    pub fn cancel(&self, id: JobId) -> Result<(CancelOutcome, JobState), Error> {
+    /// `JobNotFound`, `JobGone`, `Store`.
+    pub async fn cancel(&self, id: JobId) -> Result<(CancelOutcome, JobState), Error> {
         let inner = &self.inner;
-        let found = inner.store.cancel(id).ok_or(Error::JobNotFound(id))?;
-        let outcome = match found {
-            Cancelled::Pending(pool, key) => {
+        let outcome = match inner.store.cancel(id).await? {
+            CancelPlan::Pending(pool, key) => {
                 if let Some(key) = key {
                     inner.queue(pool).remove(key);
                 }
                 CancelOutcome::Cancelled
             }
-            Cancelled::AbortedAsync => CancelOutcome::Aborted,
-            Cancelled::RequestedBlocking => CancelOutcome::Requested,
-            Cancelled::AlreadyDone => CancelOutcome::AlreadyDone,
+            CancelPlan::AbortAsync => CancelOutcome::Aborted,
+            CancelPlan::RequestBlocking => CancelOutcome::Requested,
+            CancelPlan::AlreadyDone => CancelOutcome::AlreadyDone,
         };
-        Ok((outcome, self.state(id)?))
+        Ok((outcome, inner.store.state(id).await?))
     }
 
-    /// How many jobs the engine holds, in any state.
+    /// How many jobs the engine holds in memory, in any state.
     #[must_use]
     pub fn job_count(&self) -> usize {
         self.inner.store.len()
+    }
+
+    /// Jobs held in memory per state name ("pending", "running", ...).
+    #[must_use]
+    pub fn job_counts(&self) -> std::collections::BTreeMap<&'static str, usize> {
+        self.inner.store.counts()
+    }
+
+    /// With a durable store: (commits, operations) so far; their ratio is the
+    /// mean group-commit batch size.
+    #[must_use]
+    pub fn commit_stats(&self) -> Option<(u64, u64)> {
+        self.inner.store.commit_stats()
+    }
+
+    /// True when job state survives a restart.
+    #[must_use]
+    pub fn is_durable(&self) -> bool {
+        self.inner.store.is_durable()
     }
 
     /// How many callers are waiting for a job to finish right now.
@@ -343,7 +421,8 @@ impl Engine {
 
     /// Drains: refuses new jobs, starts no pending job, lets running jobs
     /// finish for up to `grace`, then interrupts whatever still runs (async
-    /// jobs are aborted; blocking jobs are asked to stop and marked failed)
+    /// jobs are aborted, blocking jobs are asked to stop; in memory they are
+    /// marked failed, with a durable store they run again after a restart)
     /// and releases every waiter. Idempotent.
     pub async fn shutdown(&self, grace: Duration) {
         let inner = &self.inner;
@@ -357,7 +436,8 @@ impl Engine {
         {
             let n = inner
                 .store
-                .interrupt_running("the server shut down before the job finished");
+                .stop_running("the server shut down before the job finished")
+                .await;
             tracing::warn!(
                 jobs = n,
                 ?grace,
@@ -395,7 +475,7 @@ impl Inner {
     }
 
     async fn run_async(&self, id: JobId) {
-        let Some(claim) = self.store.claim(id) else {
+        let Some(claim) = self.store.claim(id).await else {
             return;
         };
         let outcome = match self.function(&claim.function).map(Function::body) {
@@ -424,13 +504,13 @@ impl Inner {
                 claim.function
             ))),
         };
-        self.store.finish(id, claim.attempt, outcome);
+        self.store.finish(id, claim.attempt, outcome).await;
     }
 
     /// The loop of one blocking-pool thread.
     fn serve_blocking(&self) {
         while let Some(id) = self.runtime.block_on(self.blocking_queue.pop()) {
-            let Some(claim) = self.store.claim(id) else {
+            let Some(claim) = self.runtime.block_on(self.store.claim(id)) else {
                 continue;
             };
             let outcome: Outcome = match self.function(&claim.function).map(Function::body) {
@@ -444,7 +524,34 @@ impl Inner {
                     claim.function
                 ))),
             };
-            self.store.finish(id, claim.attempt, outcome);
+            self.runtime
+                .block_on(self.store.finish(id, claim.attempt, outcome));
+        }
+    }
+
+    /// Removes finished jobs past retention, in small batches, until stopped.
+    async fn retain(self: Arc<Self>, retention: Duration) {
+        let interval = (retention / 4).clamp(Duration::from_millis(10), Duration::from_secs(60));
+        loop {
+            tokio::select! {
+                () = self.stopped.cancelled() => return,
+                () = tokio::time::sleep(interval) => {}
+            }
+            loop {
+                match self.store.purge(PURGE_BATCH).await {
+                    Ok(removed) if removed == PURGE_BATCH => tokio::task::yield_now().await,
+                    Ok(removed) => {
+                        if removed > 0 {
+                            tracing::debug!(removed, "retention removed finished jobs");
+                        }
+                        break;
+                    }
+                    Err(err) => {
+                        tracing::warn!(%err, "retention could not remove finished jobs");
+                        break;
+                    }
+                }
+            }
         }
     }
 

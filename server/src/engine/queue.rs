@@ -80,6 +80,22 @@ impl JobQueue {
         })
     }
 
+    /// Takes a slot regardless of capacity: for jobs recovered at start,
+    /// which were accepted before and must not be refused now.
+    pub(crate) fn reserve_recovered(&self) -> QueueKey {
+        self.len.fetch_add(1, Ordering::AcqRel);
+        QueueKey {
+            priority: Reverse(0),
+            seq: self.next_seq.fetch_add(1, Ordering::Relaxed),
+        }
+    }
+
+    /// Gives back a reservation that will not be pushed (the submission was
+    /// refused or de-duplicated).
+    pub(crate) fn release(&self, _key: QueueKey) {
+        self.len.fetch_sub(1, Ordering::AcqRel);
+    }
+
     /// Makes a reserved job visible to the pool's workers.
     pub(crate) fn push(&self, key: QueueKey, id: JobId) {
         self.lock().queued.insert(key, id);

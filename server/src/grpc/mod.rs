@@ -43,7 +43,7 @@ impl pb::job_service_server::JobService for JobService {
         request: Request<pb::SubmitRequest>,
     ) -> Result<Response<pb::SubmitResponse>, Status> {
         let spec = SubmitSpec::try_from(request.into_inner())?;
-        let (id, state) = self.engine.submit(spec)?;
+        let (id, state) = self.engine.submit(spec).await?;
         Ok(Response::new(pb::SubmitResponse {
             job_id: id.to_string(),
             state: wire_state(state),
@@ -55,7 +55,7 @@ impl pb::job_service_server::JobService for JobService {
         request: Request<pb::DoneRequest>,
     ) -> Result<Response<pb::DoneResponse>, Status> {
         let id = decode::job_id(&request.get_ref().job_id)?;
-        let state = self.engine.state(id)?;
+        let state = self.engine.state(id).await?;
         Ok(Response::new(pb::DoneResponse {
             done: state.is_terminal(),
             state: wire_state(state),
@@ -95,7 +95,7 @@ impl pb::job_service_server::JobService for JobService {
         request: Request<pb::CancelRequest>,
     ) -> Result<Response<pb::CancelResponse>, Status> {
         let id = decode::job_id(&request.get_ref().job_id)?;
-        let (outcome, state) = self.engine.cancel(id)?;
+        let (outcome, state) = self.engine.cancel(id).await?;
         Ok(Response::new(pb::CancelResponse {
             outcome: pb::CancelOutcome::from(outcome).into(),
             cancelled: outcome.cancelled(),
@@ -108,7 +108,7 @@ impl pb::job_service_server::JobService for JobService {
         request: Request<pb::GetJobRequest>,
     ) -> Result<Response<pb::GetJobResponse>, Status> {
         let id = decode::job_id(&request.get_ref().job_id)?;
-        let record = self.engine.get(id)?;
+        let record = self.engine.get(id).await?;
         Ok(Response::new(pb::GetJobResponse {
             job: Some(wire_job(record)),
         }))

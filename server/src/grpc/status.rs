@@ -3,17 +3,36 @@
 
 use tonic::{Code, Status};
 
-use crate::Error;
+use crate::{Error, store::StoreError};
 
 impl From<Error> for Status {
     fn from(err: Error) -> Self {
         let code = match &err {
-            Error::UnknownFunction(_) | Error::JobNotFound(_) => Code::NotFound,
+            Error::UnknownFunction(_) | Error::JobNotFound(_) | Error::JobGone { .. } => {
+                Code::NotFound
+            }
+            Error::DuplicateRequest { .. } => Code::AlreadyExists,
             Error::InvalidArgument { .. } => Code::InvalidArgument,
             Error::QueueFull { .. } => Code::ResourceExhausted,
             Error::ShuttingDown => Code::Unavailable,
             Error::WaitTimedOut(_) => Code::DeadlineExceeded,
+            Error::Store(StoreError::DiskFull(_)) => Code::ResourceExhausted,
+            Error::Store(
+                StoreError::Unavailable(_)
+                | StoreError::DataDir { .. }
+                | StoreError::Locked(_)
+                | StoreError::Open { .. },
+            ) => Code::Unavailable,
         };
+        if let Error::Store(cause) = &err {
+            // Paths and SQL stay in the log; the client learns what it can act on.
+            tracing::error!(%cause, "store error answered as {code:?}");
+            let message = match code {
+                Code::ResourceExhausted => "the job store's disk is full; nothing was acknowledged",
+                _ => "the job store is unavailable; nothing was acknowledged (see the server log)",
+            };
+            return Status::new(code, message);
+        }
         Status::new(code, err.to_string())
     }
 }
@@ -40,6 +59,28 @@ mod tests {
             ),
             (Error::ShuttingDown, Code::Unavailable),
             (Error::WaitTimedOut(JobId::new()), Code::DeadlineExceeded),
+            (
+                Error::JobGone {
+                    id: JobId::new(),
+                    gone: crate::store::Gone::Expired,
+                },
+                Code::NotFound,
+            ),
+            (
+                Error::DuplicateRequest {
+                    request_id: "r".into(),
+                    existing: JobId::new(),
+                },
+                Code::AlreadyExists,
+            ),
+            (
+                Error::Store(StoreError::DiskFull("x".into())),
+                Code::ResourceExhausted,
+            ),
+            (
+                Error::Store(StoreError::Unavailable("x".into())),
+                Code::Unavailable,
+            ),
         ];
         for (err, code) in cases {
             assert_eq!(Status::from(err).code(), code);

@@ -13,14 +13,27 @@ use std::{
 pub struct JobdProcess {
     child: Child,
     pub addr: SocketAddr,
+    /// The data directory this test owns, when it did not pass its own.
+    _data_dir: Option<tempfile::TempDir>,
 }
 
 impl JobdProcess {
-    /// Starts `jobd --listen 127.0.0.1:0 ARGS...` and waits for its
-    /// `listening on ADDR` line, which it prints once the socket is bound.
+    /// Starts `jobd --listen 127.0.0.1:0 ARGS...` with a fresh data directory
+    /// and waits for its `listening on ADDR` line, which it prints once the
+    /// socket is bound.
     pub fn start(args: &[&str]) -> Self {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let mut process = Self::start_in(dir.path(), "127.0.0.1:0", args);
+        process._data_dir = Some(dir);
+        process
+    }
+
+    /// Starts jobd on `dir` and `listen` (restart tests reuse both).
+    pub fn start_in(dir: &std::path::Path, listen: &str, args: &[&str]) -> Self {
         let mut child = Command::new(env!("CARGO_BIN_EXE_jobd"))
-            .args(["--listen", "127.0.0.1:0"])
+            .args(["--listen", listen])
+            .arg("--data-dir")
+            .arg(dir)
             .args(args)
             .env("RUST_LOG", "warn")
             .stdout(Stdio::piped())
@@ -38,7 +51,11 @@ impl JobdProcess {
             .unwrap_or_else(|| panic!("unexpected first line from jobd: {line:?}"))
             .parse()
             .expect("an address");
-        Self { child, addr }
+        Self {
+            child,
+            addr,
+            _data_dir: None,
+        }
     }
 
     pub fn url(&self) -> String {
@@ -56,6 +73,12 @@ impl JobdProcess {
             .status()
             .expect("run kill");
         assert!(status.success(), "kill -TERM failed");
+    }
+
+    /// SIGKILL: the crash that durability is about.
+    pub fn kill9(&mut self) {
+        self.child.kill().expect("kill -9 jobd");
+        self.child.wait().expect("reap jobd");
     }
 
     /// Waits for the process to exit, at most `limit`.

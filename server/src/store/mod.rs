@@ -1,0 +1,439 @@
+//! Where job state lives. The engine talks to [`Store`] only; behind it sit
+//! the live in-memory [`table`] (every unfinished job, and finished ones
+//! until evicted) and, by default, the durable SQLite store.
+//!
+//! The promise with the durable store: once Submit answers OK, the job is on
+//! disk and will reach a terminal state whatever happens to the process.
+//! Everything a client can observe is durable before it is visible: a job is
+//! committed before its id is returned, and a terminal outcome is committed
+//! before any reader or waiter sees it. Only the pending -> running claim
+//! rides in the next batch unwaited; after a crash every job still marked
+//! running is known to have been interrupted. Execution is at-least-once.
+
+mod sqlite;
+pub(crate) mod table;
+
+use std::{
+    path::PathBuf,
+    time::{Duration, SystemTime},
+};
+
+use jobd_proto::{JobId, JobState};
+use sha2::{Digest as _, Sha256};
+
+pub use self::sqlite::{DB_FILE, LOCK_FILE, POISON_LIMIT};
+pub(crate) use self::table::{CancelPlan, Claim, WaitFor};
+use self::{
+    sqlite::{Inserted, Lookup, NewJob, SqliteStore},
+    table::JobTable,
+};
+use crate::{
+    Error,
+    engine::QueueKey,
+    function::Registry,
+    job::{Finished, JobError, JobRecord, Outcome},
+};
+
+/// Which store holds job state.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreConfig {
+    /// Ephemeral: everything is lost when the process stops.
+    Memory,
+    /// Durable SQLite database in this directory (created if missing).
+    Sqlite {
+        /// The data directory.
+        dir: PathBuf,
+    },
+}
+
+/// Why a job id that is not found is not found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Gone {
+    /// It finished longer ago than the retention period and was removed.
+    Expired,
+    /// It was deleted.
+    Deleted,
+}
+
+/// Why the store cannot open or cannot answer.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum StoreError {
+    /// The data directory cannot be created, locked or written.
+    #[error("data directory {}: {message}", path.display())]
+    DataDir {
+        /// The directory.
+        path: PathBuf,
+        /// What went wrong.
+        message: String,
+    },
+    /// Another running jobd holds the data directory.
+    #[error(
+        "data directory {} is in use by another running jobd (it holds {}); stop it or use another --data-dir",
+        .0.display(), LOCK_FILE
+    )]
+    Locked(PathBuf),
+    /// The database cannot be opened, is corrupt, or is from a newer jobd.
+    #[error("cannot open the job database {}: {message}", path.display())]
+    Open {
+        /// The database file.
+        path: PathBuf,
+        /// What went wrong.
+        message: String,
+    },
+    /// A write could not be committed; the store stopped acknowledging.
+    #[error("the job store is unavailable: {0}")]
+    Unavailable(String),
+    /// The disk is full; the store stopped acknowledging.
+    #[error("the job store's disk is full: {0}")]
+    DiskFull(String),
+}
+
+impl StoreError {
+    pub(crate) fn from_sqlite(err: &rusqlite::Error) -> Self {
+        match err.sqlite_error_code() {
+            Some(rusqlite::ErrorCode::DiskFull) => Self::DiskFull(err.to_string()),
+            _ => Self::Unavailable(err.to_string()),
+        }
+    }
+}
+
+/// Retention and caching knobs.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Retention {
+    /// Finished jobs are removed this long after they finish.
+    pub(crate) keep_finished: Duration,
+    /// Tombstones of removed jobs are kept this long after removal.
+    pub(crate) keep_tombstones: Duration,
+    /// Finished jobs held in memory (durable mode; the rest are read from
+    /// disk on demand).
+    pub(crate) cache_finished: usize,
+}
+
+/// The job store: the live table plus, optionally, the durable store.
+pub(crate) struct Store {
+    table: JobTable,
+    durable: Option<SqliteStore>,
+    /// Tombstones of removed jobs in memory mode (the durable store keeps
+    /// its own on disk).
+    tombstones: dashmap::DashMap<JobId, (Gone, SystemTime)>,
+    retention: Retention,
+}
+
+/// How Submit was admitted.
+pub(crate) enum Admission {
+    New,
+    /// The request id names this earlier job with the same content.
+    Existing(JobId),
+}
+
+impl Store {
+    /// Opens the configured store and returns the jobs to queue again.
+    pub(crate) fn open(
+        config: &StoreConfig,
+        registry: &Registry,
+        retention: Retention,
+        ack_before_commit: bool,
+    ) -> Result<(Self, Vec<JobRecord>), StoreError> {
+        let (durable, pending) = match config {
+            StoreConfig::Memory => (None, Vec::new()),
+            StoreConfig::Sqlite { dir } => {
+                let (store, recovered) = sqlite::open(dir, registry, ack_before_commit)?;
+                tracing::info!(
+                    path = %store.path.display(),
+                    boot = recovered.boot,
+                    pending = recovered.pending.len(),
+                    requeued = recovered.requeued,
+                    failed_not_retry_safe = recovered.failed_unsafe,
+                    poison_pills = recovered.poisoned,
+                    "opened the job store"
+                );
+                (Some(store), recovered.pending)
+            }
+        };
+        Ok((
+            Self {
+                table: JobTable::default(),
+                durable,
+                tombstones: dashmap::DashMap::new(),
+                retention,
+            },
+            pending,
+        ))
+    }
+
+    pub(crate) fn is_durable(&self) -> bool {
+        self.durable.is_some()
+    }
+
+    /// Records a new job (durably first, if durable), de-duplicating by
+    /// request id.
+    pub(crate) async fn admit(&self, record: JobRecord, key: QueueKey) -> Result<Admission, Error> {
+        let fingerprint = fingerprint(&record);
+        let request_id = record.request_id.clone();
+        let existing = match &self.durable {
+            None => match self.table.insert(record, Some(key), fingerprint) {
+                Ok(()) => return Ok(Admission::New),
+                Err(existing) => existing,
+            },
+            Some(durable) => {
+                let job = NewJob {
+                    record: record.clone(),
+                    fingerprint,
+                };
+                match durable.writer.insert(job).await.map_err(Error::Store)? {
+                    Inserted::New => {
+                        self.table.insert_unchecked(record, Some(key));
+                        return Ok(Admission::New);
+                    }
+                    Inserted::Existing(existing) => existing,
+                }
+            }
+        };
+        if existing.fingerprint == fingerprint {
+            Ok(Admission::Existing(existing.job))
+        } else {
+            Err(Error::DuplicateRequest {
+                request_id: request_id.unwrap_or_default(),
+                existing: existing.job,
+            })
+        }
+    }
+
+    /// Puts recovered jobs back in the live table.
+    pub(crate) fn restore(&self, record: JobRecord, key: QueueKey) {
+        self.table.insert_unchecked(record, Some(key));
+    }
+
+    /// Pending -> running; the durable claim rides in the next batch.
+    pub(crate) async fn claim(&self, id: JobId) -> Option<Claim> {
+        let claim = self.table.claim(id)?;
+        if let Some(durable) = &self.durable {
+            // A failure here means fail-stop; the completion will be refused
+            // too, and the job re-runs after a restart.
+            if let Err(err) = durable
+                .writer
+                .start(id, claim.attempt, claim.started_at)
+                .await
+            {
+                tracing::warn!(%id, %err, "cannot record the job's start");
+            }
+        }
+        Some(claim)
+    }
+
+    /// Records how an attempt ended: durably first, then visible.
+    pub(crate) async fn finish(&self, id: JobId, attempt: u32, outcome: Outcome) -> bool {
+        if !self.table.begin_finish(id, attempt) {
+            return false;
+        }
+        self.commit_terminal(id, attempt, outcome).await.is_ok()
+    }
+
+    async fn commit_terminal(
+        &self,
+        id: JobId,
+        attempt: u32,
+        outcome: Outcome,
+    ) -> Result<(), Error> {
+        let at = SystemTime::now();
+        if let Some(durable) = &self.durable
+            && let Err(err) = durable
+                .writer
+                .finish(id, attempt, outcome.clone(), at)
+                .await
+        {
+            tracing::error!(%id, %err, "cannot record the job's outcome");
+            self.table.abandon(id);
+            return Err(Error::Store(err));
+        }
+        self.table.complete(id, outcome, at);
+        self.evict();
+        Ok(())
+    }
+
+    /// Cancels what can be cancelled; see [`CancelPlan`].
+    pub(crate) async fn cancel(&self, id: JobId) -> Result<CancelPlan, Error> {
+        let Some(plan) = self.table.begin_cancel(id) else {
+            return match self.lookup(id).await? {
+                Some(_) => Ok(CancelPlan::AlreadyDone),
+                None => Err(self.not_found(id).await),
+            };
+        };
+        if matches!(plan, CancelPlan::Pending(..) | CancelPlan::AbortAsync) {
+            let attempt = self.table.view(id, |r| r.attempt).unwrap_or(0);
+            self.commit_terminal(id, attempt, Err(JobError::Cancelled))
+                .await?;
+        }
+        Ok(plan)
+    }
+
+    /// A copy of the job, from memory or disk.
+    pub(crate) async fn get(&self, id: JobId) -> Result<JobRecord, Error> {
+        if let Some(record) = self.table.view(id, JobRecord::clone) {
+            return Ok(record);
+        }
+        match self.lookup(id).await? {
+            Some(record) => Ok(record),
+            None => Err(self.not_found(id).await),
+        }
+    }
+
+    /// The job's state, from memory or disk.
+    pub(crate) async fn state(&self, id: JobId) -> Result<JobState, Error> {
+        if let Some(state) = self.table.view(id, |r| r.state) {
+            return Ok(state);
+        }
+        Ok(self.get(id).await?.state)
+    }
+
+    /// The finished job, or a `Notify` to wait on.
+    pub(crate) async fn wait_for(&self, id: JobId) -> Result<WaitFor, Error> {
+        if let Some(wait) = self.table.wait_for(id) {
+            return Ok(wait);
+        }
+        let record = self.get(id).await?;
+        table::finished(&record)
+            .map(WaitFor::Finished)
+            .ok_or_else(|| {
+                // On disk but not in memory and not finished cannot happen: every
+                // unfinished job is restored to the table at start.
+                Error::Store(StoreError::Unavailable(format!(
+                    "job {id} is unfinished but not loaded"
+                )))
+            })
+    }
+
+    pub(crate) fn is_terminal(&self, id: JobId) -> Option<bool> {
+        self.table.is_terminal(id)
+    }
+
+    pub(crate) fn finished_in_memory(&self, id: JobId) -> Option<Finished> {
+        self.table.view(id, table::finished).flatten()
+    }
+
+    /// Stops every running job at the end of a drain. In memory mode they
+    /// fail as interrupted (nothing could run them again); with the durable
+    /// store they go back to pending on disk and run again after a restart.
+    pub(crate) async fn stop_running(&self, reason: &str) -> usize {
+        let stopped = self.table.stop_running();
+        let count = stopped.len();
+        match &self.durable {
+            None => {
+                for (id, _) in stopped {
+                    self.table
+                        .complete(id, Err(table::interrupted(reason)), SystemTime::now());
+                }
+            }
+            Some(durable) => {
+                if let Err(err) = durable.writer.requeue(stopped).await {
+                    tracing::warn!(%err, "cannot re-queue interrupted jobs; recovery will");
+                }
+            }
+        }
+        count
+    }
+
+    /// Removes jobs past retention (and, in memory, beyond the cache), at
+    /// most `limit`; returns how many were removed.
+    pub(crate) async fn purge(&self, limit: usize) -> Result<usize, Error> {
+        let now = SystemTime::now();
+        let cutoff = now
+            .checked_sub(self.retention.keep_finished)
+            .unwrap_or(SystemTime::UNIX_EPOCH);
+        let tombstone_cutoff = now
+            .checked_sub(self.retention.keep_tombstones)
+            .unwrap_or(SystemTime::UNIX_EPOCH);
+        match &self.durable {
+            None => {
+                let removed = self.table.evict_finished(cutoff, usize::MAX, limit);
+                for id in &removed {
+                    self.tombstones.insert(*id, (Gone::Expired, now));
+                }
+                self.tombstones.retain(|_, (_, at)| *at >= tombstone_cutoff);
+                Ok(removed.len())
+            }
+            Some(durable) => {
+                let removed = durable
+                    .writer
+                    .purge(cutoff, tombstone_cutoff, limit)
+                    .await
+                    .map_err(Error::Store)?;
+                for id in &removed {
+                    self.table.forget(*id);
+                }
+                Ok(removed.len())
+            }
+        }
+    }
+
+    /// In durable mode, finished jobs beyond the cache size leave memory;
+    /// they are still on disk.
+    fn evict(&self) {
+        if self.durable.is_some() {
+            self.table
+                .evict_finished(SystemTime::UNIX_EPOCH, self.retention.cache_finished, 64);
+        }
+    }
+
+    async fn lookup(&self, id: JobId) -> Result<Option<JobRecord>, Error> {
+        let Some(durable) = &self.durable else {
+            return Ok(None);
+        };
+        match durable.reader.lookup(id).await.map_err(Error::Store)? {
+            Lookup::Job(record) => Ok(Some(*record)),
+            Lookup::Gone(_) | Lookup::Unknown => Ok(None),
+        }
+    }
+
+    /// NOT_FOUND, saying "expired" or "deleted" where a tombstone says so.
+    async fn not_found(&self, id: JobId) -> Error {
+        let gone = match &self.durable {
+            None => self.tombstones.get(&id).map(|t| t.0),
+            Some(durable) => match durable.reader.lookup(id).await {
+                Ok(Lookup::Gone(gone)) => Some(gone),
+                _ => None,
+            },
+        };
+        match gone {
+            Some(gone) => Error::JobGone { id, gone },
+            None => Error::JobNotFound(id),
+        }
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.table.len()
+    }
+
+    pub(crate) fn counts(&self) -> std::collections::BTreeMap<&'static str, usize> {
+        self.table.counts()
+    }
+
+    /// (commits, operations) of the durable writer, for the mean batch size.
+    pub(crate) fn commit_stats(&self) -> Option<(u64, u64)> {
+        self.durable.as_ref().map(|d| {
+            let s = d.writer.stats();
+            (
+                s.commits.load(std::sync::atomic::Ordering::Relaxed),
+                s.operations.load(std::sync::atomic::Ordering::Relaxed),
+            )
+        })
+    }
+
+    /// False once the durable store has failed (fail-stop).
+    pub(crate) fn is_healthy(&self) -> bool {
+        self.durable.as_ref().is_none_or(|d| d.writer.is_healthy())
+    }
+}
+
+/// What makes two submissions with one request id "the same": the function
+/// and the arguments (JSON with sorted keys, so key order does not matter).
+fn fingerprint(record: &JobRecord) -> [u8; 16] {
+    let mut hasher = Sha256::new();
+    hasher.update(record.function.as_bytes());
+    hasher.update([0]);
+    hasher.update(record.args.to_string().as_bytes());
+    let digest = hasher.finalize();
+    let mut out = [0; 16];
+    out.copy_from_slice(&digest[..16]);
+    out
+}

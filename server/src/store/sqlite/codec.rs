@@ -1,0 +1,175 @@
+//! How job records map to SQLite columns: states, pools and error kinds as
+//! small integers, times as microseconds since the Unix epoch, values as JSON
+//! text. One place, so the writer, the reader and recovery agree.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use jobd_proto::{JobId, JobState};
+use rusqlite::Row;
+
+use crate::{
+    function::PoolKind,
+    job::{JobError, JobRecord, Outcome},
+};
+
+/// The columns `record_from_row` reads, in order.
+pub(crate) const RECORD_COLUMNS: &str = "id, function, pool, state, args, labels, request_id, \
+     submitted_at, started_at, finished_at, attempt, value, error_kind, error";
+
+pub(crate) fn state_code(state: JobState) -> i64 {
+    match state {
+        JobState::Pending => 1,
+        JobState::Running => 2,
+        JobState::Succeeded => 3,
+        JobState::Failed => 4,
+        JobState::Cancelled => 5,
+    }
+}
+
+pub(crate) fn state_from_code(code: i64) -> rusqlite::Result<JobState> {
+    Ok(match code {
+        1 => JobState::Pending,
+        2 => JobState::Running,
+        3 => JobState::Succeeded,
+        4 => JobState::Failed,
+        5 => JobState::Cancelled,
+        other => return Err(bad_value(format!("unknown job state code {other}"))),
+    })
+}
+
+pub(crate) fn pool_code(pool: PoolKind) -> i64 {
+    match pool {
+        PoolKind::Async => 1,
+        PoolKind::Blocking => 2,
+    }
+}
+
+fn pool_from_code(code: i64) -> rusqlite::Result<PoolKind> {
+    match code {
+        1 => Ok(PoolKind::Async),
+        2 => Ok(PoolKind::Blocking),
+        other => Err(bad_value(format!("unknown pool code {other}"))),
+    }
+}
+
+/// `(value, error_kind, error_message)` columns for an outcome.
+pub(crate) fn outcome_columns(outcome: &Outcome) -> (Option<String>, Option<i64>, Option<String>) {
+    match outcome {
+        Ok(value) => (Some(value.to_string()), None, None),
+        Err(err) => {
+            let (kind, message) = match err {
+                JobError::Failed(m) => (1, m.as_str()),
+                JobError::Panicked(m) => (2, m.as_str()),
+                JobError::Cancelled => (3, ""),
+                JobError::Interrupted(m) => (4, m.as_str()),
+            };
+            (None, Some(kind), Some(message.to_owned()))
+        }
+    }
+}
+
+fn outcome_from_columns(
+    value: Option<String>,
+    kind: Option<i64>,
+    message: Option<String>,
+) -> rusqlite::Result<Option<Outcome>> {
+    Ok(match (value, kind) {
+        (Some(json), _) => Some(Ok(parse_json(&json)?)),
+        (None, Some(kind)) => {
+            let message = message.unwrap_or_default();
+            Some(Err(match kind {
+                1 => JobError::Failed(message),
+                2 => JobError::Panicked(message),
+                3 => JobError::Cancelled,
+                4 => JobError::Interrupted(message),
+                other => return Err(bad_value(format!("unknown error kind {other}"))),
+            }))
+        }
+        (None, None) => None,
+    })
+}
+
+pub(crate) fn micros(t: SystemTime) -> i64 {
+    t.duration_since(UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX))
+}
+
+pub(crate) fn from_micros(us: i64) -> SystemTime {
+    UNIX_EPOCH + Duration::from_micros(u64::try_from(us).unwrap_or(0))
+}
+
+pub(crate) fn id_bytes(id: JobId) -> [u8; 16] {
+    *id.as_uuid().as_bytes()
+}
+
+pub(crate) fn id_from_bytes(bytes: &[u8]) -> rusqlite::Result<JobId> {
+    uuid::Uuid::from_slice(bytes)
+        .map(JobId::from)
+        .map_err(|e| bad_value(format!("bad job id in the database: {e}")))
+}
+
+pub(crate) fn labels_json(labels: &std::collections::BTreeMap<String, String>) -> Option<String> {
+    (!labels.is_empty()).then(|| serde_json::to_string(labels).unwrap_or_default())
+}
+
+/// Reads a row selected with [`RECORD_COLUMNS`].
+pub(crate) fn record_from_row(row: &Row<'_>) -> rusqlite::Result<JobRecord> {
+    let id: Vec<u8> = row.get(0)?;
+    let function: String = row.get(1)?;
+    let labels: Option<String> = row.get(5)?;
+    Ok(JobRecord {
+        id: id_from_bytes(&id)?,
+        function: function.into(),
+        pool: pool_from_code(row.get(2)?)?,
+        state: state_from_code(row.get(3)?)?,
+        args: parse_json(&row.get::<_, String>(4)?)?,
+        labels: match labels {
+            Some(json) => serde_json::from_str(&json).map_err(|e| bad_value(e.to_string()))?,
+            None => std::collections::BTreeMap::new(),
+        },
+        request_id: row.get(6)?,
+        submitted_at: from_micros(row.get(7)?),
+        started_at: row.get::<_, Option<i64>>(8)?.map(from_micros),
+        finished_at: row.get::<_, Option<i64>>(9)?.map(from_micros),
+        attempt: row.get(10)?,
+        outcome: outcome_from_columns(row.get(11)?, row.get(12)?, row.get(13)?)?,
+    })
+}
+
+fn parse_json(text: &str) -> rusqlite::Result<serde_json::Value> {
+    serde_json::from_str(text).map_err(|e| bad_value(format!("bad JSON in the database: {e}")))
+}
+
+fn bad_value(message: String) -> rusqlite::Error {
+    rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Text, message.into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn codes_round_trip() {
+        for s in [
+            JobState::Pending,
+            JobState::Running,
+            JobState::Succeeded,
+            JobState::Failed,
+            JobState::Cancelled,
+        ] {
+            assert_eq!(state_from_code(state_code(s)).unwrap(), s);
+        }
+        for outcome in [
+            Ok(serde_json::json!({"a": 1})),
+            Err(JobError::Failed("f".into())),
+            Err(JobError::Panicked("p".into())),
+            Err(JobError::Cancelled),
+            Err(JobError::Interrupted("i".into())),
+        ] {
+            let (v, k, m) = outcome_columns(&outcome);
+            assert_eq!(outcome_from_columns(v, k, m).unwrap(), Some(outcome));
+        }
+        let t = UNIX_EPOCH + Duration::from_micros(1_700_000_000_123_456);
+        assert_eq!(from_micros(micros(t)), t);
+    }
+}

@@ -1,0 +1,459 @@
+//! The single writer: one thread owns the write connection and commits with
+//! **group commit**. Handlers send operations over a bounded channel; the
+//! writer takes everything queued (up to `MAX_BATCH`), applies it in one
+//! transaction, commits once (one fsync), and only then answers every waiter.
+//!
+//! Fail-stop: if a commit fails, nothing in that batch is acknowledged, the
+//! cause is logged, and every later operation is refused with the same
+//! error. A server that cannot be sure its data is on disk stops saying yes.
+
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    time::{Duration, SystemTime},
+};
+
+use jobd_proto::{JobId, JobState};
+use rusqlite::{Connection, OptionalExtension as _, params};
+use tokio::sync::{mpsc, oneshot};
+
+use super::codec::{
+    id_bytes, id_from_bytes, labels_json, micros, outcome_columns, pool_code, state_code,
+};
+use crate::{
+    job::{JobRecord, Outcome},
+    store::{StoreError, table::RequestEntry},
+};
+
+/// Most operations in one transaction: bounds the latency of a commit.
+const MAX_BATCH: usize = 4096;
+/// Operations that may wait for the writer: past it, senders wait (back
+/// pressure), never buffer without bound.
+const CHANNEL_CAPACITY: usize = 16 * 1024;
+
+/// A job to insert, with what idempotency needs.
+pub(crate) struct NewJob {
+    pub(crate) record: JobRecord,
+    pub(crate) fingerprint: [u8; 16],
+}
+
+/// What an insert found.
+pub(crate) enum Inserted {
+    New,
+    /// The request id belongs to an earlier job.
+    Existing(RequestEntry),
+}
+
+enum Op {
+    Insert {
+        job: Box<NewJob>,
+        reply: oneshot::Sender<Result<Inserted, StoreError>>,
+    },
+    Start {
+        id: JobId,
+        attempt: u32,
+        at: SystemTime,
+    },
+    Finish {
+        id: JobId,
+        attempt: u32,
+        outcome: Outcome,
+        at: SystemTime,
+        reply: oneshot::Sender<Result<(), StoreError>>,
+    },
+    Requeue {
+        ids: Vec<(JobId, u32)>,
+        reply: oneshot::Sender<Result<(), StoreError>>,
+    },
+    Purge {
+        cutoff: SystemTime,
+        tombstone_cutoff: SystemTime,
+        limit: usize,
+        reply: oneshot::Sender<Result<Vec<JobId>, StoreError>>,
+    },
+}
+
+/// Counters for the benchmark report and operators.
+#[derive(Debug, Default)]
+pub(crate) struct WriterStats {
+    pub(crate) commits: AtomicU64,
+    pub(crate) operations: AtomicU64,
+}
+
+pub(crate) struct Writer {
+    tx: mpsc::Sender<Op>,
+    stats: Arc<WriterStats>,
+    healthy: Arc<AtomicBool>,
+}
+
+impl Writer {
+    /// Starts the writer thread on `conn`. `ack_before_commit` is the
+    /// test-only mutation that breaks durability on purpose.
+    pub(crate) fn spawn(
+        conn: Connection,
+        boot: i64,
+        ack_before_commit: bool,
+    ) -> std::io::Result<Self> {
+        let (tx, rx) = mpsc::channel(CHANNEL_CAPACITY);
+        let stats = Arc::new(WriterStats::default());
+        let healthy = Arc::new(AtomicBool::new(true));
+        let mut worker = WriterThread {
+            conn,
+            boot,
+            rx,
+            stats: Arc::clone(&stats),
+            healthy: Arc::clone(&healthy),
+            failed: None,
+            ack_before_commit,
+        };
+        // The thread ends when the last sender is dropped, after applying
+        // what was sent; every acknowledged operation was awaited by its
+        // sender, so nothing acknowledged is left behind.
+        std::thread::Builder::new()
+            .name("jobd-store-writer".into())
+            .spawn(move || worker.run())?;
+        Ok(Self { tx, stats, healthy })
+    }
+
+    pub(crate) fn stats(&self) -> &WriterStats {
+        &self.stats
+    }
+
+    /// False once a commit failed (fail-stop).
+    pub(crate) fn is_healthy(&self) -> bool {
+        self.healthy.load(Ordering::Acquire)
+    }
+
+    pub(crate) async fn insert(&self, job: NewJob) -> Result<Inserted, StoreError> {
+        let (reply, answer) = oneshot::channel();
+        self.send(Op::Insert {
+            job: Box::new(job),
+            reply,
+        })
+        .await?;
+        answer.await.map_err(|_| stopped())?
+    }
+
+    /// Records a start without waiting: the claim rides in the next batch.
+    pub(crate) async fn start(
+        &self,
+        id: JobId,
+        attempt: u32,
+        at: SystemTime,
+    ) -> Result<(), StoreError> {
+        self.send(Op::Start { id, attempt, at }).await
+    }
+
+    pub(crate) async fn finish(
+        &self,
+        id: JobId,
+        attempt: u32,
+        outcome: Outcome,
+        at: SystemTime,
+    ) -> Result<(), StoreError> {
+        let (reply, answer) = oneshot::channel();
+        self.send(Op::Finish {
+            id,
+            attempt,
+            outcome,
+            at,
+            reply,
+        })
+        .await?;
+        answer.await.map_err(|_| stopped())?
+    }
+
+    pub(crate) async fn requeue(&self, ids: Vec<(JobId, u32)>) -> Result<(), StoreError> {
+        let (reply, answer) = oneshot::channel();
+        self.send(Op::Requeue { ids, reply }).await?;
+        answer.await.map_err(|_| stopped())?
+    }
+
+    pub(crate) async fn purge(
+        &self,
+        cutoff: SystemTime,
+        tombstone_cutoff: SystemTime,
+        limit: usize,
+    ) -> Result<Vec<JobId>, StoreError> {
+        let (reply, answer) = oneshot::channel();
+        self.send(Op::Purge {
+            cutoff,
+            tombstone_cutoff,
+            limit,
+            reply,
+        })
+        .await?;
+        answer.await.map_err(|_| stopped())?
+    }
+
+    async fn send(&self, op: Op) -> Result<(), StoreError> {
+        self.tx.send(op).await.map_err(|_| stopped())
+    }
+}
+
+fn stopped() -> StoreError {
+    StoreError::Unavailable("the store writer has stopped".into())
+}
+
+struct WriterThread {
+    conn: Connection,
+    boot: i64,
+    rx: mpsc::Receiver<Op>,
+    stats: Arc<WriterStats>,
+    healthy: Arc<AtomicBool>,
+    failed: Option<StoreError>,
+    ack_before_commit: bool,
+}
+
+/// An answer computed inside the transaction, sent once it commits.
+enum Reply {
+    Inserted(oneshot::Sender<Result<Inserted, StoreError>>, Inserted),
+    Done(oneshot::Sender<Result<(), StoreError>>),
+    Purged(oneshot::Sender<Result<Vec<JobId>, StoreError>>, Vec<JobId>),
+}
+
+impl Reply {
+    fn send(self) {
+        // A waiter that gave up (client went away) no longer needs the answer.
+        match self {
+            Self::Inserted(tx, v) => drop(tx.send(Ok(v))),
+            Self::Done(tx) => drop(tx.send(Ok(()))),
+            Self::Purged(tx, v) => drop(tx.send(Ok(v))),
+        }
+    }
+
+    fn fail(self, err: &StoreError) {
+        match self {
+            Self::Inserted(tx, _) => drop(tx.send(Err(err.clone()))),
+            Self::Done(tx) => drop(tx.send(Err(err.clone()))),
+            Self::Purged(tx, _) => drop(tx.send(Err(err.clone()))),
+        }
+    }
+}
+
+impl WriterThread {
+    fn run(&mut self) {
+        let mut batch = Vec::with_capacity(256);
+        while let Some(op) = self.rx.blocking_recv() {
+            batch.push(op);
+            while batch.len() < MAX_BATCH {
+                match self.rx.try_recv() {
+                    Ok(op) => batch.push(op),
+                    Err(_) => break,
+                }
+            }
+            self.commit(&mut batch);
+        }
+        tracing::debug!("store writer stopped");
+    }
+
+    fn commit(&mut self, batch: &mut Vec<Op>) {
+        if let Some(err) = &self.failed {
+            for op in batch.drain(..) {
+                refuse(op, err);
+            }
+            return;
+        }
+        let count = batch.len() as u64;
+        let mut replies = Vec::with_capacity(batch.len());
+        let result = self.apply(batch, &mut replies);
+        match result {
+            Ok(()) => {
+                self.stats.commits.fetch_add(1, Ordering::Relaxed);
+                self.stats.operations.fetch_add(count, Ordering::Relaxed);
+                for reply in replies {
+                    reply.send();
+                }
+            }
+            Err(err) => {
+                let err = StoreError::from_sqlite(&err);
+                tracing::error!(%err, "commit failed: the store stops acknowledging (fail-stop)");
+                self.healthy.store(false, Ordering::Release);
+                for reply in replies {
+                    reply.fail(&err);
+                }
+                for op in batch.drain(..) {
+                    refuse(op, &err);
+                }
+                self.failed = Some(err);
+            }
+        }
+    }
+
+    fn apply(&mut self, batch: &mut Vec<Op>, replies: &mut Vec<Reply>) -> rusqlite::Result<()> {
+        let tx = self.conn.transaction()?;
+        for op in batch.drain(..) {
+            match op {
+                Op::Insert { job, reply } => {
+                    let inserted = insert(&tx, &job)?;
+                    if self.ack_before_commit {
+                        // The deliberate bug the crash test must catch.
+                        let _ = reply.send(Ok(inserted));
+                    } else {
+                        replies.push(Reply::Inserted(reply, inserted));
+                    }
+                }
+                Op::Start { id, attempt, at } => {
+                    tx.prepare_cached(
+                        "UPDATE jobs SET state = 2, attempt = ?1, started_at = ?2, boot = ?3 \
+                         WHERE id = ?4 AND state = 1",
+                    )?
+                    .execute(params![
+                        attempt,
+                        micros(at),
+                        self.boot,
+                        id_bytes(id)
+                    ])?;
+                    transition(&tx, id, attempt, JobState::Running, at)?;
+                }
+                Op::Finish {
+                    id,
+                    attempt,
+                    outcome,
+                    at,
+                    reply,
+                } => {
+                    let state = match &outcome {
+                        Ok(_) => JobState::Succeeded,
+                        Err(e) => e.terminal_state(),
+                    };
+                    let (value, kind, message) = outcome_columns(&outcome);
+                    tx.prepare_cached(
+                        "UPDATE jobs SET state = ?1, finished_at = ?2, value = ?3, error_kind = ?4, \
+                         error = ?5 WHERE id = ?6 AND state IN (1, 2)",
+                    )?
+                    .execute(params![state_code(state), micros(at), value, kind, message, id_bytes(id)])?;
+                    transition(&tx, id, attempt, state, at)?;
+                    replies.push(Reply::Done(reply));
+                }
+                Op::Requeue { ids, reply } => {
+                    let now = SystemTime::now();
+                    for (id, attempt) in ids {
+                        tx.prepare_cached("UPDATE jobs SET state = 1 WHERE id = ?1 AND state = 2")?
+                            .execute(params![id_bytes(id)])?;
+                        transition(&tx, id, attempt, JobState::Pending, now)?;
+                    }
+                    replies.push(Reply::Done(reply));
+                }
+                Op::Purge {
+                    cutoff,
+                    tombstone_cutoff,
+                    limit,
+                    reply,
+                } => {
+                    let purged = purge(&tx, cutoff, tombstone_cutoff, limit)?;
+                    replies.push(Reply::Purged(reply, purged));
+                }
+            }
+        }
+        if self.ack_before_commit {
+            // Widen the window a crash can fall into, as a slow disk would.
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        tx.commit()
+    }
+}
+
+fn refuse(op: Op, err: &StoreError) {
+    match op {
+        Op::Insert { reply, .. } => drop(reply.send(Err(err.clone()))),
+        Op::Finish { reply, .. } | Op::Requeue { reply, .. } => drop(reply.send(Err(err.clone()))),
+        Op::Purge { reply, .. } => drop(reply.send(Err(err.clone()))),
+        Op::Start { .. } => {}
+    }
+}
+
+fn insert(tx: &rusqlite::Transaction<'_>, job: &NewJob) -> rusqlite::Result<Inserted> {
+    let r = &job.record;
+    if let Some(request_id) = &r.request_id {
+        // The same connection sees rows inserted earlier in this batch, so
+        // two concurrent submits with one request id are caught here too.
+        let existing = tx
+            .prepare_cached("SELECT id, fingerprint FROM jobs WHERE request_id = ?1")?
+            .query_row([request_id], |row| {
+                let id: Vec<u8> = row.get(0)?;
+                let fp: Option<Vec<u8>> = row.get(1)?;
+                Ok((id, fp))
+            })
+            .optional()?;
+        if let Some((id, fp)) = existing {
+            let mut fingerprint = [0; 16];
+            if let Some(fp) = fp.filter(|fp| fp.len() == 16) {
+                fingerprint.copy_from_slice(&fp);
+            }
+            return Ok(Inserted::Existing(RequestEntry {
+                job: id_from_bytes(&id)?,
+                fingerprint,
+            }));
+        }
+    }
+    tx.prepare_cached(
+        "INSERT INTO jobs (id, function, pool, state, args, labels, request_id, fingerprint, \
+         submitted_at, attempt) VALUES (?1, ?2, ?3, 1, ?4, ?5, ?6, ?7, ?8, ?9)",
+    )?
+    .execute(params![
+        id_bytes(r.id),
+        &*r.function,
+        pool_code(r.pool),
+        r.args.to_string(),
+        labels_json(&r.labels),
+        r.request_id,
+        r.request_id.as_ref().map(|_| job.fingerprint.to_vec()),
+        micros(r.submitted_at),
+        r.attempt,
+    ])?;
+    transition(tx, r.id, r.attempt, JobState::Pending, r.submitted_at)?;
+    Ok(Inserted::New)
+}
+
+fn transition(
+    tx: &rusqlite::Transaction<'_>,
+    id: JobId,
+    attempt: u32,
+    state: JobState,
+    at: SystemTime,
+) -> rusqlite::Result<()> {
+    tx.prepare_cached(
+        "INSERT INTO transitions (job_id, attempt, state, at) VALUES (?1, ?2, ?3, ?4)",
+    )?
+    .execute(params![
+        id_bytes(id),
+        attempt,
+        state_code(state),
+        micros(at)
+    ])?;
+    Ok(())
+}
+
+/// Deletes up to `limit` jobs that finished before `cutoff`, leaving a
+/// tombstone for each, and drops tombstones older than `tombstone_cutoff`.
+fn purge(
+    tx: &rusqlite::Transaction<'_>,
+    cutoff: SystemTime,
+    tombstone_cutoff: SystemTime,
+    limit: usize,
+) -> rusqlite::Result<Vec<JobId>> {
+    let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+    let ids: Vec<Vec<u8>> = tx
+        .prepare_cached("SELECT id FROM jobs WHERE finished_at < ?1 ORDER BY finished_at LIMIT ?2")?
+        .query_map(params![micros(cutoff), limit], |row| row.get(0))?
+        .collect::<Result<_, _>>()?;
+    let now = micros(SystemTime::now());
+    let mut purged = Vec::with_capacity(ids.len());
+    for id in ids {
+        tx.prepare_cached("DELETE FROM jobs WHERE id = ?1")?
+            .execute([&id])?;
+        tx.prepare_cached("DELETE FROM transitions WHERE job_id = ?1")?
+            .execute([&id])?;
+        tx.prepare_cached("INSERT OR REPLACE INTO tombstones (id, reason, at) VALUES (?1, 1, ?2)")?
+            .execute(params![&id, now])?;
+        purged.push(id_from_bytes(&id)?);
+    }
+    tx.prepare_cached(
+        "DELETE FROM tombstones WHERE id IN (SELECT id FROM tombstones WHERE at < ?1 LIMIT ?2)",
+    )?
+    .execute(params![micros(tombstone_cutoff), limit])?;
+    Ok(purged)
+}

@@ -1,0 +1,350 @@
+//! The live job table: every job the server holds in memory, with the handles
+//! that only exist while a job lives (its cancel token while running, its
+//! waiters while unfinished).
+//!
+//! Terminal transitions happen in two steps so that a durable store can write
+//! them to disk in between: `begin_*` decides the transition under the job's
+//! shard lock and marks it `committing` (nothing else may change the job),
+//! `complete` makes it visible and wakes waiters. "Durable before visible."
+//!
+//! Invariants kept here, under each job's shard lock:
+//! - a terminal state never changes again;
+//! - a completion carrying a stale attempt number is ignored;
+//! - waiters are woken after the terminal state is written, never before.
+
+use std::{
+    collections::{BTreeMap, VecDeque},
+    sync::{Arc, Mutex, PoisonError},
+    time::SystemTime,
+};
+
+use dashmap::{DashMap, mapref::entry::Entry};
+use jobd_proto::{JobId, JobState};
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+use crate::{
+    engine::QueueKey,
+    function::PoolKind,
+    job::{Finished, JobError, JobRecord, Outcome},
+};
+
+struct Slot {
+    record: JobRecord,
+    /// Where the job waits in its pool's queue, while pending.
+    queue_key: Option<QueueKey>,
+    /// Fired to cancel the running attempt.
+    cancel: Option<CancellationToken>,
+    /// Created by the first waiter; woken and dropped when the job finishes.
+    waiters: Option<Arc<Notify>>,
+    /// A terminal transition is being made durable; the job is frozen.
+    committing: bool,
+}
+
+/// What a worker needs to run an attempt it has claimed.
+pub(crate) struct Claim {
+    pub(crate) function: Arc<str>,
+    pub(crate) args: serde_json::Value,
+    pub(crate) attempt: u32,
+    pub(crate) started_at: SystemTime,
+    pub(crate) cancel: CancellationToken,
+}
+
+/// What a cancel request found. For `Pending` and `AbortAsync` the job is now
+/// committing to `CANCELLED`; the caller completes it.
+pub(crate) enum CancelPlan {
+    Pending(PoolKind, Option<QueueKey>),
+    AbortAsync,
+    RequestBlocking,
+    AlreadyDone,
+}
+
+/// Either the finished job or how to hear about it.
+pub(crate) enum WaitFor {
+    Finished(Finished),
+    Pending(Arc<Notify>),
+}
+
+/// A request id's first job and the fingerprint of what it asked for.
+#[derive(Clone, Copy)]
+pub(crate) struct RequestEntry {
+    pub(crate) job: JobId,
+    pub(crate) fingerprint: [u8; 16],
+}
+
+#[derive(Default)]
+pub(crate) struct JobTable {
+    jobs: DashMap<JobId, Slot>,
+    /// Request ids of the jobs in memory (used for idempotency when there is
+    /// no durable store to ask).
+    requests: DashMap<String, RequestEntry>,
+    /// Terminal jobs in the order they finished: what retention and the
+    /// finished-job cache evict from.
+    finished: Mutex<VecDeque<(SystemTime, JobId)>>,
+}
+
+impl JobTable {
+    /// Records a new job, unless its request id is already taken; then the
+    /// existing entry is returned and nothing is recorded.
+    pub(crate) fn insert(
+        &self,
+        record: JobRecord,
+        queue_key: Option<QueueKey>,
+        fingerprint: [u8; 16],
+    ) -> Result<(), RequestEntry> {
+        if let Some(request_id) = &record.request_id {
+            match self.requests.entry(request_id.clone()) {
+                Entry::Occupied(existing) => return Err(*existing.get()),
+                Entry::Vacant(vacant) => {
+                    vacant.insert(RequestEntry {
+                        job: record.id,
+                        fingerprint,
+                    });
+                }
+            }
+        }
+        self.insert_unchecked(record, queue_key);
+        Ok(())
+    }
+
+    /// Records a job whose request id was already checked (by a durable
+    /// store), or that was recovered from one.
+    pub(crate) fn insert_unchecked(&self, record: JobRecord, queue_key: Option<QueueKey>) {
+        let id = record.id;
+        if let Some(finished_at) = record.finished_at.filter(|_| record.state.is_terminal()) {
+            self.lock_finished().push_back((finished_at, id));
+        }
+        self.jobs.insert(
+            id,
+            Slot {
+                record,
+                queue_key,
+                cancel: None,
+                waiters: None,
+                committing: false,
+            },
+        );
+    }
+
+    /// Reads a job without cloning more than `read` takes.
+    pub(crate) fn view<R>(&self, id: JobId, read: impl FnOnce(&JobRecord) -> R) -> Option<R> {
+        self.jobs.get(&id).map(|slot| read(&slot.record))
+    }
+
+    /// Pending -> Running for the next attempt; `None` if the job is gone or
+    /// no longer pending (it was cancelled while queued).
+    pub(crate) fn claim(&self, id: JobId) -> Option<Claim> {
+        let mut slot = self.jobs.get_mut(&id)?;
+        if slot.record.state != JobState::Pending || slot.committing {
+            return None;
+        }
+        let cancel = CancellationToken::new();
+        let started_at = SystemTime::now();
+        slot.queue_key = None;
+        slot.cancel = Some(cancel.clone());
+        let record = &mut slot.record;
+        record.state = JobState::Running;
+        record.attempt += 1;
+        record.started_at = Some(started_at);
+        Some(Claim {
+            function: Arc::clone(&record.function),
+            args: record.args.clone(),
+            attempt: record.attempt,
+            started_at,
+            cancel,
+        })
+    }
+
+    /// Starts the terminal transition of `attempt`. False when the job is
+    /// already terminal or committing (e.g. it was aborted) or the attempt is
+    /// stale: the outcome is then dropped.
+    pub(crate) fn begin_finish(&self, id: JobId, attempt: u32) -> bool {
+        let Some(mut slot) = self.jobs.get_mut(&id) else {
+            return false;
+        };
+        if slot.record.state.is_terminal() || slot.committing || slot.record.attempt != attempt {
+            return false;
+        }
+        slot.committing = true;
+        true
+    }
+
+    pub(crate) fn begin_cancel(&self, id: JobId) -> Option<CancelPlan> {
+        let mut slot = self.jobs.get_mut(&id)?;
+        if slot.committing || slot.record.state.is_terminal() {
+            return Some(CancelPlan::AlreadyDone);
+        }
+        let plan = match slot.record.state {
+            JobState::Pending => {
+                slot.committing = true;
+                CancelPlan::Pending(slot.record.pool, slot.queue_key.take())
+            }
+            _ => {
+                if let Some(token) = &slot.cancel {
+                    token.cancel();
+                }
+                match slot.record.pool {
+                    PoolKind::Async => {
+                        // The task drops the job's future as soon as it sees
+                        // the token; the job is cancelled from this moment.
+                        slot.committing = true;
+                        CancelPlan::AbortAsync
+                    }
+                    PoolKind::Blocking => CancelPlan::RequestBlocking,
+                }
+            }
+        };
+        Some(plan)
+    }
+
+    /// Makes a begun terminal transition visible and wakes the waiters.
+    pub(crate) fn complete(&self, id: JobId, outcome: Outcome, finished_at: SystemTime) {
+        let Some(mut slot) = self.jobs.get_mut(&id) else {
+            return;
+        };
+        let waiters = terminate(&mut slot, outcome, finished_at);
+        drop(slot);
+        self.lock_finished().push_back((finished_at, id));
+        wake(waiters);
+    }
+
+    /// Lets a job whose terminal write failed be changed again (the server
+    /// is failing-stop anyway; this keeps the table honest).
+    pub(crate) fn abandon(&self, id: JobId) {
+        if let Some(mut slot) = self.jobs.get_mut(&id) {
+            slot.committing = false;
+        }
+    }
+
+    pub(crate) fn wait_for(&self, id: JobId) -> Option<WaitFor> {
+        let mut slot = self.jobs.get_mut(&id)?;
+        if let Some(finished) = finished(&slot.record) {
+            return Some(WaitFor::Finished(finished));
+        }
+        let notify = slot.waiters.get_or_insert_with(|| Arc::new(Notify::new()));
+        Some(WaitFor::Pending(Arc::clone(notify)))
+    }
+
+    /// `Some(true)` once terminal; `None` if the job left the table.
+    pub(crate) fn is_terminal(&self, id: JobId) -> Option<bool> {
+        self.view(id, |r| r.state.is_terminal())
+    }
+
+    /// The running jobs, with their cancel tokens fired: the last step of a
+    /// shutdown whose grace period ran out. They are marked committing so no
+    /// late completion changes them; the caller decides their fate.
+    pub(crate) fn stop_running(&self) -> Vec<(JobId, u32)> {
+        let mut stopped = Vec::new();
+        for mut slot in self.jobs.iter_mut() {
+            if slot.record.state != JobState::Running || slot.committing {
+                continue;
+            }
+            if let Some(token) = &slot.cancel {
+                token.cancel();
+            }
+            slot.committing = true;
+            stopped.push((slot.record.id, slot.record.attempt));
+        }
+        stopped
+    }
+
+    /// Removes terminal jobs that finished before `cutoff`, oldest first, at
+    /// most `limit`; and, beyond that, the oldest terminal jobs while more
+    /// than `keep` are held. Returns the removed ids. Waiters of a removed
+    /// job are woken (they then find it gone, never hang).
+    pub(crate) fn evict_finished(
+        &self,
+        cutoff: SystemTime,
+        keep: usize,
+        limit: usize,
+    ) -> Vec<JobId> {
+        let mut removed = Vec::new();
+        let mut order = self.lock_finished();
+        while removed.len() < limit {
+            let Some(&(finished_at, id)) = order.front() else {
+                break;
+            };
+            if finished_at >= cutoff && order.len() <= keep {
+                break;
+            }
+            order.pop_front();
+            let gone = self
+                .jobs
+                .remove_if(&id, |_, slot| slot.record.state.is_terminal());
+            if let Some((_, slot)) = gone {
+                if let Some(request_id) = &slot.record.request_id {
+                    self.requests
+                        .remove_if(request_id, |_, entry| entry.job == id);
+                }
+                wake(slot.waiters);
+                removed.push(id);
+            }
+        }
+        removed
+    }
+
+    /// Forgets one terminal job (it was deleted or expired elsewhere).
+    pub(crate) fn forget(&self, id: JobId) {
+        if let Some((_, slot)) = self
+            .jobs
+            .remove_if(&id, |_, slot| slot.record.state.is_terminal())
+        {
+            if let Some(request_id) = &slot.record.request_id {
+                self.requests
+                    .remove_if(request_id, |_, entry| entry.job == id);
+            }
+            wake(slot.waiters);
+        }
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.jobs.len()
+    }
+
+    /// Jobs per state, for tests and gauges.
+    pub(crate) fn counts(&self) -> BTreeMap<&'static str, usize> {
+        let mut counts = BTreeMap::new();
+        for slot in &self.jobs {
+            *counts.entry(slot.record.state.as_str()).or_default() += 1;
+        }
+        counts
+    }
+
+    fn lock_finished(&self) -> std::sync::MutexGuard<'_, VecDeque<(SystemTime, JobId)>> {
+        // Pushes and pops cannot leave the deque half-updated.
+        self.finished.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+fn terminate(slot: &mut Slot, outcome: Outcome, finished_at: SystemTime) -> Option<Arc<Notify>> {
+    let record = &mut slot.record;
+    record.state = match &outcome {
+        Ok(_) => JobState::Succeeded,
+        Err(err) => err.terminal_state(),
+    };
+    record.finished_at = Some(finished_at);
+    record.outcome = Some(outcome);
+    slot.queue_key = None;
+    slot.cancel = None;
+    slot.committing = false;
+    slot.waiters.take()
+}
+
+fn wake(waiters: Option<Arc<Notify>>) {
+    if let Some(waiters) = waiters {
+        waiters.notify_waiters();
+    }
+}
+
+pub(crate) fn finished(record: &JobRecord) -> Option<Finished> {
+    let outcome = record.outcome.as_ref()?;
+    Some(Finished {
+        state: record.state,
+        outcome: outcome.clone(),
+    })
+}
+
+/// The error a job gets when it is stopped by a shutdown in memory mode.
+pub(crate) fn interrupted(reason: &str) -> JobError {
+    JobError::Interrupted(reason.to_owned())
+}
