@@ -144,6 +144,29 @@ impl JobClient {
     ///
     /// As [`JobClient::submit`].
     pub async fn submit_with(&self, submission: Submission) -> Result<JobHandle, Error> {
+        let (handle, _) = self.submit_raw(submission).await?;
+        Ok(handle)
+    }
+
+    /// As [`JobClient::submit_with`], also returning the state the job was in
+    /// when the server answered: normally pending, though a fast job may
+    /// already be running or finished.
+    ///
+    /// # Errors
+    ///
+    /// As [`JobClient::submit`], plus [`Error::Protocol`] for a state this
+    /// client does not know (the job was submitted all the same).
+    pub async fn submit_with_state(
+        &self,
+        submission: Submission,
+    ) -> Result<(JobHandle, JobState), Error> {
+        let (handle, state) = self.submit_raw(submission).await?;
+        Ok((handle, parse_state(state)?))
+    }
+
+    /// Submits and returns the raw wire state, so that [`Self::submit_with`]
+    /// never fails over a state it does not look at.
+    async fn submit_raw(&self, submission: Submission) -> Result<(JobHandle, i32), Error> {
         let request = pb::SubmitRequest {
             function: submission.function,
             args: Some(value::from_json(submission.args)),
@@ -153,7 +176,7 @@ impl JobClient {
         };
         let answer = self.rpc.clone().submit(request).await?.into_inner();
         let id = parse_id(&answer.job_id)?;
-        Ok(self.job(id))
+        Ok((self.job(id), answer.state))
     }
 
     /// A handle to an existing job, by id. No request is made.

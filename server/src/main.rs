@@ -60,6 +60,17 @@ struct Args {
     #[arg(long, env = "JOBD_CACHE_FINISHED", default_value = "100000")]
     cache_finished: usize,
 
+    /// A function whose interrupted runs must not be repeated: if jobd dies
+    /// while it runs, recovery marks the job FAILED instead of running it
+    /// again. Repeatable. (Execution is otherwise at-least-once.)
+    #[arg(long = "not-safe-to-retry", value_name = "FUNCTION")]
+    not_safe_to_retry: Vec<String>,
+
+    /// TEST ONLY: cap the database at this many pages, to make "disk full"
+    /// happen on demand in tests.
+    #[arg(long, hide = true)]
+    unsafe_max_db_pages: Option<u64>,
+
     /// TEST ONLY: acknowledge Submit before its commit, breaking durability
     /// on purpose so the crash test can prove it detects loss.
     #[arg(long, hide = true)]
@@ -132,7 +143,15 @@ async fn run(args: Args) -> anyhow::Result<()> {
         retention: args.retention,
         cache_finished: args.cache_finished,
         unsafe_ack_before_commit: args.unsafe_ack_before_commit,
+        unsafe_max_db_pages: args.unsafe_max_db_pages,
     };
+    let mut registry = jobd::builtins::registry();
+    for name in &args.not_safe_to_retry {
+        if registry.get(name).is_none() {
+            anyhow::bail!("--not-safe-to-retry {name:?}: no such function");
+        }
+        registry.not_safe_to_retry(name);
+    }
     let store = match args.store {
         StoreKind::Sqlite => StoreConfig::Sqlite {
             dir: args.data_dir.clone(),
@@ -148,11 +167,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
     tracing::info!(?config, ?store, "starting jobd");
     // Opening a durable store reads the disk and recovers unfinished jobs:
     // blocking work, kept off the async workers.
-    let engine = tokio::task::spawn_blocking(move || {
-        Engine::open(jobd::builtins::registry(), config, &store)
-    })
-    .await
-    .context("opening the job store panicked")??;
+    let engine = tokio::task::spawn_blocking(move || Engine::open(registry, config, &store))
+        .await
+        .context("opening the job store panicked")??;
     // Printed on stdout (not a log line) so scripts and tests can read it.
     println!("listening on {addr}");
     jobd::serve(listener, engine, shutdown_signal(), args.shutdown_grace).await?;

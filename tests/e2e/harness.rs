@@ -158,9 +158,19 @@ impl TestServer {
         config: EngineConfig,
         grace: Duration,
     ) -> Self {
+        Self::start_on(registry, config, grace, &jobd::StoreConfig::Memory).await
+    }
+
+    /// A server on the given store (e.g. SQLite in a temp dir).
+    pub(crate) async fn start_on(
+        registry: Registry,
+        config: EngineConfig,
+        grace: Duration,
+        store: &jobd::StoreConfig,
+    ) -> Self {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let engine = Engine::start(registry, config);
+        let engine = Engine::open(registry, config, store).expect("open the store");
         let stop = CancellationToken::new();
         let task = tokio::spawn(jobd::serve(
             listener,

@@ -7,6 +7,7 @@
 //! provides their paths.
 
 mod cancel;
+mod durable;
 mod errors;
 mod harness;
 mod lifecycle;

@@ -21,6 +21,8 @@ use std::{
     time::{Duration, SystemTime},
 };
 
+use std::future::Future;
+
 use futures::FutureExt as _;
 use jobd_proto::{JobId, JobState};
 use tokio::sync::Semaphore;
@@ -59,6 +61,10 @@ pub struct EngineConfig {
     /// the crash test can prove it detects lost jobs. Never set it.
     #[doc(hidden)]
     pub unsafe_ack_before_commit: bool,
+    /// Test-only: cap the database size (in pages) to make "disk full"
+    /// happen on demand.
+    #[doc(hidden)]
+    pub unsafe_max_db_pages: Option<u64>,
 }
 
 impl Default for EngineConfig {
@@ -70,6 +76,7 @@ impl Default for EngineConfig {
             retention: Duration::from_secs(7 * 24 * 3600),
             cache_finished: 100_000,
             unsafe_ack_before_commit: false,
+            unsafe_max_db_pages: None,
         }
     }
 }
@@ -189,8 +196,11 @@ impl Engine {
             keep_tombstones: config.retention.saturating_mul(4),
             cache_finished: config.cache_finished,
         };
-        let (store, recovered) =
-            Store::open(store, &registry, retention, config.unsafe_ack_before_commit)?;
+        let testing = crate::store::TestKnobs {
+            ack_before_commit: config.unsafe_ack_before_commit,
+            max_db_pages: config.unsafe_max_db_pages,
+        };
+        let (store, recovered) = Store::open(store, &registry, retention, testing)?;
         let inner = Arc::new(Inner {
             registry,
             store,
@@ -246,10 +256,9 @@ impl Engine {
         if !inner.accepting.load(Ordering::Acquire) {
             return Err(Error::ShuttingDown);
         }
-        if !inner.store.is_healthy() {
-            return Err(Error::Store(StoreError::Unavailable(
-                "a commit failed earlier; the store no longer acknowledges writes".into(),
-            )));
+        if let Some(failure) = inner.store.failure() {
+            // Fail-stop: refuse at once, for the same reason as the first time.
+            return Err(Error::Store(failure));
         }
         let function = inner
             .registry
@@ -290,20 +299,16 @@ impl Engine {
             attempt: 0,
             outcome: None,
         };
-        match inner.store.admit(record, key).await {
-            Ok(Admission::New) => {
-                queue.push(key, id);
-                Ok((id, JobState::Pending))
-            }
-            Ok(Admission::Existing(existing)) => {
-                queue.release(key);
-                Ok((existing, inner.store.state(existing).await?))
-            }
-            Err(err) => {
-                queue.release(key);
-                Err(err)
-            }
-        }
+        // A handler's future is dropped when its client goes away. Once the
+        // durable write is under way, finishing the admission (making the job
+        // visible and queued) must not depend on that client, so it runs as
+        // its own task.
+        let inner = Arc::clone(inner);
+        run_to_completion(
+            self.is_durable(),
+            async move { inner.admit(record, key).await },
+        )
+        .await
     }
 
     /// The job's current state.
@@ -364,19 +369,10 @@ impl Engine {
     ///
     /// `JobNotFound`, `JobGone`, `Store`.
     pub async fn cancel(&self, id: JobId) -> Result<(CancelOutcome, JobState), Error> {
-        let inner = &self.inner;
-        let outcome = match inner.store.cancel(id).await? {
-            CancelPlan::Pending(pool, key) => {
-                if let Some(key) = key {
-                    inner.queue(pool).remove(key);
-                }
-                CancelOutcome::Cancelled
-            }
-            CancelPlan::AbortAsync => CancelOutcome::Aborted,
-            CancelPlan::RequestBlocking => CancelOutcome::Requested,
-            CancelPlan::AlreadyDone => CancelOutcome::AlreadyDone,
-        };
-        Ok((outcome, inner.store.state(id).await?))
+        let inner = Arc::clone(&self.inner);
+        // As in `submit`: a cancel whose write has begun completes even if
+        // the caller leaves.
+        run_to_completion(self.is_durable(), async move { inner.cancel(id).await }).await
     }
 
     /// How many jobs the engine holds in memory, in any state.
@@ -449,6 +445,40 @@ impl Engine {
 }
 
 impl Inner {
+    /// Records a reserved job and queues it, or gives the reservation back.
+    async fn admit(&self, record: JobRecord, key: QueueKey) -> Result<(JobId, JobState), Error> {
+        let (id, queue) = (record.id, self.queue(record.pool));
+        match self.store.admit(record, key).await {
+            Ok(Admission::New) => {
+                queue.push(key, id);
+                Ok((id, JobState::Pending))
+            }
+            Ok(Admission::Existing(existing)) => {
+                queue.release(key);
+                Ok((existing, self.store.state(existing).await?))
+            }
+            Err(err) => {
+                queue.release(key);
+                Err(err)
+            }
+        }
+    }
+
+    async fn cancel(&self, id: JobId) -> Result<(CancelOutcome, JobState), Error> {
+        let outcome = match self.store.cancel(id).await? {
+            CancelPlan::Pending(pool, key) => {
+                if let Some(key) = key {
+                    self.queue(pool).remove(key);
+                }
+                CancelOutcome::Cancelled
+            }
+            CancelPlan::AbortAsync => CancelOutcome::Aborted,
+            CancelPlan::RequestBlocking => CancelOutcome::Requested,
+            CancelPlan::AlreadyDone => CancelOutcome::AlreadyDone,
+        };
+        Ok((outcome, self.store.state(id).await?))
+    }
+
     fn queue(&self, pool: PoolKind) -> &JobQueue {
         match pool {
             PoolKind::Async => &self.async_queue,
@@ -558,6 +588,25 @@ impl Inner {
     fn function(&self, name: &str) -> Option<&Function> {
         self.registry.get(name)
     }
+}
+
+/// Runs `work` so that it completes even if the caller's future is dropped:
+/// as a task of its own when it writes to a durable store (where it awaits a
+/// commit), inline otherwise (the in-memory store never yields mid-update).
+async fn run_to_completion<T, F>(detach: bool, work: F) -> Result<T, Error>
+where
+    F: Future<Output = Result<T, Error>> + Send + 'static,
+    T: Send + 'static,
+{
+    if !detach {
+        return work.await;
+    }
+    tokio::spawn(work).await.unwrap_or_else(|err| {
+        tracing::error!(%err, "a store update task failed");
+        Err(Error::Store(StoreError::Unavailable(
+            "internal error".into(),
+        )))
+    })
 }
 
 /// Counts a caller inside `wait` for as long as its future lives, including

@@ -109,6 +109,15 @@ pub(crate) struct Retention {
     pub(crate) cache_finished: usize,
 }
 
+/// Deliberate faults for tests; both off in production.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct TestKnobs {
+    /// Acknowledge Submit before its commit (the crash test's mutation).
+    pub(crate) ack_before_commit: bool,
+    /// Cap the database at this many pages ("disk full" on demand).
+    pub(crate) max_db_pages: Option<u64>,
+}
+
 /// The job store: the live table plus, optionally, the durable store.
 pub(crate) struct Store {
     table: JobTable,
@@ -132,12 +141,12 @@ impl Store {
         config: &StoreConfig,
         registry: &Registry,
         retention: Retention,
-        ack_before_commit: bool,
+        testing: TestKnobs,
     ) -> Result<(Self, Vec<JobRecord>), StoreError> {
         let (durable, pending) = match config {
             StoreConfig::Memory => (None, Vec::new()),
             StoreConfig::Sqlite { dir } => {
-                let (store, recovered) = sqlite::open(dir, registry, ack_before_commit)?;
+                let (store, recovered) = sqlite::open(dir, registry, testing)?;
                 tracing::info!(
                     path = %store.path.display(),
                     boot = recovered.boot,
@@ -419,9 +428,9 @@ impl Store {
         })
     }
 
-    /// False once the durable store has failed (fail-stop).
-    pub(crate) fn is_healthy(&self) -> bool {
-        self.durable.as_ref().is_none_or(|d| d.writer.is_healthy())
+    /// Why the durable store stopped acknowledging, if it did (fail-stop).
+    pub(crate) fn failure(&self) -> Option<StoreError> {
+        self.durable.as_ref().and_then(|d| d.writer.failure())
     }
 }
 

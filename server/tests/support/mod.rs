@@ -58,6 +58,14 @@ impl JobdProcess {
         }
     }
 
+    /// The data directory of a server started with [`JobdProcess::start`].
+    pub fn data_dir(&self) -> &std::path::Path {
+        self._data_dir
+            .as_ref()
+            .expect("started with its own data dir")
+            .path()
+    }
+
     pub fn url(&self) -> String {
         format!("http://{}", self.addr)
     }

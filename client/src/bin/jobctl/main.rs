@@ -1,1 +1,87 @@
-fn main() {}
+//! `jobctl`: the command line for jobd. Submit jobs, wait for their results,
+//! ask whether they are done, inspect and cancel them, list functions.
+//!
+//! Module map: `cli` (the command line and what its words mean), `commands`
+//! (one server call per command), `output` (text and JSON answers), `waiting`
+//! (spinner and Ctrl-C while blocked on a job), `failure` (exit codes and
+//! one-line error messages).
+//!
+//! Errors are a typed [`failure::Failure`] rather than `anyhow::Error`: the
+//! exit code depends on what went wrong, and that is a match on a type, not a
+//! search through a chain.
+
+mod cli;
+mod commands;
+mod failure;
+mod output;
+mod waiting;
+
+use std::{
+    io::{IsTerminal as _, Write as _},
+    process::ExitCode,
+};
+
+use clap::{Parser as _, error::ErrorKind};
+use tracing_subscriber::EnvFilter;
+
+fn main() -> ExitCode {
+    let cli = match cli::Cli::try_parse() {
+        Ok(cli) => cli,
+        // --help, --version, and a bare `jobctl` (which shows the help): clap
+        // prints them as they are meant to look.
+        Err(error)
+            if !error.use_stderr()
+                || error.kind() == ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand =>
+        {
+            error.exit()
+        }
+        Err(error) => {
+            let _ = writeln!(std::io::stderr(), "{}", failure::usage_line(&error));
+            // 2, as clap itself would exit.
+            return ExitCode::from(u8::try_from(error.exit_code()).unwrap_or(2));
+        }
+    };
+    init_logging();
+
+    // One connection and one request at a time: a single thread is plenty.
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            // Not a job failure, but nothing more specific fits; it means the
+            // machine is out of threads or file descriptors.
+            let _ = writeln!(
+                std::io::stderr(),
+                "jobctl: cannot start the async runtime: {error}"
+            );
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(commands::run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(failure) => {
+            tracing::debug!(?failure, "command failed");
+            if let Some(message) = failure.message() {
+                // Not eprintln!, which panics if stderr is closed.
+                let _ = writeln!(std::io::stderr(), "{message}");
+            }
+            failure.exit_code()
+        }
+    }
+}
+
+/// Logs to stderr, filtered by RUST_LOG. The default is `warn`: jobctl's
+/// answers are its output, and logging is for finding out why they are
+/// wrong. A malformed RUST_LOG falls back to the default rather than
+/// failing the command.
+fn init_logging() {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("warn"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        // Colour codes only where a terminal will interpret them.
+        .with_ansi(std::io::stderr().is_terminal())
+        .init();
+}

@@ -24,7 +24,7 @@ pub(crate) use self::{
     recover::Recovered,
     writer::{Inserted, NewJob, Writer},
 };
-use super::StoreError;
+use super::{StoreError, TestKnobs};
 use crate::function::Registry;
 
 /// The database file inside the data directory.
@@ -47,7 +47,7 @@ pub(crate) struct SqliteStore {
 pub(crate) fn open(
     dir: &Path,
     registry: &Registry,
-    ack_before_commit: bool,
+    testing: TestKnobs,
 ) -> Result<(SqliteStore, Recovered), StoreError> {
     let data_dir_error = |action: &str, err: std::io::Error| StoreError::DataDir {
         path: dir.to_owned(),
@@ -78,12 +78,21 @@ pub(crate) fn open(
     configure(&conn).map_err(|e| open_error(&e))?;
     schema::migrate(&mut conn).map_err(|e| open_error(&e))?;
     let recovered = recover::recover(&mut conn, registry).map_err(|e| open_error(&e))?;
+    if let Some(pages) = testing.max_db_pages {
+        conn.pragma_update(
+            None,
+            "max_page_count",
+            i64::try_from(pages).unwrap_or(i64::MAX),
+        )
+        .map_err(|e| open_error(&e))?;
+    }
     let reader = Reader::open(&path, READERS).map_err(|e| open_error(&e))?;
-    let writer =
-        Writer::spawn(conn, recovered.boot, ack_before_commit).map_err(|e| StoreError::Open {
+    let writer = Writer::spawn(conn, recovered.boot, testing.ack_before_commit).map_err(|e| {
+        StoreError::Open {
             path: path.clone(),
             message: format!("cannot start the writer thread: {e}"),
-        })?;
+        }
+    })?;
     Ok((
         SqliteStore {
             writer,

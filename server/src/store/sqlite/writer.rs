@@ -49,7 +49,8 @@ pub(crate) enum Inserted {
 enum Op {
     Insert {
         job: Box<NewJob>,
-        reply: oneshot::Sender<Result<Inserted, StoreError>>,
+        /// Taken early only by the test-only ack-before-commit mutation.
+        reply: Option<oneshot::Sender<Result<Inserted, StoreError>>>,
     },
     Start {
         id: JobId,
@@ -75,6 +76,46 @@ enum Op {
     },
 }
 
+/// What applying an operation produced, sent to its waiter after the commit.
+enum Answer {
+    Inserted(Inserted),
+    Purged(Vec<JobId>),
+    Done,
+}
+
+impl Op {
+    /// Answers the waiter, if any. A waiter that gave up (its client went
+    /// away) no longer needs the answer, so a failed send is fine.
+    fn answer(self, answer: Answer) {
+        match (self, answer) {
+            (
+                Self::Insert {
+                    reply: Some(reply), ..
+                },
+                Answer::Inserted(v),
+            ) => drop(reply.send(Ok(v))),
+            (Self::Purge { reply, .. }, Answer::Purged(v)) => drop(reply.send(Ok(v))),
+            (Self::Finish { reply, .. } | Self::Requeue { reply, .. }, _) => {
+                drop(reply.send(Ok(())));
+            }
+            _ => {}
+        }
+    }
+
+    fn refuse(self, err: &StoreError) {
+        match self {
+            Self::Insert {
+                reply: Some(reply), ..
+            } => drop(reply.send(Err(err.clone()))),
+            Self::Finish { reply, .. } | Self::Requeue { reply, .. } => {
+                drop(reply.send(Err(err.clone())));
+            }
+            Self::Purge { reply, .. } => drop(reply.send(Err(err.clone()))),
+            Self::Insert { reply: None, .. } | Self::Start { .. } => {}
+        }
+    }
+}
+
 /// Counters for the benchmark report and operators.
 #[derive(Debug, Default)]
 pub(crate) struct WriterStats {
@@ -85,7 +126,14 @@ pub(crate) struct WriterStats {
 pub(crate) struct Writer {
     tx: mpsc::Sender<Op>,
     stats: Arc<WriterStats>,
-    healthy: Arc<AtomicBool>,
+    failure: Arc<Failure>,
+}
+
+/// Set once by the writer when a commit fails; read by every request.
+#[derive(Default)]
+struct Failure {
+    failed: AtomicBool,
+    cause: std::sync::OnceLock<StoreError>,
 }
 
 impl Writer {
@@ -98,14 +146,13 @@ impl Writer {
     ) -> std::io::Result<Self> {
         let (tx, rx) = mpsc::channel(CHANNEL_CAPACITY);
         let stats = Arc::new(WriterStats::default());
-        let healthy = Arc::new(AtomicBool::new(true));
+        let failure = Arc::new(Failure::default());
         let mut worker = WriterThread {
             conn,
             boot,
             rx,
             stats: Arc::clone(&stats),
-            healthy: Arc::clone(&healthy),
-            failed: None,
+            failure: Arc::clone(&failure),
             ack_before_commit,
         };
         // The thread ends when the last sender is dropped, after applying
@@ -114,23 +161,27 @@ impl Writer {
         std::thread::Builder::new()
             .name("jobd-store-writer".into())
             .spawn(move || worker.run())?;
-        Ok(Self { tx, stats, healthy })
+        Ok(Self { tx, stats, failure })
     }
 
     pub(crate) fn stats(&self) -> &WriterStats {
         &self.stats
     }
 
-    /// False once a commit failed (fail-stop).
-    pub(crate) fn is_healthy(&self) -> bool {
-        self.healthy.load(Ordering::Acquire)
+    /// Why the store stopped acknowledging, once a commit failed.
+    pub(crate) fn failure(&self) -> Option<StoreError> {
+        if self.failure.failed.load(Ordering::Acquire) {
+            self.failure.cause.get().cloned()
+        } else {
+            None
+        }
     }
 
     pub(crate) async fn insert(&self, job: NewJob) -> Result<Inserted, StoreError> {
         let (reply, answer) = oneshot::channel();
         self.send(Op::Insert {
             job: Box::new(job),
-            reply,
+            reply: Some(reply),
         })
         .await?;
         answer.await.map_err(|_| stopped())?
@@ -202,35 +253,8 @@ struct WriterThread {
     boot: i64,
     rx: mpsc::Receiver<Op>,
     stats: Arc<WriterStats>,
-    healthy: Arc<AtomicBool>,
-    failed: Option<StoreError>,
+    failure: Arc<Failure>,
     ack_before_commit: bool,
-}
-
-/// An answer computed inside the transaction, sent once it commits.
-enum Reply {
-    Inserted(oneshot::Sender<Result<Inserted, StoreError>>, Inserted),
-    Done(oneshot::Sender<Result<(), StoreError>>),
-    Purged(oneshot::Sender<Result<Vec<JobId>, StoreError>>, Vec<JobId>),
-}
-
-impl Reply {
-    fn send(self) {
-        // A waiter that gave up (client went away) no longer needs the answer.
-        match self {
-            Self::Inserted(tx, v) => drop(tx.send(Ok(v))),
-            Self::Done(tx) => drop(tx.send(Ok(()))),
-            Self::Purged(tx, v) => drop(tx.send(Ok(v))),
-        }
-    }
-
-    fn fail(self, err: &StoreError) {
-        match self {
-            Self::Inserted(tx, _) => drop(tx.send(Err(err.clone()))),
-            Self::Done(tx) => drop(tx.send(Err(err.clone()))),
-            Self::Purged(tx, _) => drop(tx.send(Err(err.clone()))),
-        }
-    }
 }
 
 impl WriterThread {
@@ -250,49 +274,53 @@ impl WriterThread {
     }
 
     fn commit(&mut self, batch: &mut Vec<Op>) {
-        if let Some(err) = &self.failed {
+        if let Some(err) = self.failure.cause.get() {
             for op in batch.drain(..) {
-                refuse(op, err);
+                op.refuse(err);
             }
             return;
         }
-        let count = batch.len() as u64;
-        let mut replies = Vec::with_capacity(batch.len());
-        let result = self.apply(batch, &mut replies);
-        match result {
-            Ok(()) => {
+        match self.apply(batch) {
+            Ok(answers) => {
                 self.stats.commits.fetch_add(1, Ordering::Relaxed);
-                self.stats.operations.fetch_add(count, Ordering::Relaxed);
-                for reply in replies {
-                    reply.send();
+                self.stats
+                    .operations
+                    .fetch_add(batch.len() as u64, Ordering::Relaxed);
+                for (op, answer) in batch.drain(..).zip(answers) {
+                    op.answer(answer);
                 }
             }
             Err(err) => {
+                // Nothing in the batch is acknowledged: the transaction rolls
+                // back when dropped, and every waiter hears why.
                 let err = StoreError::from_sqlite(&err);
                 tracing::error!(%err, "commit failed: the store stops acknowledging (fail-stop)");
-                self.healthy.store(false, Ordering::Release);
-                for reply in replies {
-                    reply.fail(&err);
-                }
                 for op in batch.drain(..) {
-                    refuse(op, &err);
+                    op.refuse(&err);
                 }
-                self.failed = Some(err);
+                let _ = self.failure.cause.set(err);
+                self.failure.failed.store(true, Ordering::Release);
             }
         }
     }
 
-    fn apply(&mut self, batch: &mut Vec<Op>, replies: &mut Vec<Reply>) -> rusqlite::Result<()> {
+    /// Applies every operation in one transaction and commits it; the
+    /// answers line up with the operations.
+    fn apply(&mut self, batch: &mut [Op]) -> rusqlite::Result<Vec<Answer>> {
         let tx = self.conn.transaction()?;
-        for op in batch.drain(..) {
-            match op {
+        let mut answers = Vec::with_capacity(batch.len());
+        for op in batch.iter_mut() {
+            let answer = match op {
                 Op::Insert { job, reply } => {
-                    let inserted = insert(&tx, &job)?;
-                    if self.ack_before_commit {
+                    let inserted = insert(&tx, job)?;
+                    if self.ack_before_commit
+                        && let Some(reply) = reply.take()
+                    {
                         // The deliberate bug the crash test must catch.
                         let _ = reply.send(Ok(inserted));
+                        Answer::Done
                     } else {
-                        replies.push(Reply::Inserted(reply, inserted));
+                        Answer::Inserted(inserted)
                     }
                 }
                 Op::Start { id, attempt, at } => {
@@ -301,67 +329,58 @@ impl WriterThread {
                          WHERE id = ?4 AND state = 1",
                     )?
                     .execute(params![
-                        attempt,
-                        micros(at),
+                        *attempt,
+                        micros(*at),
                         self.boot,
-                        id_bytes(id)
+                        id_bytes(*id)
                     ])?;
-                    transition(&tx, id, attempt, JobState::Running, at)?;
+                    transition(&tx, *id, *attempt, JobState::Running, *at)?;
+                    Answer::Done
                 }
                 Op::Finish {
                     id,
                     attempt,
                     outcome,
                     at,
-                    reply,
+                    ..
                 } => {
-                    let state = match &outcome {
+                    let state = match outcome {
                         Ok(_) => JobState::Succeeded,
                         Err(e) => e.terminal_state(),
                     };
-                    let (value, kind, message) = outcome_columns(&outcome);
+                    let (value, kind, message) = outcome_columns(outcome);
                     tx.prepare_cached(
                         "UPDATE jobs SET state = ?1, finished_at = ?2, value = ?3, error_kind = ?4, \
                          error = ?5 WHERE id = ?6 AND state IN (1, 2)",
                     )?
-                    .execute(params![state_code(state), micros(at), value, kind, message, id_bytes(id)])?;
-                    transition(&tx, id, attempt, state, at)?;
-                    replies.push(Reply::Done(reply));
+                    .execute(params![state_code(state), micros(*at), value, kind, message, id_bytes(*id)])?;
+                    transition(&tx, *id, *attempt, state, *at)?;
+                    Answer::Done
                 }
-                Op::Requeue { ids, reply } => {
+                Op::Requeue { ids, .. } => {
                     let now = SystemTime::now();
-                    for (id, attempt) in ids {
+                    for (id, attempt) in ids.iter() {
                         tx.prepare_cached("UPDATE jobs SET state = 1 WHERE id = ?1 AND state = 2")?
-                            .execute(params![id_bytes(id)])?;
-                        transition(&tx, id, attempt, JobState::Pending, now)?;
+                            .execute(params![id_bytes(*id)])?;
+                        transition(&tx, *id, *attempt, JobState::Pending, now)?;
                     }
-                    replies.push(Reply::Done(reply));
+                    Answer::Done
                 }
                 Op::Purge {
                     cutoff,
                     tombstone_cutoff,
                     limit,
-                    reply,
-                } => {
-                    let purged = purge(&tx, cutoff, tombstone_cutoff, limit)?;
-                    replies.push(Reply::Purged(reply, purged));
-                }
-            }
+                    ..
+                } => Answer::Purged(purge(&tx, *cutoff, *tombstone_cutoff, *limit)?),
+            };
+            answers.push(answer);
         }
         if self.ack_before_commit {
             // Widen the window a crash can fall into, as a slow disk would.
             std::thread::sleep(Duration::from_millis(20));
         }
-        tx.commit()
-    }
-}
-
-fn refuse(op: Op, err: &StoreError) {
-    match op {
-        Op::Insert { reply, .. } => drop(reply.send(Err(err.clone()))),
-        Op::Finish { reply, .. } | Op::Requeue { reply, .. } => drop(reply.send(Err(err.clone()))),
-        Op::Purge { reply, .. } => drop(reply.send(Err(err.clone()))),
-        Op::Start { .. } => {}
+        tx.commit()?;
+        Ok(answers)
     }
 }
 

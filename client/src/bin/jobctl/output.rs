@@ -1,0 +1,325 @@
+//! How each answer is written on stdout, in both formats: plain text for
+//! people, one compact JSON object per line for scripts.
+//!
+//! The functions are pure (answer in, text out) so the formats can be tested
+//! without a server, and so that a format is decided in one place.
+
+use std::{collections::BTreeMap, time::SystemTime};
+
+use jobd_client::{CancelReport, FunctionInfo, JobId, JobInfo, JobOutcome, JobState, pb};
+use serde_json::{Value, json};
+
+use crate::cli::Format;
+
+/// What `submit` prints: the id alone, so that `id=$(jobctl submit ...)`
+/// works.
+pub(crate) fn submitted(format: Format, id: JobId, state: JobState) -> String {
+    match format {
+        Format::Text => id.to_string(),
+        Format::Json => json!({"job_id": id.to_string(), "state": state.as_str()}).to_string(),
+    }
+}
+
+/// What `result` (and `submit --wait`) prints for a finished job. In text a
+/// job without a value prints nothing on stdout: its reason goes to stderr.
+pub(crate) fn outcome(format: Format, id: JobId, outcome: &JobOutcome) -> Option<String> {
+    match (format, &outcome.result) {
+        (Format::Text, Ok(value)) => Some(raw(value)),
+        (Format::Text, Err(_)) => None,
+        (Format::Json, result) => {
+            let mut object = json!({"job_id": id.to_string(), "state": outcome.state.as_str()});
+            match result {
+                Ok(value) => object["value"] = value.clone(),
+                Err((kind, message)) => object["error"] = error(*kind, message),
+            }
+            Some(object.to_string())
+        }
+    }
+}
+
+/// What `done` prints.
+pub(crate) fn done(format: Format, id: JobId, state: JobState) -> String {
+    match format {
+        Format::Text => state.is_terminal().to_string(),
+        Format::Json => json!({
+            "job_id": id.to_string(),
+            "done": state.is_terminal(),
+            "state": state.as_str(),
+        })
+        .to_string(),
+    }
+}
+
+/// What `cancel` prints.
+pub(crate) fn cancel(format: Format, id: JobId, report: &CancelReport) -> String {
+    match format {
+        Format::Text => match report.outcome {
+            pb::CancelOutcome::Cancelled => "cancelled".to_owned(),
+            pb::CancelOutcome::Aborted => "aborted".to_owned(),
+            pb::CancelOutcome::Requested => {
+                "requested (not cancelled yet: the blocking function must honour it)".to_owned()
+            }
+            pb::CancelOutcome::AlreadyDone => "already done".to_owned(),
+            pb::CancelOutcome::Unspecified => format!(
+                "unknown outcome (the job is {}; this jobctl may be older than the server)",
+                report.state
+            ),
+        },
+        Format::Json => json!({
+            "job_id": id.to_string(),
+            "outcome": cancel_outcome_name(report.outcome),
+            "cancelled": report.cancelled,
+            "state": report.state.as_str(),
+        })
+        .to_string(),
+    }
+}
+
+/// What `status` prints: aligned `key: value` lines, or one JSON object.
+/// Text leaves out what the job does not have yet (start and finish times,
+/// result); JSON keeps every key, with null, so scripts see one shape.
+pub(crate) fn status(format: Format, job: &JobInfo) -> String {
+    let time = |t: Option<SystemTime>| t.map(timestamp);
+    let labels: BTreeMap<&str, &str> = job
+        .labels
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect();
+    match format {
+        Format::Text => {
+            let mut rows = vec![
+                ("job_id", job.id.to_string()),
+                ("function", job.function.clone()),
+                ("pool", job.pool.clone()),
+                ("state", job.state.to_string()),
+                ("args", job.args.to_string()),
+            ];
+            if !labels.is_empty() {
+                let pairs: Vec<String> = labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+                rows.push(("labels", pairs.join(", ")));
+            }
+            if let Some(request_id) = &job.request_id {
+                rows.push(("request_id", request_id.clone()));
+            }
+            for (key, at) in [
+                ("submitted", job.submitted_at),
+                ("started", job.started_at),
+                ("finished", job.finished_at),
+            ] {
+                if let Some(at) = time(at) {
+                    rows.push((key, at));
+                }
+            }
+            rows.push(("attempt", job.attempt.to_string()));
+            match job.outcome.as_ref().map(|o| &o.result) {
+                Some(Ok(value)) => rows.push(("value", value.to_string())),
+                Some(Err((kind, message))) => {
+                    rows.push(("error", format!("{}: {message}", error_kind_name(*kind))));
+                }
+                None => {}
+            }
+            aligned(&rows)
+        }
+        Format::Json => {
+            let mut object = json!({
+                "job_id": job.id.to_string(),
+                "function": job.function,
+                "pool": job.pool,
+                "state": job.state.as_str(),
+                "args": job.args,
+                "labels": labels,
+                "request_id": job.request_id,
+                "submit_time": time(job.submitted_at),
+                "start_time": time(job.started_at),
+                "finish_time": time(job.finished_at),
+                "attempt": job.attempt,
+                "value": null,
+                "error": null,
+            });
+            match job.outcome.as_ref().map(|o| &o.result) {
+                Some(Ok(value)) => object["value"] = value.clone(),
+                Some(Err((kind, message))) => object["error"] = error(*kind, message),
+                None => {}
+            }
+            object.to_string()
+        }
+    }
+}
+
+/// What `functions` prints: an aligned table with a header, or one JSON
+/// object per function.
+pub(crate) fn functions(format: Format, functions: &[FunctionInfo]) -> String {
+    match format {
+        Format::Text => {
+            let name_width = functions.iter().map(|f| f.name.len()).max().unwrap_or(0);
+            let pool_width = functions.iter().map(|f| f.pool.len()).max().unwrap_or(0);
+            let (name_width, pool_width) = (name_width.max(4), pool_width.max(4));
+            std::iter::once(("NAME", "POOL", "DESCRIPTION"))
+                .chain(
+                    functions
+                        .iter()
+                        .map(|f| (&*f.name, &*f.pool, &*f.description)),
+                )
+                .map(|(name, pool, description)| {
+                    format!("{name:<name_width$}  {pool:<pool_width$}  {description}")
+                        .trim_end()
+                        .to_owned()
+                })
+                .collect::<Vec<_>>()
+                .join("\n")
+        }
+        Format::Json => functions
+            .iter()
+            .map(|f| {
+                json!({"name": f.name, "pool": f.pool, "description": f.description}).to_string()
+            })
+            .collect::<Vec<_>>()
+            .join("\n"),
+    }
+}
+
+/// A result as a shell user wants it: a string as-is (so `$(jobctl result
+/// ID)` is the text itself), anything else as compact JSON.
+fn raw(value: &Value) -> String {
+    match value {
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
+fn error(kind: pb::ErrorKind, message: &str) -> Value {
+    json!({"kind": error_kind_name(kind), "message": message})
+}
+
+fn error_kind_name(kind: pb::ErrorKind) -> &'static str {
+    match kind {
+        pb::ErrorKind::Failed => "failed",
+        pb::ErrorKind::Panicked => "panicked",
+        pb::ErrorKind::Cancelled => "cancelled",
+        pb::ErrorKind::Interrupted => "interrupted",
+        pb::ErrorKind::Unspecified => "unspecified",
+    }
+}
+
+fn cancel_outcome_name(outcome: pb::CancelOutcome) -> &'static str {
+    match outcome {
+        pb::CancelOutcome::Cancelled => "cancelled",
+        pb::CancelOutcome::Aborted => "aborted",
+        pb::CancelOutcome::Requested => "requested",
+        pb::CancelOutcome::AlreadyDone => "already_done",
+        pb::CancelOutcome::Unspecified => "unspecified",
+    }
+}
+
+/// RFC 3339 in UTC, as the protobuf JSON mapping writes timestamps.
+fn timestamp(at: SystemTime) -> String {
+    prost_types::Timestamp::from(at).to_string()
+}
+
+fn aligned(rows: &[(&str, String)]) -> String {
+    let width = rows.iter().map(|(key, _)| key.len()).max().unwrap_or(0) + 1;
+    rows.iter()
+        .map(|(key, value)| format!("{:<width$} {value}", format!("{key}:")))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{collections::HashMap, time::Duration};
+
+    use super::*;
+
+    fn succeeded(value: Value) -> JobOutcome {
+        JobOutcome {
+            state: JobState::Succeeded,
+            result: Ok(value),
+        }
+    }
+
+    #[test]
+    fn text_results_print_strings_raw_and_the_rest_as_json() {
+        let id = JobId::new();
+        let text = |v| outcome(Format::Text, id, &succeeded(v)).unwrap();
+        assert_eq!(text(json!("Hello, Ann!")), "Hello, Ann!");
+        assert_eq!(text(json!({"x": [1, 2]})), r#"{"x":[1,2]}"#);
+        assert_eq!(text(json!(null)), "null");
+        let failed = JobOutcome {
+            state: JobState::Failed,
+            result: Err((pb::ErrorKind::Failed, "boom".to_owned())),
+        };
+        assert_eq!(outcome(Format::Text, id, &failed), None);
+    }
+
+    #[test]
+    fn json_results_carry_a_value_or_an_error() {
+        let id = JobId::new();
+        let ok: Value =
+            serde_json::from_str(&outcome(Format::Json, id, &succeeded(json!(1))).unwrap())
+                .unwrap();
+        assert_eq!(
+            ok,
+            json!({"job_id": id.to_string(), "state": "succeeded", "value": 1})
+        );
+        let failed = JobOutcome {
+            state: JobState::Failed,
+            result: Err((pb::ErrorKind::Panicked, "boom".to_owned())),
+        };
+        let line = outcome(Format::Json, id, &failed).unwrap();
+        assert!(!line.contains('\n'));
+        let failed: Value = serde_json::from_str(&line).unwrap();
+        assert_eq!(
+            failed,
+            json!({"job_id": id.to_string(), "state": "failed",
+                   "error": {"kind": "panicked", "message": "boom"}})
+        );
+    }
+
+    #[test]
+    fn status_text_is_aligned_and_skips_what_is_not_there() {
+        let job = JobInfo {
+            id: JobId::new(),
+            function: "hello".to_owned(),
+            pool: "async".to_owned(),
+            state: JobState::Pending,
+            args: json!("Ann"),
+            labels: HashMap::from([("team".to_owned(), "infra".to_owned())]),
+            request_id: None,
+            submitted_at: Some(SystemTime::UNIX_EPOCH + Duration::from_secs(86_400)),
+            started_at: None,
+            finished_at: None,
+            attempt: 0,
+            outcome: None,
+        };
+        let text = status(Format::Text, &job);
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines[0], format!("job_id:    {}", job.id));
+        assert_eq!(lines[4], r#"args:      "Ann""#);
+        assert_eq!(lines[5], "labels:    team=infra");
+        assert_eq!(lines[6], "submitted: 1970-01-02T00:00:00Z");
+        assert_eq!(lines[7], "attempt:   0");
+        assert_eq!(lines.len(), 8);
+        let json: Value = serde_json::from_str(&status(Format::Json, &job)).unwrap();
+        assert_eq!(json["start_time"], Value::Null);
+        assert_eq!(json["labels"], json!({"team": "infra"}));
+    }
+
+    #[test]
+    fn functions_table_lines_up() {
+        let f = |name: &str, pool: &str| FunctionInfo {
+            name: name.to_owned(),
+            pool: pool.to_owned(),
+            description: format!("about {name}"),
+        };
+        let table = functions(
+            Format::Text,
+            &[f("echo", "async"), f("return_future", "blocking")],
+        );
+        assert_eq!(
+            table,
+            "NAME           POOL      DESCRIPTION\n\
+             echo           async     about echo\n\
+             return_future  blocking  about return_future"
+        );
+    }
+}

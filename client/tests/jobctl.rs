@@ -1,0 +1,754 @@
+//! `jobctl` as users run it: the real binary as a child process, against a
+//! real jobd served in-process on 127.0.0.1:0.
+//!
+//! Each test owns a [`TestServer`]: the listener is bound before serving, so
+//! no sleep is needed before connecting, and test functions that signal when
+//! they start let a test wait for "running" without guessing a delay.
+
+use std::{
+    process::{Output, Stdio},
+    sync::mpsc,
+    time::Duration,
+};
+
+use assert_cmd::Command;
+use jobd::{Engine, EngineConfig, JobError, Registry, ServeError};
+use predicates::prelude::*;
+use serde_json::{Value, json};
+use tokio::{runtime::Runtime, task::JoinHandle};
+use tokio_util::sync::CancellationToken;
+
+/// How long running jobs get to finish when a test server stops; tests
+/// cancel what they start, so this only bounds a failing test.
+const GRACE: Duration = Duration::from_secs(1);
+
+/// Bounds every jobctl run, so a hang fails the test instead of stalling it.
+const RUN_LIMIT: Duration = Duration::from_secs(60);
+
+/// How long a test waits for a job to signal that it started.
+const START_LIMIT: Duration = Duration::from_secs(10);
+
+struct TestServer {
+    addr: String,
+    /// The server's engine, to observe it from the test.
+    engine: Engine,
+    /// Receives the argument of every `*_started` job as it begins.
+    started: mpsc::Receiver<Value>,
+    stop: CancellationToken,
+    task: Option<JoinHandle<Result<(), ServeError>>>,
+    /// Multi-threaded, so the server keeps answering while the test thread
+    /// blocks on a jobctl child process.
+    runtime: Runtime,
+}
+
+impl TestServer {
+    fn start() -> Self {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .expect("test runtime");
+        let (signal, started) = mpsc::channel();
+        let listener = runtime
+            .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+            .expect("bind 127.0.0.1:0");
+        let addr = format!("http://{}", listener.local_addr().expect("bound address"));
+        let engine = {
+            // The engine spawns its pools onto the current runtime.
+            let _context = runtime.enter();
+            Engine::start(registry(signal), EngineConfig::default())
+        };
+        let stop = CancellationToken::new();
+        let task = runtime.spawn(jobd::serve(
+            listener,
+            engine.clone(),
+            stop.clone().cancelled_owned(),
+            GRACE,
+        ));
+        Self {
+            addr,
+            engine,
+            started,
+            stop,
+            task: Some(task),
+            runtime,
+        }
+    }
+
+    /// Runs jobctl against this server.
+    fn jobctl(&self, args: &[&str]) -> Run {
+        let run = self.jobctl_job_may_panic(args);
+        for text in [&run.stdout, &run.stderr] {
+            assert!(!text.contains("panicked"), "\"panicked\" in {run:#?}");
+        }
+        run
+    }
+
+    /// As [`Self::jobctl`], for a job that panics on purpose: jobctl then
+    /// truthfully says the job panicked, and only jobctl must not.
+    fn jobctl_job_may_panic(&self, args: &[&str]) -> Run {
+        execute(jobctl().arg("--addr").arg(&self.addr).args(args))
+    }
+
+    /// Submits and returns the job id, checking that the id is all that is
+    /// printed.
+    fn submit(&self, args: &[&str]) -> String {
+        let submit: Vec<&str> = ["submit"].into_iter().chain(args.iter().copied()).collect();
+        let id = self.jobctl(&submit).success().line();
+        uuid::Uuid::try_parse(&id).unwrap_or_else(|e| panic!("{id:?} is not a UUID: {e}"));
+        id
+    }
+
+    /// Blocks until a `*_started` job begins, and returns its argument.
+    fn wait_started(&self) -> Value {
+        self.started
+            .recv_timeout(START_LIMIT)
+            .expect("the job should have started")
+    }
+
+    /// Blocks until `count` callers wait on a job's result. Polls, because
+    /// the engine has no signal for this; the condition is exact, though, not
+    /// a guess at how long a process takes to start.
+    fn wait_for_waiters(&self, count: usize) {
+        let deadline = std::time::Instant::now() + START_LIMIT;
+        while self.engine.waiters() < count {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no {count} waiter(s) after {START_LIMIT:?}"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// Stops the server as a crash would: every task and connection dropped
+    /// at once, nothing drained.
+    fn crash(self) {
+        self.runtime.shutdown_background();
+    }
+
+    /// Stops the server and re-raises its error or panic, if any.
+    fn shutdown(mut self) {
+        self.stop.cancel();
+        let task = self.task.take().expect("shut down once");
+        match self.runtime.block_on(task) {
+            Ok(served) => served.expect("the server should stop cleanly"),
+            Err(join) => std::panic::resume_unwind(join.into_panic()),
+        }
+    }
+}
+
+/// The built-ins plus functions that tell the test when they are running.
+fn registry(signal: mpsc::Sender<Value>) -> Registry {
+    let mut registry = jobd::builtins::registry();
+    let async_signal = signal.clone();
+    registry
+        .register_async(
+            "sleep_started",
+            "signals, then sleeps 60 s",
+            move |_ctx, args| {
+                let _ = async_signal.send(args);
+                async {
+                    tokio::time::sleep(Duration::from_secs(60)).await;
+                    Ok(json!("woke up"))
+                }
+            },
+        )
+        .register_blocking(
+            "polite_started",
+            "signals, then waits up to 60 s for a cancel and honours it",
+            move |ctx, args| {
+                let _ = signal.send(args);
+                ctx.sleep_blocking(Duration::from_secs(60))?;
+                Ok(json!("never cancelled"))
+            },
+        )
+        .register_async("boom", "panics", |_ctx, _args| async {
+            panic!("boom on purpose")
+        })
+        .register_async("fail", "fails", |_ctx, _args| async {
+            Err(JobError::failed("failed on purpose"))
+        });
+    registry
+}
+
+/// The jobctl binary with a clean environment: no address or log filter from
+/// the developer's shell, and RUST_BACKTRACE=1 to prove errors still read as
+/// one line.
+fn jobctl_std() -> std::process::Command {
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_jobctl"));
+    command
+        .env_remove("JOBD_ADDR")
+        .env_remove("RUST_LOG")
+        .env("RUST_BACKTRACE", "1");
+    command
+}
+
+/// [`jobctl_std`], bounded so that a hang fails the test instead of stalling
+/// it.
+fn jobctl() -> Command {
+    let mut command = Command::from_std(jobctl_std());
+    command.timeout(RUN_LIMIT);
+    command
+}
+
+/// One finished jobctl run.
+#[derive(Debug)]
+struct Run {
+    code: Option<i32>,
+    stdout: String,
+    stderr: String,
+}
+
+fn execute(command: &mut Command) -> Run {
+    finished(command.output().expect("jobctl runs"))
+}
+
+fn finished(output: Output) -> Run {
+    let Output {
+        status,
+        stdout,
+        stderr,
+    } = output;
+    let run = Run {
+        code: status.code(),
+        stdout: String::from_utf8(stdout).expect("utf-8 stdout"),
+        stderr: String::from_utf8(stderr).expect("utf-8 stderr"),
+    };
+    // Whatever happened, it must not look like a crash.
+    for text in [&run.stdout, &run.stderr] {
+        for crash in CRASH_SIGNS {
+            assert!(!text.contains(crash), "{crash:?} in {run:#?}");
+        }
+    }
+    run
+}
+
+/// What a panic, a backtrace or a Debug dump of an error chain would leave
+/// behind. [`TestServer::jobctl`] also rejects "panicked" alone.
+const CRASH_SIGNS: [&str; 5] = [
+    "panicked at",
+    "Backtrace",
+    "backtrace",
+    "Caused by",
+    "RUST_BACKTRACE",
+];
+
+impl Run {
+    fn code(self, expected: i32) -> Self {
+        assert_eq!(self.code, Some(expected), "{self:#?}");
+        self
+    }
+
+    /// Exit 0 and nothing on stderr (no spinner either: stderr is a pipe).
+    fn success(self) -> Self {
+        let run = self.code(0);
+        assert_eq!(run.stderr, "", "{run:#?}");
+        run
+    }
+
+    /// Stdout, which must be exactly one line.
+    fn line(&self) -> String {
+        one_line(&self.stdout, self)
+    }
+
+    /// Stdout parsed as one line of JSON.
+    fn json(&self) -> Value {
+        let line = self.line();
+        serde_json::from_str(&line).unwrap_or_else(|e| panic!("{line:?} is not JSON: {e}"))
+    }
+
+    /// Stderr, which must be exactly one line.
+    fn error_line(&self) -> String {
+        one_line(&self.stderr, self)
+    }
+}
+
+fn one_line(text: &str, run: &Run) -> String {
+    let line = text
+        .strip_suffix('\n')
+        .unwrap_or_else(|| panic!("no final newline in {run:#?}"));
+    assert!(!line.contains('\n'), "more than one line in {run:#?}");
+    line.to_owned()
+}
+
+#[test]
+fn help_teaches_the_commands_with_examples() {
+    let run = execute(jobctl().arg("--help")).success();
+    for needle in [
+        "submit",
+        "result",
+        "jobctl submit hello Ann",
+        "jobctl result <id>",
+    ] {
+        assert!(run.stdout.contains(needle), "{needle:?} in {run:#?}");
+    }
+    jobctl()
+        .args(["submit", "--help"])
+        .assert()
+        .success()
+        .stdout(
+            predicate::str::contains("--label <KEY=VALUE>").and(predicate::str::contains("JSON")),
+        );
+}
+
+#[test]
+fn submit_prints_an_id_and_result_prints_the_value() {
+    let server = TestServer::start();
+    let id = server.submit(&["hello"]);
+    assert_eq!(
+        server.jobctl(&["result", &id]).success().line(),
+        "Hello, world!"
+    );
+
+    let id = server.submit(&["hello", "Ann"]);
+    assert_eq!(
+        server.jobctl(&["result", &id]).success().line(),
+        "Hello, Ann!"
+    );
+    // Asking again gives the same answer: results are kept.
+    assert_eq!(
+        server.jobctl(&["result", &id]).success().line(),
+        "Hello, Ann!"
+    );
+    server.shutdown();
+}
+
+#[test]
+fn submit_wait_prints_the_result_instead_of_the_id() {
+    let server = TestServer::start();
+    let run = server
+        .jobctl(&["submit", "--wait", "hello", "Ann"])
+        .success();
+    assert_eq!(run.line(), "Hello, Ann!");
+    server.shutdown();
+}
+
+#[test]
+fn arguments_are_json_where_they_parse_and_several_become_an_array() {
+    let server = TestServer::start();
+    let echo = |args: &[&str]| {
+        let command: Vec<&str> = ["submit", "--wait", "echo"]
+            .into_iter()
+            .chain(args.iter().copied())
+            .collect();
+        server.jobctl(&command).success().line()
+    };
+    assert_eq!(echo(&["a", "1", r#"{"x":2}"#]), r#"["a",1,{"x":2}]"#);
+    assert_eq!(echo(&[]), "null");
+    assert_eq!(echo(&["1.5"]), "1.5");
+    assert_eq!(echo(&["-3"]), "-3");
+    // A JSON string is printed raw, like any string result.
+    assert_eq!(echo(&[r#""42""#]), "42");
+    assert_eq!(echo(&[r#"{"x":[1,2]}"#]), r#"{"x":[1,2]}"#);
+    server.shutdown();
+}
+
+#[test]
+fn json_output_is_one_object_per_answer() {
+    let server = TestServer::start();
+    let submitted = server
+        .jobctl(&["--output", "json", "submit", "hello", "Ann"])
+        .success()
+        .json();
+    let id = submitted["job_id"]
+        .as_str()
+        .expect("job_id is a string")
+        .to_owned();
+    uuid::Uuid::try_parse(&id).expect("job_id is a UUID");
+    assert!(
+        ["pending", "running", "succeeded"].contains(&submitted["state"].as_str().unwrap_or("")),
+        "{submitted}"
+    );
+
+    // The flag is global: it may follow the subcommand too.
+    let result = server
+        .jobctl(&["result", &id, "-o", "json"])
+        .success()
+        .json();
+    assert_eq!(
+        result,
+        json!({"job_id": id, "state": "succeeded", "value": "Hello, Ann!"})
+    );
+
+    let waited = server
+        .jobctl(&["-o", "json", "submit", "--wait", "echo", "1", "2"])
+        .success()
+        .json();
+    assert_eq!(waited["state"], "succeeded");
+    assert_eq!(waited["value"], json!([1, 2]));
+
+    let done = server.jobctl(&["-o", "json", "done", &id]).success().json();
+    assert_eq!(
+        done,
+        json!({"job_id": id, "done": true, "state": "succeeded"})
+    );
+    server.shutdown();
+}
+
+#[test]
+fn done_says_false_while_running_and_true_once_finished() {
+    let server = TestServer::start();
+    let id = server.submit(&["sleep", "30"]);
+    assert_eq!(server.jobctl(&["done", &id]).success().line(), "false");
+    let cancelled = server.jobctl(&["cancel", &id]).success().line();
+    // Pending or running at the moment of the cancel: either way it is over.
+    assert!(
+        ["cancelled", "aborted"].contains(&cancelled.as_str()),
+        "{cancelled}"
+    );
+    assert_eq!(server.jobctl(&["done", &id]).success().line(), "true");
+
+    let id = server.submit(&["hello"]);
+    server.jobctl(&["result", &id]).success();
+    assert_eq!(server.jobctl(&["done", &id]).success().line(), "true");
+    server.shutdown();
+}
+
+#[test]
+fn cancel_aborts_a_running_async_job_which_then_reports_cancelled() {
+    let server = TestServer::start();
+    let id = server.submit(&["sleep_started", "tag"]);
+    assert_eq!(server.wait_started(), json!("tag"));
+    assert_eq!(server.jobctl(&["cancel", &id]).success().line(), "aborted");
+
+    let run = server.jobctl(&["result", &id]).code(1);
+    assert_eq!(run.stdout, "");
+    assert_eq!(run.error_line(), format!("jobctl: job {id} was cancelled"));
+
+    let status = server
+        .jobctl(&["status", &id, "--output", "json"])
+        .success()
+        .json();
+    assert_eq!(status["state"], "cancelled");
+    assert_eq!(status["error"]["kind"], "cancelled");
+    server.shutdown();
+}
+
+#[test]
+fn cancel_of_a_running_blocking_job_is_a_request() {
+    let server = TestServer::start();
+    let id = server.submit(&["polite_started", "tag"]);
+    server.wait_started();
+    let report = server.jobctl(&["cancel", &id]).success().line();
+    assert_eq!(
+        report,
+        "requested (not cancelled yet: the blocking function must honour it)"
+    );
+    // This function honours the request, so the wait ends cancelled.
+    let json = server.jobctl(&["-o", "json", "result", &id]).code(1);
+    assert_eq!(json.json()["state"], "cancelled");
+    assert_eq!(json.error_line(), format!("jobctl: job {id} was cancelled"));
+    server.shutdown();
+}
+
+#[test]
+fn cancel_of_a_finished_job_says_already_done() {
+    let server = TestServer::start();
+    let id = server.submit(&["hello"]);
+    server.jobctl(&["result", &id]).success();
+    assert_eq!(
+        server.jobctl(&["cancel", &id]).success().line(),
+        "already done"
+    );
+    let json = server
+        .jobctl(&["-o", "json", "cancel", &id])
+        .success()
+        .json();
+    assert_eq!(
+        json,
+        json!({"job_id": id, "outcome": "already_done", "cancelled": false, "state": "succeeded"})
+    );
+    server.shutdown();
+}
+
+#[test]
+fn a_failed_job_exits_1_with_its_reason_on_one_line() {
+    let server = TestServer::start();
+    let id = server.submit(&["hello", "42"]);
+    let run = server.jobctl(&["result", &id]).code(1);
+    assert_eq!(run.stdout, "");
+    let error = run.error_line();
+    assert!(
+        error.starts_with(&format!("jobctl: job {id} failed: invalid arguments")),
+        "{error}"
+    );
+
+    let json = server.jobctl(&["result", &id, "-o", "json"]).code(1).json();
+    assert_eq!(json["state"], "failed");
+    assert_eq!(json["error"]["kind"], "failed");
+    assert!(
+        json["error"]["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("invalid arguments")
+    );
+
+    let run = server.jobctl(&["submit", "--wait", "fail"]).code(1);
+    assert_eq!(run.stdout, "");
+    assert!(
+        run.error_line().ends_with("failed: failed on purpose"),
+        "{run:#?}"
+    );
+
+    let run = server
+        .jobctl_job_may_panic(&["submit", "--wait", "boom"])
+        .code(1);
+    let error = run.error_line();
+    assert!(
+        error.contains(" failed: ") && error.contains("panicked: boom on purpose"),
+        "{error}"
+    );
+    server.shutdown();
+}
+
+#[test]
+fn status_shows_the_whole_job() {
+    let server = TestServer::start();
+    let id = server.submit(&[
+        "hello",
+        "Ann",
+        "--label",
+        "team=infra",
+        "--label",
+        "ticket=42",
+        "--request-id",
+        "order-7",
+    ]);
+    server.jobctl(&["result", &id]).success();
+
+    let text = server.jobctl(&["status", &id]).success().stdout;
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines[0], format!("job_id:     {id}"));
+    for expected in [
+        "function:   hello",
+        "pool:       async",
+        "state:      succeeded",
+        r#"args:       "Ann""#,
+        "labels:     team=infra, ticket=42",
+        "request_id: order-7",
+        "attempt:    1",
+        r#"value:      "Hello, Ann!""#,
+    ] {
+        assert!(lines.contains(&expected), "{expected:?} in\n{text}");
+    }
+    for timed in ["submitted:  ", "started:    ", "finished:   "] {
+        assert!(
+            lines.iter().any(|l| l.starts_with(timed)),
+            "{timed:?} in\n{text}"
+        );
+    }
+
+    let json = server
+        .jobctl(&["status", &id, "-o", "json"])
+        .success()
+        .json();
+    assert_eq!(json["job_id"], id.as_str());
+    assert_eq!(json["function"], "hello");
+    assert_eq!(json["pool"], "async");
+    assert_eq!(json["state"], "succeeded");
+    assert_eq!(json["args"], "Ann");
+    assert_eq!(json["labels"], json!({"team": "infra", "ticket": "42"}));
+    assert_eq!(json["request_id"], "order-7");
+    assert_eq!(json["attempt"], 1);
+    assert_eq!(json["value"], "Hello, Ann!");
+    assert_eq!(json["error"], Value::Null);
+    for time in ["submit_time", "start_time", "finish_time"] {
+        assert!(
+            json[time].as_str().is_some_and(|t| t.ends_with('Z')),
+            "{time} in {json}"
+        );
+    }
+    server.shutdown();
+}
+
+#[test]
+fn functions_lists_names_pools_and_descriptions() {
+    let server = TestServer::start();
+    let text = server.jobctl(&["functions"]).success().stdout;
+    let rows: Vec<Vec<&str>> = text
+        .lines()
+        .map(|l| l.split_whitespace().collect())
+        .collect();
+    assert_eq!(rows[0], ["NAME", "POOL", "DESCRIPTION"]);
+    assert!(
+        rows.iter().any(|r| r[..3] == ["hello", "async", "Greets"]),
+        "{text}"
+    );
+    assert!(
+        rows.iter().any(|r| r[..2] == ["return_future", "blocking"]),
+        "{text}"
+    );
+    // Aligned: every description starts in the same column.
+    let column = |line: &str| line.find("DESCRIPTION").or_else(|| line.find("Greets"));
+    let header = text.lines().next().and_then(column);
+    let hello = text
+        .lines()
+        .find(|l| l.starts_with("hello "))
+        .and_then(column);
+    assert_eq!(header, hello, "{text}");
+
+    let json = server
+        .jobctl(&["functions", "--output", "json"])
+        .success()
+        .stdout;
+    let functions: Vec<Value> = json
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("one JSON object per line"))
+        .collect();
+    let pool = |name: &str| {
+        functions
+            .iter()
+            .find(|f| f["name"] == name)
+            .map(|f| f["pool"].clone())
+    };
+    assert_eq!(pool("hello"), Some(json!("async")));
+    assert_eq!(pool("return_future"), Some(json!("blocking")));
+    server.shutdown();
+}
+
+#[test]
+fn result_timeout_exits_3_and_the_job_keeps_running() {
+    let server = TestServer::start();
+    let id = server.submit(&["sleep", "30"]);
+    let run = server.jobctl(&["result", &id, "--timeout", "0.2"]).code(3);
+    assert_eq!(run.stdout, "");
+    assert_eq!(
+        run.error_line(),
+        format!("jobctl: job {id} did not finish within 0.2s; it keeps running")
+    );
+    assert_eq!(server.jobctl(&["done", &id]).success().line(), "false");
+
+    let run = server
+        .jobctl(&["submit", "--wait", "--timeout", "0", "sleep", "30"])
+        .code(3);
+    assert!(
+        run.error_line().contains("did not finish within 0s"),
+        "{run:#?}"
+    );
+
+    server.jobctl(&["cancel", &id]).success();
+    let other = run.error_line();
+    let other = other
+        .split_whitespace()
+        .nth(2)
+        .expect("the id is in the message");
+    server.jobctl(&["cancel", other]).success();
+    server.shutdown();
+}
+
+#[test]
+fn request_errors_exit_3_with_one_line() {
+    let server = TestServer::start();
+    let run = server.jobctl(&["submit", "no_such_function"]).code(3);
+    assert_eq!(run.stdout, "");
+    assert!(
+        run.error_line()
+            .starts_with(r#"jobctl: unknown job function "no_such_function""#),
+        "{run:#?}"
+    );
+
+    let unknown = "01890a5d-ac96-774b-bcce-b302099a8057";
+    for command in ["result", "done", "status", "cancel"] {
+        let run = server.jobctl(&[command, unknown]).code(3);
+        assert_eq!(run.error_line(), format!("jobctl: job {unknown} not found"));
+    }
+
+    // hello runs on the async pool; asking for another is refused.
+    let run = server
+        .jobctl(&["submit", "--pool", "blocking", "hello"])
+        .code(3);
+    assert!(
+        run.error_line().starts_with("jobctl: invalid request: "),
+        "{run:#?}"
+    );
+    server.shutdown();
+}
+
+#[test]
+fn usage_errors_exit_2() {
+    let server = TestServer::start();
+    let usage_error = |args: &[&str]| {
+        let run = server.jobctl(args).code(2);
+        assert_eq!(run.stdout, "");
+        let line = run.error_line();
+        assert!(line.starts_with("jobctl: "), "{line}");
+        line
+    };
+    for command in ["result", "done", "status", "cancel"] {
+        let line = usage_error(&[command, "not-a-job-id"]);
+        assert!(
+            line.contains(r#"job id "not-a-job-id" is not a UUID"#),
+            "{line}"
+        );
+    }
+    let line = usage_error(&["submit", "hello", "--label", "no-equals-sign"]);
+    assert!(line.contains("write KEY=VALUE"), "{line}");
+    let some_id = "01890a5d-ac96-774b-bcce-b302099a8057";
+    let line = usage_error(&["result", some_id, "--timeout", "-1"]);
+    assert!(line.contains("0 or more"), "{line}");
+    let line = usage_error(&["result", some_id, "--timeout", "soon"]);
+    assert!(line.contains("not a number of seconds"), "{line}");
+    let line = usage_error(&["submit", "hello", "--timeout", "1"]);
+    assert!(line.contains("--wait"), "{line}");
+    let line = usage_error(&["submit", "hello", "--wiat"]);
+    assert!(line.contains("'--wait'"), "{line}");
+    usage_error(&["frobnicate"]);
+    usage_error(&["--output", "yaml", "functions"]);
+    let line = usage_error(&[]);
+    assert!(line.contains("requires a subcommand"), "{line}");
+    server.shutdown();
+
+    // A bare `jobctl` shows the help instead, still as a usage error.
+    let run = execute(&mut jobctl()).code(2);
+    assert!(run.stderr.contains("Usage:"), "{run:#?}");
+
+    let run = execute(jobctl().args(["--addr", "http://", "functions"])).code(2);
+    assert_eq!(
+        run.error_line(),
+        r#"jobctl: invalid server address "http://": invalid URI"#
+    );
+}
+
+#[test]
+fn an_unreachable_server_is_one_line_and_exit_3() {
+    let refused =
+        execute(jobctl().args(["--addr", "http://127.0.0.1:1", "submit", "hello"])).code(3);
+    assert_eq!(refused.stdout, "");
+    assert_eq!(
+        refused.error_line(),
+        "jobctl: cannot reach jobd at http://127.0.0.1:1: connection refused"
+    );
+    // The address can come from the environment too.
+    let from_env = execute(
+        jobctl()
+            .env("JOBD_ADDR", "127.0.0.1:1")
+            .args(["result", "01890a5d-ac96-774b-bcce-b302099a8057"]),
+    )
+    .code(3);
+    assert_eq!(
+        from_env.error_line(),
+        "jobctl: cannot reach jobd at 127.0.0.1:1: connection refused"
+    );
+}
+
+#[test]
+fn a_server_that_dies_mid_wait_is_one_line_and_exit_3() {
+    let server = TestServer::start();
+    let id = server.submit(&["sleep_started"]);
+    server.wait_started();
+    let waiting = jobctl_std()
+        .args(["--addr", &server.addr, "result", &id])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("jobctl starts");
+    server.wait_for_waiters(1);
+    server.crash();
+    let run = finished(waiting.wait_with_output().expect("jobctl ends")).code(3);
+    assert_eq!(run.stdout, "");
+    let error = run.error_line();
+    assert!(
+        error.starts_with("jobctl: lost the connection to jobd at http://127.0.0.1:"),
+        "{error}"
+    );
+}
