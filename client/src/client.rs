@@ -34,7 +34,10 @@ pub struct Submission {
     /// The pool to require ("async" or "blocking"); `None` for the
     /// function's own.
     pub pool: Option<String>,
-    /// A client request id, stored with the job.
+    /// A client request id (AIP-155), stored with the job. Submitting twice
+    /// with one request id and the same function and arguments returns the
+    /// first job; with different content the server answers ALREADY_EXISTS.
+    /// When `None`, the client makes one up, so its own retries are safe.
     pub request_id: Option<String>,
     /// Labels stored with the job.
     pub labels: HashMap<String, String>,
@@ -167,16 +170,94 @@ impl JobClient {
     /// Submits and returns the raw wire state, so that [`Self::submit_with`]
     /// never fails over a state it does not look at.
     async fn submit_raw(&self, submission: Submission) -> Result<(JobHandle, i32), Error> {
-        let request = pb::SubmitRequest {
-            function: submission.function,
-            args: Some(value::from_json(submission.args)),
-            pool: submission.pool.unwrap_or_default(),
-            request_id: submission.request_id.unwrap_or_default(),
-            labels: submission.labels,
-        };
-        let answer = self.rpc.clone().submit(request).await?.into_inner();
+        let request = wire_submission(submission);
+        let answer = self
+            .with_retries(|mut rpc| {
+                let request = request.clone();
+                async move { rpc.submit(request).await }
+            })
+            .await?
+            .into_inner();
         let id = parse_id(&answer.job_id)?;
         Ok((self.job(id), answer.state))
+    }
+
+    /// Submits many jobs in one call. The outer `Result` is the call's; each
+    /// inner one says whether that submission was accepted, in order.
+    ///
+    /// ```no_run
+    /// # async fn run(client: jobd_client::JobClient) -> Result<(), jobd_client::Error> {
+    /// use jobd_client::Submission;
+    /// let batch = (0..100).map(|n| Submission::new("noop", n.into())).collect();
+    /// for item in client.submit_batch(batch).await? {
+    ///     let job = item?;
+    ///     println!("{}", job.id());
+    /// }
+    /// # Ok(()) }
+    /// ```
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidArgument`] for an empty batch or one over 10,000;
+    /// transport errors. Per item: as [`JobClient::submit`].
+    pub async fn submit_batch(
+        &self,
+        submissions: Vec<Submission>,
+    ) -> Result<Vec<Result<JobHandle, Error>>, Error> {
+        let request = pb::SubmitBatchRequest {
+            requests: submissions.into_iter().map(wire_submission).collect(),
+        };
+        let answer = self
+            .with_retries(|mut rpc| {
+                let request = request.clone();
+                async move { rpc.submit_batch(request).await }
+            })
+            .await?
+            .into_inner();
+        Ok(answer
+            .results
+            .into_iter()
+            .map(|result| match (result.job, result.error) {
+                (Some(job), _) => Ok(self.job(parse_id(&job.job_id)?)),
+                (None, Some(error)) => Err(Error::from(tonic::Status::new(
+                    tonic::Code::from_i32(error.code),
+                    error.message,
+                ))),
+                (None, None) => Err(Error::Protocol(
+                    "a batch result with neither job nor error".into(),
+                )),
+            })
+            .collect())
+    }
+
+    /// Runs a submit call, retrying when the connection failed or the server
+    /// was briefly unavailable. Safe because every submission carries a
+    /// request id: a retry of a submission that did reach the server returns
+    /// the same job instead of creating a second one.
+    async fn with_retries<T, F, Fut>(&self, mut call: F) -> Result<T, Error>
+    where
+        F: FnMut(pb::job_service_client::JobServiceClient<Channel>) -> Fut,
+        Fut: std::future::Future<Output = Result<T, tonic::Status>>,
+    {
+        let mut delay = RETRY_FIRST_DELAY;
+        for attempt in 1.. {
+            match call(self.rpc.clone()).await {
+                Ok(answer) => return Ok(answer),
+                Err(status)
+                    if attempt < SUBMIT_ATTEMPTS
+                        && matches!(
+                            status.code(),
+                            tonic::Code::Unavailable | tonic::Code::Unknown
+                        ) =>
+                {
+                    tracing::debug!(%status, attempt, "submit failed; retrying with the same request id");
+                    tokio::time::sleep(delay).await;
+                    delay *= 4;
+                }
+                Err(status) => return Err(status.into()),
+            }
+        }
+        unreachable!("the loop returns")
     }
 
     /// A handle to an existing job, by id. No request is made.
@@ -206,6 +287,26 @@ impl JobClient {
                 description: f.description,
             })
             .collect())
+    }
+}
+
+/// How many times a submission is tried before its error is returned.
+const SUBMIT_ATTEMPTS: u32 = 4;
+/// The pause before the first retry; each later pause is four times longer
+/// (50 ms, 200 ms, 800 ms: long enough to ride out a server restart).
+const RETRY_FIRST_DELAY: std::time::Duration = std::time::Duration::from_millis(50);
+
+/// The wire form of a submission, with a fresh request id when the caller
+/// gave none, so that retries are idempotent.
+fn wire_submission(submission: Submission) -> pb::SubmitRequest {
+    pb::SubmitRequest {
+        function: submission.function,
+        args: Some(value::from_json(submission.args)),
+        pool: submission.pool.unwrap_or_default(),
+        request_id: submission
+            .request_id
+            .unwrap_or_else(|| uuid::Uuid::now_v7().to_string()),
+        labels: submission.labels,
     }
 }
 

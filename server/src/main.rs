@@ -60,6 +60,12 @@ struct Args {
     #[arg(long, env = "JOBD_CACHE_FINISHED", default_value = "100000")]
     cache_finished: usize,
 
+    /// Start with both pools paused: jobs are accepted and queued, none
+    /// starts. For maintenance windows and for measuring the cost of queued
+    /// jobs (see `jobctl bench --help`).
+    #[arg(long, env = "JOBD_PAUSED")]
+    paused: bool,
+
     /// A function whose interrupted runs must not be repeated: if jobd dies
     /// while it runs, recovery marks the job FAILED instead of running it
     /// again. Repeatable. (Execution is otherwise at-least-once.)
@@ -142,6 +148,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         max_queued: args.max_queued,
         retention: args.retention,
         cache_finished: args.cache_finished,
+        paused: args.paused,
         unsafe_ack_before_commit: args.unsafe_ack_before_commit,
         unsafe_max_db_pages: args.unsafe_max_db_pages,
     };

@@ -6,6 +6,7 @@
 //! processes live in `server/tests/` and `client/tests/`, where Cargo
 //! provides their paths.
 
+mod batch;
 mod cancel;
 mod durable;
 mod errors;

@@ -25,7 +25,7 @@ use std::future::Future;
 
 use futures::FutureExt as _;
 use jobd_proto::{JobId, JobState};
-use tokio::sync::Semaphore;
+use tokio::sync::{Semaphore, watch};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 pub(crate) use self::queue::QueueKey;
@@ -57,6 +57,8 @@ pub struct EngineConfig {
     /// With a durable store, how many finished jobs stay in memory for fast
     /// reads (older ones are read from disk).
     pub cache_finished: usize,
+    /// Start with both pools paused (see [`Engine::set_paused`]).
+    pub paused: bool,
     /// Test-only mutation: acknowledge Submit before its commit. Exists so
     /// the crash test can prove it detects lost jobs. Never set it.
     #[doc(hidden)]
@@ -75,6 +77,7 @@ impl Default for EngineConfig {
             max_queued: NonZeroUsize::new(100_000).expect("nonzero"),
             retention: Duration::from_secs(7 * 24 * 3600),
             cache_finished: 100_000,
+            paused: false,
             unsafe_ack_before_commit: false,
             unsafe_max_db_pages: None,
         }
@@ -156,6 +159,8 @@ struct Inner {
     /// Callers currently inside `wait` (an operator's gauge, and how tests
     /// know a Result call has reached the server).
     waiters: AtomicUsize,
+    /// While true, workers take no job from the queues.
+    paused: watch::Sender<bool>,
     /// Running async jobs, the dispatcher, and one token per blocking thread.
     workers: TaskTracker,
     runtime: tokio::runtime::Handle,
@@ -210,6 +215,7 @@ impl Engine {
             accepting: AtomicBool::new(true),
             stopped: CancellationToken::new(),
             waiters: AtomicUsize::new(0),
+            paused: watch::Sender::new(config.paused),
             workers: TaskTracker::new(),
             runtime: tokio::runtime::Handle::current(),
         });
@@ -252,63 +258,49 @@ impl Engine {
     /// `UnknownFunction`, `InvalidArgument` (pool mismatch), `QueueFull`,
     /// `DuplicateRequest`, `ShuttingDown`, `Store` (fail-stop).
     pub async fn submit(&self, spec: SubmitSpec) -> Result<(JobId, JobState), Error> {
-        let inner = &self.inner;
-        if !inner.accepting.load(Ordering::Acquire) {
-            return Err(Error::ShuttingDown);
-        }
-        if let Some(failure) = inner.store.failure() {
-            // Fail-stop: refuse at once, for the same reason as the first time.
-            return Err(Error::Store(failure));
-        }
-        let function = inner
-            .registry
-            .get(&spec.function)
-            .ok_or_else(|| Error::UnknownFunction(spec.function.clone()))?;
-        let pool = function.pool();
-        if let Some(requested) = spec.pool
-            && requested != pool
-        {
-            return Err(Error::invalid(
-                "pool",
-                format!(
-                    "function {:?} runs on the {pool} pool, not the {requested} pool",
-                    spec.function
-                ),
-            ));
-        }
-        let queue = inner.queue(pool);
-        let key = queue.reserve(0).map_err(|rejected| match rejected {
-            Rejected::Full => Error::QueueFull {
-                pool,
-                capacity: queue.capacity(),
-            },
-            Rejected::Closed => Error::ShuttingDown,
-        })?;
-        let id = JobId::new();
-        let record = JobRecord {
-            id,
-            function: Arc::clone(function.name()),
-            pool,
-            state: JobState::Pending,
-            args: spec.args,
-            labels: spec.labels,
-            request_id: spec.request_id,
-            submitted_at: SystemTime::now(),
-            started_at: None,
-            finished_at: None,
-            attempt: 0,
-            outcome: None,
-        };
+        let (record, key) = self.inner.prepare(spec)?;
         // A handler's future is dropped when its client goes away. Once the
         // durable write is under way, finishing the admission (making the job
         // visible and queued) must not depend on that client, so it runs as
         // its own task.
-        let inner = Arc::clone(inner);
+        let inner = Arc::clone(&self.inner);
         run_to_completion(
             self.is_durable(),
             async move { inner.admit(record, key).await },
         )
         .await
+    }
+
+    /// Submits many jobs; each is accepted or refused on its own, and the
+    /// answers come back in order. With a durable store they share group
+    /// commits, so a batch costs a few fsyncs, not one per job.
+    pub async fn submit_batch(
+        &self,
+        specs: Vec<SubmitSpec>,
+    ) -> Vec<Result<(JobId, JobState), Error>> {
+        let prepared: Vec<_> = specs
+            .into_iter()
+            .map(|spec| self.inner.prepare(spec))
+            .collect();
+        let inner = Arc::clone(&self.inner);
+        let admitted = run_to_completion(self.is_durable(), async move {
+            let admissions = prepared.into_iter().map(|prepared| {
+                let inner = &inner;
+                async move {
+                    let (record, key) = prepared?;
+                    inner.admit(record, key).await
+                }
+            });
+            Ok(futures::future::join_all(admissions).await)
+        })
+        .await;
+        admitted.unwrap_or_else(|err| vec![Err(err)])
+    }
+
+    /// Pauses or resumes both pools. While paused, jobs are accepted and
+    /// queued but none starts (running ones carry on).
+    pub fn set_paused(&self, paused: bool) {
+        self.inner.paused.send_replace(paused);
     }
 
     /// The job's current state.
@@ -425,6 +417,8 @@ impl Engine {
         inner.accepting.store(false, Ordering::Release);
         inner.async_queue.close();
         inner.blocking_queue.close();
+        // Paused workers must wake to see the closed queues and exit.
+        inner.paused.send_replace(false);
         inner.workers.close();
         if tokio::time::timeout(grace, inner.workers.wait())
             .await
@@ -445,6 +439,56 @@ impl Engine {
 }
 
 impl Inner {
+    /// Checks a submission and reserves its queue slot.
+    fn prepare(&self, spec: SubmitSpec) -> Result<(JobRecord, QueueKey), Error> {
+        if !self.accepting.load(Ordering::Acquire) {
+            return Err(Error::ShuttingDown);
+        }
+        if let Some(failure) = self.store.failure() {
+            // Fail-stop: refuse at once, for the same reason as the first time.
+            return Err(Error::Store(failure));
+        }
+        let function = self
+            .registry
+            .get(&spec.function)
+            .ok_or_else(|| Error::UnknownFunction(spec.function.clone()))?;
+        let pool = function.pool();
+        if let Some(requested) = spec.pool
+            && requested != pool
+        {
+            return Err(Error::invalid(
+                "pool",
+                format!(
+                    "function {:?} runs on the {pool} pool, not the {requested} pool",
+                    spec.function
+                ),
+            ));
+        }
+        let queue = self.queue(pool);
+        let key = queue.reserve(0).map_err(|rejected| match rejected {
+            Rejected::Full => Error::QueueFull {
+                pool,
+                capacity: queue.capacity(),
+            },
+            Rejected::Closed => Error::ShuttingDown,
+        })?;
+        let record = JobRecord {
+            id: JobId::new(),
+            function: Arc::clone(function.name()),
+            pool,
+            state: JobState::Pending,
+            args: spec.args,
+            labels: spec.labels,
+            request_id: spec.request_id,
+            submitted_at: SystemTime::now(),
+            started_at: None,
+            finished_at: None,
+            attempt: 0,
+            outcome: None,
+        };
+        Ok((record, key))
+    }
+
     /// Records a reserved job and queues it, or gives the reservation back.
     async fn admit(&self, record: JobRecord, key: QueueKey) -> Result<(JobId, JobState), Error> {
         let (id, queue) = (record.id, self.queue(record.pool));
@@ -489,7 +533,11 @@ impl Inner {
     /// Takes a concurrency slot, then a job, and runs it as a task; the slot
     /// is held until the job ends, so at most `async_concurrency` run at once.
     async fn dispatch_async(self: Arc<Self>) {
+        let mut paused = self.paused.subscribe();
         loop {
+            if paused.wait_for(|paused| !paused).await.is_err() {
+                return;
+            }
             let Ok(slot) = Arc::clone(&self.async_slots).acquire_owned().await else {
                 return;
             };
@@ -539,7 +587,14 @@ impl Inner {
 
     /// The loop of one blocking-pool thread.
     fn serve_blocking(&self) {
-        while let Some(id) = self.runtime.block_on(self.blocking_queue.pop()) {
+        let mut paused = self.paused.subscribe();
+        let next = |paused: &mut watch::Receiver<bool>| {
+            self.runtime.block_on(async {
+                paused.wait_for(|paused| !paused).await.ok()?;
+                self.blocking_queue.pop().await
+            })
+        };
+        while let Some(id) = next(&mut paused) {
             let Some(claim) = self.runtime.block_on(self.store.claim(id)) else {
                 continue;
             };

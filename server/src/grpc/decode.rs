@@ -22,6 +22,20 @@ pub(crate) const MAX_LABEL_VALUE_LEN: usize = 255;
 /// Request ids: 1 to 128 printable ASCII characters.
 pub(crate) const MAX_REQUEST_ID_LEN: usize = 128;
 
+/// The most submissions one SubmitBatch may carry.
+pub(crate) const MAX_BATCH: usize = 10_000;
+
+pub(crate) fn batch_len(len: usize) -> Result<(), Error> {
+    if (1..=MAX_BATCH).contains(&len) {
+        Ok(())
+    } else {
+        Err(Error::invalid(
+            "requests",
+            format!("a batch holds 1 to {MAX_BATCH} submissions (got {len})"),
+        ))
+    }
+}
+
 pub(crate) fn job_id(raw: &str) -> Result<JobId, Error> {
     raw.parse()
         .map_err(|e: jobd_proto::ParseJobIdError| Error::invalid("job_id", e.to_string()))

@@ -50,6 +50,52 @@ impl pb::job_service_server::JobService for JobService {
         }))
     }
 
+    async fn submit_batch(
+        &self,
+        request: Request<pb::SubmitBatchRequest>,
+    ) -> Result<Response<pb::SubmitBatchResponse>, Status> {
+        let requests = request.into_inner().requests;
+        decode::batch_len(requests.len())?;
+        // Malformed items are answered in place; the rest go to the engine
+        // together so they share commits.
+        let decoded: Vec<Result<SubmitSpec, Error>> =
+            requests.into_iter().map(SubmitSpec::try_from).collect();
+        let valid: Vec<SubmitSpec> = decoded
+            .iter()
+            .filter_map(|d| d.as_ref().ok().cloned())
+            .collect();
+        let mut admitted = self.engine.submit_batch(valid).await.into_iter();
+        let results = decoded
+            .into_iter()
+            .map(|item| {
+                let answer = match item {
+                    Ok(_) => admitted.next().unwrap_or(Err(Error::ShuttingDown)),
+                    Err(err) => Err(err),
+                };
+                match answer {
+                    Ok((id, state)) => pb::SubmitBatchResult {
+                        job: Some(pb::SubmitResponse {
+                            job_id: id.to_string(),
+                            state: wire_state(state),
+                        }),
+                        error: None,
+                    },
+                    Err(err) => {
+                        let status = Status::from(err);
+                        pb::SubmitBatchResult {
+                            job: None,
+                            error: Some(pb::BatchItemError {
+                                code: status.code().into(),
+                                message: status.message().to_owned(),
+                            }),
+                        }
+                    }
+                }
+            })
+            .collect();
+        Ok(Response::new(pb::SubmitBatchResponse { results }))
+    }
+
     async fn done(
         &self,
         request: Request<pb::DoneRequest>,
