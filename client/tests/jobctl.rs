@@ -12,7 +12,7 @@ use std::{
 };
 
 use assert_cmd::Command;
-use jobd::{Engine, EngineConfig, JobError, Registry, ServeError};
+use jobd::{Engine, EngineConfig, JobError, Registry, ServeError, StoreConfig};
 use predicates::prelude::*;
 use serde_json::{Value, json};
 use tokio::{runtime::Runtime, task::JoinHandle};
@@ -43,6 +43,11 @@ struct TestServer {
 
 impl TestServer {
     fn start() -> Self {
+        Self::start_on(&StoreConfig::Memory)
+    }
+
+    /// A server on the given store (restart tests use a SQLite directory).
+    fn start_on(store: &StoreConfig) -> Self {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()
@@ -56,7 +61,7 @@ impl TestServer {
         let engine = {
             // The engine spawns its pools onto the current runtime.
             let _context = runtime.enter();
-            Engine::start(registry(signal), EngineConfig::default())
+            Engine::open(registry(signal), EngineConfig::default(), store).expect("open the store")
         };
         let stop = CancellationToken::new();
         let task = runtime.spawn(jobd::serve(
@@ -751,4 +756,39 @@ fn a_server_that_dies_mid_wait_is_one_line_and_exit_3() {
         error.starts_with("jobctl: lost the connection to jobd at http://127.0.0.1:"),
         "{error}"
     );
+}
+
+#[test]
+fn result_after_a_restart_prints_the_stored_result() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let store = StoreConfig::Sqlite {
+        dir: dir.path().to_owned(),
+    };
+    let first = TestServer::start_on(&store);
+    let id = first.submit(&["hello", "Ann"]);
+    assert_eq!(
+        first.jobctl(&["result", &id]).success().line(),
+        "Hello, Ann!"
+    );
+    first.shutdown();
+
+    let second = TestServer::start_on(&store);
+    assert_eq!(
+        second.jobctl(&["result", &id]).success().line(),
+        "Hello, Ann!"
+    );
+    assert_eq!(second.jobctl(&["done", &id]).success().line(), "true");
+    second.shutdown();
+}
+
+#[test]
+fn a_request_id_makes_submit_idempotent() {
+    let server = TestServer::start();
+    let first = server.submit(&["--request-id", "order-1", "echo", "x"]);
+    let again = server.submit(&["--request-id", "order-1", "echo", "x"]);
+    assert_eq!(first, again);
+    let run = server.jobctl(&["submit", "--request-id", "order-1", "echo", "y"]);
+    assert_eq!(run.code, Some(3), "{run:#?}");
+    assert!(run.stderr.contains(&first), "{run:#?}");
+    server.shutdown();
 }
