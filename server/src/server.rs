@@ -89,7 +89,15 @@ pub async fn serve(
     stop_transport.cancel();
     let drain_engine = async {
         engine.shutdown(grace).await;
-        tracing::info!("engine drained");
+        match engine.commit_stats() {
+            Some((commits, operations)) => tracing::info!(
+                commits,
+                operations,
+                mean_batch = format!("{:.1}", operations as f64 / commits.max(1) as f64),
+                "engine drained"
+            ),
+            None => tracing::info!("engine drained"),
+        }
     };
     let (result, ()) = tokio::join!(
         async {
