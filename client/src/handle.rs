@@ -183,6 +183,33 @@ impl JobHandle {
             .ok_or_else(|| Error::Protocol(format!("Result answered in state {state}")))
     }
 
+    /// Forgets the finished job on the server: its record and result.
+    /// Afterwards the server answers [`Error::NotFound`] for it, saying it
+    /// was deleted (and a wait for it ends with that error, never hangs).
+    ///
+    /// ```no_run
+    /// # async fn run(client: jobd_client::JobClient) -> Result<(), jobd_client::Error> {
+    /// let job = client.submit("hello", serde_json::json!("Ann")).await?;
+    /// job.result().await?;
+    /// job.delete().await?;
+    /// assert!(job.status().await.is_err());
+    /// # Ok(()) }
+    /// ```
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Rpc`] with `FAILED_PRECONDITION` while the job is pending or
+    /// running (cancel it first); [`Error::NotFound`]; transport errors.
+    pub async fn delete(&self) -> Result<(), Error> {
+        self.client
+            .rpc()
+            .delete_job(pb::DeleteJobRequest {
+                job_id: self.id.to_string(),
+            })
+            .await?;
+        Ok(())
+    }
+
     /// Asks the server to cancel the job; see [`CancelReport`].
     ///
     /// # Errors
@@ -231,7 +258,7 @@ impl IntoFuture for JobHandle {
     }
 }
 
-fn wire_duration(d: Duration) -> prost_types::Duration {
+pub(crate) fn wire_duration(d: Duration) -> prost_types::Duration {
     prost_types::Duration {
         seconds: i64::try_from(d.as_secs()).unwrap_or(i64::MAX),
         // Always below 10^9, so it fits.
@@ -259,7 +286,7 @@ fn outcome(
     Some(JobOutcome { state, result })
 }
 
-fn job_info(job: pb::Job) -> Result<JobInfo, Error> {
+pub(crate) fn job_info(job: pb::Job) -> Result<JobInfo, Error> {
     let state = parse_state(job.state)?;
     let time = |t: Option<prost_types::Timestamp>| t.and_then(|t| SystemTime::try_from(t).ok());
     Ok(JobInfo {

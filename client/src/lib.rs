@@ -18,6 +18,10 @@
 //! [`Error::Cancelled`]; every other variant means the request itself failed.
 //! Use [`JobHandle::outcome`] to get a failed job's outcome as data instead.
 //!
+//! Many jobs at once: [`JobClient::wait`] and [`JobClient::as_completed`]
+//! are `concurrent.futures.wait` and `as_completed`; [`JobClient::list_jobs`]
+//! and [`JobClient::list_all`] list jobs, newest first, with filters.
+//!
 //! This crate's default `cli` feature builds the `jobctl` binary; library
 //! users depend on it with `default-features = false` and pay for none of the
 //! CLI's dependencies.
@@ -25,8 +29,10 @@
 mod client;
 mod error;
 mod handle;
+mod sets;
 
 pub use client::{FunctionInfo, JobClient, Submission};
 pub use error::Error;
 pub use handle::{CancelReport, JobHandle, JobInfo, JobOutcome};
 pub use jobd_proto::{JobId, JobState, pb};
+pub use sets::{JobPage, ListFilter, ReturnWhen, WaitResult};

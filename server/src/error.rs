@@ -39,6 +39,14 @@ pub enum Error {
         /// Why it is gone.
         gone: Gone,
     },
+    /// The job is pending or running, so it cannot be deleted.
+    #[error("job {id} is {state}; cancel it first, then delete it once it has finished")]
+    JobNotFinished {
+        /// The job.
+        id: JobId,
+        /// Its state (pending or running).
+        state: jobd_proto::JobState,
+    },
     /// The request id was used before for a different submission.
     #[error(
         "request_id {request_id:?} was already used for job {existing} with a different function or arguments"

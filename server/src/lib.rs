@@ -41,7 +41,9 @@ pub mod server;
 pub mod store;
 
 pub use ctx::Ctx;
-pub use engine::{CancelOutcome, Engine, EngineConfig, SubmitSpec};
+pub use engine::{
+    CancelOutcome, Engine, EngineConfig, ListFilter, ListPage, ReturnWhen, SubmitSpec, WaitSplit,
+};
 pub use error::Error;
 pub use function::{PoolKind, Registry};
 pub use grpc::JobService;

@@ -10,6 +10,7 @@ mod batch;
 mod cancel;
 mod durable;
 mod errors;
+mod futures;
 mod harness;
 mod lifecycle;
 mod pools;

@@ -8,6 +8,7 @@
 //! the outcome, which wakes every waiter. Cancel and shutdown act on the same
 //! records through the store, which owns every state transition.
 
+mod many;
 mod queue;
 
 use std::{
@@ -28,6 +29,8 @@ use jobd_proto::{JobId, JobState};
 use tokio::sync::{Semaphore, watch};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
+pub(crate) use self::many::micros;
+pub use self::many::{ListFilter, ListPage, ReturnWhen, WaitSplit};
 pub(crate) use self::queue::QueueKey;
 use self::queue::{JobQueue, Rejected};
 use crate::{

@@ -3,13 +3,17 @@
 //! rule about what a well-formed id, name, label or duration is lives in this
 //! module.
 
-use std::{collections::BTreeMap, time::Duration};
+use std::{
+    collections::{BTreeMap, HashSet},
+    time::{Duration, SystemTime},
+};
 
-use jobd_proto::{JobId, pb, value};
+use jobd_proto::{JobId, JobState, pb, value};
+use sha2::{Digest as _, Sha256};
 
 use crate::{
     Error,
-    engine::SubmitSpec,
+    engine::{ListFilter, ReturnWhen, SubmitSpec},
     function::{MAX_FUNCTION_NAME_LEN, PoolKind, is_valid_function_name},
 };
 
@@ -101,6 +105,216 @@ impl TryFrom<pb::SubmitRequest> for SubmitSpec {
             request_id,
             labels: labels(req.labels)?,
         })
+    }
+}
+
+/// The most jobs one Wait may name.
+pub(crate) const MAX_WAIT_IDS: usize = 1000;
+/// ListJobs page size when the request leaves it at 0.
+pub(crate) const DEFAULT_PAGE_SIZE: usize = 100;
+/// ListJobs page sizes above this are coerced down to it (AIP-158).
+pub(crate) const MAX_PAGE_SIZE: usize = 1000;
+
+/// A validated Wait request.
+#[derive(Debug)]
+pub(crate) struct WaitQuery {
+    /// The jobs, in request order, each once.
+    pub(crate) ids: Vec<JobId>,
+    pub(crate) return_when: ReturnWhen,
+    pub(crate) timeout: Option<Duration>,
+}
+
+impl TryFrom<pb::WaitRequest> for WaitQuery {
+    type Error = Error;
+
+    fn try_from(req: pb::WaitRequest) -> Result<Self, Error> {
+        let mut seen = HashSet::new();
+        let mut ids = Vec::new();
+        for raw in &req.job_ids {
+            let id = raw.parse().map_err(|e: jobd_proto::ParseJobIdError| {
+                Error::invalid("job_ids", e.to_string())
+            })?;
+            if seen.insert(id) {
+                ids.push(id);
+            }
+            if ids.len() > MAX_WAIT_IDS {
+                break;
+            }
+        }
+        if !(1..=MAX_WAIT_IDS).contains(&ids.len()) {
+            return Err(Error::invalid(
+                "job_ids",
+                format!("a Wait names 1 to {MAX_WAIT_IDS} distinct jobs"),
+            ));
+        }
+        let return_when = match pb::ReturnWhen::try_from(req.return_when) {
+            Ok(pb::ReturnWhen::FirstCompleted) => ReturnWhen::FirstCompleted,
+            Ok(pb::ReturnWhen::FirstException) => ReturnWhen::FirstException,
+            // Python's default.
+            Ok(pb::ReturnWhen::AllCompleted | pb::ReturnWhen::Unspecified) => {
+                ReturnWhen::AllCompleted
+            }
+            Err(_) => {
+                return Err(Error::invalid(
+                    "return_when",
+                    format!("{} is not a ReturnWhen value", req.return_when),
+                ));
+            }
+        };
+        Ok(Self {
+            ids,
+            return_when,
+            timeout: timeout("timeout", req.timeout)?,
+        })
+    }
+}
+
+/// A validated ListJobs request.
+#[derive(Debug)]
+pub(crate) struct ListQuery {
+    pub(crate) filter: ListFilter,
+    /// The page holds ids below this one (from the page token).
+    pub(crate) before: Option<JobId>,
+    pub(crate) page_size: usize,
+}
+
+impl TryFrom<pb::ListJobsRequest> for ListQuery {
+    type Error = Error;
+
+    fn try_from(req: pb::ListJobsRequest) -> Result<Self, Error> {
+        let page_size = match usize::try_from(req.page_size) {
+            Err(_) => {
+                return Err(Error::invalid(
+                    "page_size",
+                    format!("must not be negative (got {})", req.page_size),
+                ));
+            }
+            Ok(0) => DEFAULT_PAGE_SIZE,
+            Ok(n) => n.min(MAX_PAGE_SIZE),
+        };
+        let mut states = req
+            .states
+            .iter()
+            .map(|&raw| {
+                pb::JobState::try_from(raw)
+                    .ok()
+                    .and_then(|s| JobState::try_from(s).ok())
+                    .ok_or_else(|| Error::invalid("states", format!("{raw} is not a job state")))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        // Canonical, so that one set of states written twice or in another
+        // order is the same filter (and the same page-token fingerprint).
+        states.sort_by_key(|&s| state_byte(s));
+        states.dedup();
+        let function = match req.function.as_str() {
+            "" => None,
+            name if is_valid_function_name(name) => Some(req.function),
+            _ => {
+                return Err(Error::invalid(
+                    "function",
+                    format!("must be 1-{MAX_FUNCTION_NAME_LEN} characters of [A-Za-z0-9_.:-]"),
+                ));
+            }
+        };
+        let time = |field: &'static str, raw: Option<prost_types::Timestamp>| {
+            raw.map(|t| {
+                SystemTime::try_from(t)
+                    .map_err(|e| Error::invalid(field, format!("is not a usable time: {e}")))
+            })
+            .transpose()
+        };
+        let filter = ListFilter {
+            states,
+            function,
+            labels: labels(req.labels)?,
+            submitted_after: time("submitted_after", req.submitted_after)?,
+            submitted_before: time("submitted_before", req.submitted_before)?,
+        };
+        let before = match req.page_token.as_str() {
+            "" => None,
+            token => Some(parse_page_token(token, &filter)?),
+        };
+        Ok(Self {
+            filter,
+            before,
+            page_size,
+        })
+    }
+}
+
+/// The page token that continues a listing below `last` with `filter`:
+/// the id and a fingerprint of the filter, in hex. Opaque to clients; the
+/// fingerprint lets a token used with other filters be refused instead of
+/// silently listing something else.
+pub(crate) fn page_token(last: JobId, filter: &ListFilter) -> String {
+    let mut bytes = Vec::with_capacity(PAGE_TOKEN_BYTES);
+    bytes.extend_from_slice(last.as_uuid().as_bytes());
+    bytes.extend_from_slice(&filter_fingerprint(filter));
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// 16 bytes of job id, 8 of filter fingerprint.
+const PAGE_TOKEN_BYTES: usize = 24;
+
+fn parse_page_token(token: &str, filter: &ListFilter) -> Result<JobId, Error> {
+    let malformed = || {
+        Error::invalid(
+            "page_token",
+            "is not a token this server made; pass back next_page_token exactly",
+        )
+    };
+    if token.len() != 2 * PAGE_TOKEN_BYTES || !token.is_ascii() {
+        return Err(malformed());
+    }
+    let bytes = (0..PAGE_TOKEN_BYTES)
+        .map(|i| u8::from_str_radix(&token[2 * i..2 * i + 2], 16))
+        .collect::<Result<Vec<u8>, _>>()
+        .map_err(|_| malformed())?;
+    let (id, fingerprint) = bytes.split_at(16);
+    if fingerprint != filter_fingerprint(filter) {
+        return Err(Error::invalid(
+            "page_token",
+            "was made for other filters; send the same filters as for the first page",
+        ));
+    }
+    let id = uuid::Uuid::from_slice(id).map_err(|_| malformed())?;
+    Ok(JobId::from(id))
+}
+
+/// A short hash of everything that decides which jobs a listing returns.
+fn filter_fingerprint(filter: &ListFilter) -> [u8; 8] {
+    let mut hasher = Sha256::new();
+    for state in &filter.states {
+        hasher.update([state_byte(*state)]);
+    }
+    hasher.update([0xff]);
+    hasher.update(filter.function.as_deref().unwrap_or("").as_bytes());
+    hasher.update([0]);
+    for (key, value) in &filter.labels {
+        hasher.update(key.as_bytes());
+        hasher.update([0]);
+        hasher.update(value.as_bytes());
+        hasher.update([0]);
+    }
+    for time in [filter.submitted_after, filter.submitted_before] {
+        match time {
+            Some(t) => hasher.update(crate::engine::micros(t).to_le_bytes()),
+            None => hasher.update([0xff; 9]),
+        }
+    }
+    let digest = hasher.finalize();
+    let mut out = [0; 8];
+    out.copy_from_slice(&digest[..8]);
+    out
+}
+
+fn state_byte(state: JobState) -> u8 {
+    match state {
+        JobState::Pending => 1,
+        JobState::Running => 2,
+        JobState::Succeeded => 3,
+        JobState::Failed => 4,
+        JobState::Cancelled => 5,
     }
 }
 
@@ -208,6 +422,63 @@ mod tests {
             Some(Duration::from_millis(500))
         );
         assert_eq!(timeout("timeout", None).unwrap(), None);
+    }
+
+    #[test]
+    fn page_tokens_round_trip_and_bind_their_filters() {
+        let filter = ListFilter {
+            function: Some("hello".into()),
+            ..ListFilter::default()
+        };
+        let last = JobId::new();
+        let token = page_token(last, &filter);
+        assert_eq!(parse_page_token(&token, &filter).unwrap(), last);
+        assert!(parse_page_token(&token, &ListFilter::default()).is_err());
+        for junk in [
+            "",
+            "x",
+            &token[1..],
+            &token.replace(|c: char| c.is_ascii_digit(), "g"),
+        ] {
+            assert!(parse_page_token(junk, &filter).is_err(), "{junk:?}");
+        }
+    }
+
+    #[test]
+    fn page_sizes_default_coerce_and_refuse_negative() {
+        let size = |page_size| {
+            ListQuery::try_from(pb::ListJobsRequest {
+                page_size,
+                ..Default::default()
+            })
+            .map(|q| q.page_size)
+        };
+        assert_eq!(size(0).unwrap(), DEFAULT_PAGE_SIZE);
+        assert_eq!(size(7).unwrap(), 7);
+        assert_eq!(size(5000).unwrap(), MAX_PAGE_SIZE);
+        assert!(size(-1).is_err());
+    }
+
+    #[test]
+    fn waits_deduplicate_and_are_bounded() {
+        let id = JobId::new().to_string();
+        let query = WaitQuery::try_from(pb::WaitRequest {
+            job_ids: vec![id.clone(), id.clone()],
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(query.ids.len(), 1);
+        assert_eq!(query.return_when, ReturnWhen::AllCompleted);
+        let too_many = (0..=MAX_WAIT_IDS)
+            .map(|_| JobId::new().to_string())
+            .collect();
+        for job_ids in [vec![], too_many] {
+            let refused = WaitQuery::try_from(pb::WaitRequest {
+                job_ids,
+                ..Default::default()
+            });
+            assert!(refused.is_err());
+        }
     }
 
     #[test]

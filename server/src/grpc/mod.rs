@@ -6,6 +6,8 @@ mod deadline;
 pub(crate) mod decode;
 mod status;
 
+use std::time::Duration;
+
 use jobd_proto::{JobState, pb, value};
 use tonic::{Request, Response, Status};
 
@@ -116,10 +118,7 @@ impl pb::job_service_server::JobService for JobService {
         let req = request.into_inner();
         let id = decode::job_id(&req.job_id)?;
         let timeout = decode::timeout("timeout", req.timeout)?;
-        let limit = match (timeout, caller_deadline) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        };
+        let limit = earliest(timeout, caller_deadline);
         let wait = self.engine.wait(id);
         let finished = match limit {
             Some(limit) => tokio::time::timeout(limit, wait)
@@ -160,6 +159,54 @@ impl pb::job_service_server::JobService for JobService {
         }))
     }
 
+    async fn wait(
+        &self,
+        request: Request<pb::WaitRequest>,
+    ) -> Result<Response<pb::WaitResponse>, Status> {
+        let caller_deadline = deadline::remaining(request.metadata());
+        let query = decode::WaitQuery::try_from(request.into_inner())?;
+        // Unlike Result, running out of time is an answer here (as in
+        // Python): the split at that moment, just before the caller's
+        // deadline so that it arrives.
+        let limit = earliest(query.timeout, caller_deadline);
+        let split = self
+            .engine
+            .wait_many(&query.ids, query.return_when, limit)
+            .await?;
+        let ids = |ids: Vec<jobd_proto::JobId>| ids.iter().map(ToString::to_string).collect();
+        Ok(Response::new(pb::WaitResponse {
+            done: ids(split.done),
+            not_done: ids(split.not_done),
+        }))
+    }
+
+    async fn list_jobs(
+        &self,
+        request: Request<pb::ListJobsRequest>,
+    ) -> Result<Response<pb::ListJobsResponse>, Status> {
+        let query = decode::ListQuery::try_from(request.into_inner())?;
+        let page = self
+            .engine
+            .list(&query.filter, query.before, query.page_size)
+            .await?;
+        Ok(Response::new(pb::ListJobsResponse {
+            jobs: page.jobs.into_iter().map(wire_job).collect(),
+            next_page_token: page
+                .next
+                .map(|last| decode::page_token(last, &query.filter))
+                .unwrap_or_default(),
+        }))
+    }
+
+    async fn delete_job(
+        &self,
+        request: Request<pb::DeleteJobRequest>,
+    ) -> Result<Response<pb::DeleteJobResponse>, Status> {
+        let id = decode::job_id(&request.get_ref().job_id)?;
+        self.engine.delete(id).await?;
+        Ok(Response::new(pb::DeleteJobResponse {}))
+    }
+
     async fn list_functions(
         &self,
         _request: Request<pb::ListFunctionsRequest>,
@@ -176,6 +223,14 @@ impl pb::job_service_server::JobService for JobService {
             })
             .collect();
         Ok(Response::new(pb::ListFunctionsResponse { functions }))
+    }
+}
+
+/// The sooner of two optional limits.
+fn earliest(a: Option<Duration>, b: Option<Duration>) -> Option<Duration> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
     }
 }
 

@@ -12,6 +12,7 @@ impl From<Error> for Status {
                 Code::NotFound
             }
             Error::DuplicateRequest { .. } => Code::AlreadyExists,
+            Error::JobNotFinished { .. } => Code::FailedPrecondition,
             Error::InvalidArgument { .. } => Code::InvalidArgument,
             Error::QueueFull { .. } => Code::ResourceExhausted,
             Error::ShuttingDown => Code::Unavailable,
@@ -58,6 +59,13 @@ mod tests {
                 Code::ResourceExhausted,
             ),
             (Error::ShuttingDown, Code::Unavailable),
+            (
+                Error::JobNotFinished {
+                    id: JobId::new(),
+                    state: jobd_proto::JobState::Running,
+                },
+                Code::FailedPrecondition,
+            ),
             (Error::WaitTimedOut(JobId::new()), Code::DeadlineExceeded),
             (
                 Error::JobGone {

@@ -1,5 +1,5 @@
-//! Where job state lives. The engine talks to [`Store`] only; behind it sit
-//! the live in-memory [`table`] (every unfinished job, and finished ones
+//! Where job state lives. The engine talks to `Store` only; behind it sit
+//! the live in-memory `table` (every unfinished job, and finished ones
 //! until evicted) and, by default, the durable SQLite store.
 //!
 //! The promise with the durable store: once Submit answers OK, the job is on
@@ -24,12 +24,12 @@ use sha2::{Digest as _, Sha256};
 pub use self::sqlite::{DB_FILE, LOCK_FILE, POISON_LIMIT};
 pub(crate) use self::table::{CancelPlan, Claim, WaitFor};
 use self::{
-    sqlite::{Inserted, Lookup, NewJob, SqliteStore},
+    sqlite::{Deleted, Inserted, Lookup, NewJob, SqliteStore},
     table::JobTable,
 };
 use crate::{
     Error,
-    engine::QueueKey,
+    engine::{ListFilter, ListPage, QueueKey},
     function::Registry,
     job::{Finished, JobError, JobRecord, Outcome},
 };
@@ -375,6 +375,75 @@ impl Store {
         }
     }
 
+    /// One page of a listing; see [`crate::Engine::list`]. In memory the
+    /// table holds every job. With the durable store the database holds
+    /// every job, but the table is fresher for the jobs it holds (a claim is
+    /// written after the fact), so both are read and, for an id in the
+    /// table, the table's record wins.
+    pub(crate) async fn list(
+        &self,
+        filter: &ListFilter,
+        before: Option<JobId>,
+        limit: usize,
+    ) -> Result<ListPage, Error> {
+        // One more than a page from each source: a source that fills it has
+        // more to give.
+        let want = limit + 1;
+        let memory = self.table.list(filter, before, want);
+        let disk = match &self.durable {
+            None => Vec::new(),
+            Some(durable) => durable
+                .reader
+                .list(filter.clone(), before, want)
+                .await
+                .map_err(Error::Store)?,
+        };
+        let in_table = |id: JobId| self.table.view(id, |_| ()).is_some();
+        Ok(merge_page(memory, disk, want, limit, in_table))
+    }
+
+    /// Forgets a finished job and leaves a "deleted" tombstone; durably
+    /// first, if durable.
+    pub(crate) async fn delete(&self, id: JobId) -> Result<(), Error> {
+        let Some(durable) = &self.durable else {
+            // The tombstone goes in first, so that no reader finds neither
+            // the job nor its tombstone; it is put back as it was if the job
+            // is not deleted after all.
+            let earlier = self
+                .tombstones
+                .insert(id, (Gone::Deleted, SystemTime::now()));
+            let refused = match self.table.remove_finished(id) {
+                table::Removal::Removed => return Ok(()),
+                table::Removal::Unfinished(state) => Error::JobNotFinished { id, state },
+                table::Removal::Absent => match earlier {
+                    Some((gone, _)) => Error::JobGone { id, gone },
+                    None => Error::JobNotFound(id),
+                },
+            };
+            match earlier {
+                Some(earlier) => self.tombstones.insert(id, earlier),
+                None => self.tombstones.remove(&id).map(|(_, t)| t),
+            };
+            return Err(refused);
+        };
+        // Every unfinished job is in the table, and the table is the fresher
+        // source for them (a running job may still be pending on disk).
+        if let Some(state) = self.table.view(id, |r| r.state)
+            && !state.is_terminal()
+        {
+            return Err(Error::JobNotFinished { id, state });
+        }
+        match durable.writer.delete(id).await.map_err(Error::Store)? {
+            Deleted::Removed => {
+                self.table.forget(id);
+                Ok(())
+            }
+            Deleted::Unfinished(state) => Err(Error::JobNotFinished { id, state }),
+            Deleted::Absent(Some(gone)) => Err(Error::JobGone { id, gone }),
+            Deleted::Absent(None) => Err(Error::JobNotFound(id)),
+        }
+    }
+
     /// In durable mode, finished jobs beyond the cache size leave memory;
     /// they are still on disk.
     fn evict(&self) {
@@ -431,6 +500,51 @@ impl Store {
     /// Why the durable store stopped acknowledging, if it did (fail-stop).
     pub(crate) fn failure(&self) -> Option<StoreError> {
         self.durable.as_ref().and_then(|d| d.writer.failure())
+    }
+}
+
+/// Merges the newest jobs from the table (`memory`) and from the database
+/// (`disk`), each newest first and at most `want` long, into a page of at
+/// most `limit`. For ids in the table only the table's record counts.
+///
+/// A source that returned `want` jobs may hold more below its last id, so
+/// the merged list is complete only down to the higher of those last ids
+/// (`bound`); the page never goes below it, and the next page starts there.
+fn merge_page(
+    memory: Vec<JobRecord>,
+    disk: Vec<JobRecord>,
+    want: usize,
+    limit: usize,
+    in_table: impl Fn(JobId) -> bool,
+) -> ListPage {
+    let full_tail = |records: &[JobRecord]| {
+        (records.len() == want)
+            .then(|| records.last().map(|r| r.id))
+            .flatten()
+    };
+    let bound = full_tail(&memory).max(full_tail(&disk));
+    let mut merged: std::collections::BTreeMap<std::cmp::Reverse<JobId>, JobRecord> = memory
+        .into_iter()
+        .map(|r| (std::cmp::Reverse(r.id), r))
+        .collect();
+    for record in disk {
+        if !in_table(record.id) {
+            merged.entry(std::cmp::Reverse(record.id)).or_insert(record);
+        }
+    }
+    let mut trusted: Vec<JobRecord> = merged
+        .into_values()
+        .take_while(|r| bound.is_none_or(|bound| r.id >= bound))
+        .collect();
+    let next = if trusted.len() > limit {
+        trusted.truncate(limit);
+        trusted.last().map(|r| r.id)
+    } else {
+        bound
+    };
+    ListPage {
+        jobs: trusted,
+        next,
     }
 }
 

@@ -13,7 +13,8 @@
 //! - waiters are woken after the terminal state is written, never before.
 
 use std::{
-    collections::{BTreeMap, VecDeque},
+    cmp::Reverse,
+    collections::{BTreeMap, BinaryHeap, VecDeque},
     sync::{Arc, Mutex, PoisonError},
     time::SystemTime,
 };
@@ -24,7 +25,7 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    engine::QueueKey,
+    engine::{ListFilter, QueueKey},
     function::PoolKind,
     job::{Finished, JobError, JobRecord, Outcome},
 };
@@ -297,6 +298,61 @@ impl JobTable {
         }
     }
 
+    /// Removes a terminal job at a client's request. Its waiters (there are
+    /// none once it is terminal, but a racing one may just have registered)
+    /// are woken and then find it gone.
+    pub(crate) fn remove_finished(&self, id: JobId) -> Removal {
+        let slot = match self.jobs.entry(id) {
+            Entry::Occupied(entry) if entry.get().record.state.is_terminal() => entry.remove(),
+            Entry::Occupied(entry) => return Removal::Unfinished(entry.get().record.state),
+            Entry::Vacant(_) => return Removal::Absent,
+        };
+        // The job's shard lock is released by now: `insert` takes the
+        // request map's lock before the job map's, so never the reverse.
+        if let Some(request_id) = &slot.record.request_id {
+            self.requests
+                .remove_if(request_id, |_, entry| entry.job == id);
+        }
+        wake(slot.waiters);
+        Removal::Removed
+    }
+
+    /// The newest `limit` jobs matching `filter` with ids below `before`,
+    /// newest first. One pass over the table keeping a heap of at most
+    /// `limit` candidates, so a page costs O(jobs held), and a record is
+    /// cloned only when it enters the heap.
+    pub(crate) fn list(
+        &self,
+        filter: &ListFilter,
+        before: Option<JobId>,
+        limit: usize,
+    ) -> Vec<JobRecord> {
+        let mut newest: BinaryHeap<Reverse<ById>> = BinaryHeap::with_capacity(limit + 1);
+        for slot in &self.jobs {
+            let record = &slot.record;
+            if before.is_some_and(|before| record.id >= before) || !filter.matches(record) {
+                continue;
+            }
+            if newest.len() == limit
+                && newest
+                    .peek()
+                    .is_some_and(|Reverse(oldest)| oldest.0.id > record.id)
+            {
+                continue;
+            }
+            newest.push(Reverse(ById(record.clone())));
+            if newest.len() > limit {
+                newest.pop();
+            }
+        }
+        // Ascending by `Reverse` is descending by id: newest first.
+        newest
+            .into_sorted_vec()
+            .into_iter()
+            .map(|Reverse(ById(record))| record)
+            .collect()
+    }
+
     pub(crate) fn len(&self) -> usize {
         self.jobs.len()
     }
@@ -313,6 +369,37 @@ impl JobTable {
     fn lock_finished(&self) -> std::sync::MutexGuard<'_, VecDeque<(SystemTime, JobId)>> {
         // Pushes and pops cannot leave the deque half-updated.
         self.finished.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// What a client's delete found in the table.
+pub(crate) enum Removal {
+    Removed,
+    /// Still pending or running (or committing its end): not deleted.
+    Unfinished(JobState),
+    Absent,
+}
+
+/// A record ordered by its id alone, for the listing heap.
+struct ById(JobRecord);
+
+impl PartialEq for ById {
+    fn eq(&self, other: &Self) -> bool {
+        self.0.id == other.0.id
+    }
+}
+
+impl Eq for ById {}
+
+impl PartialOrd for ById {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for ById {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.0.id.cmp(&other.0.id)
     }
 }
 

@@ -10,11 +10,27 @@ use rusqlite::Row;
 use crate::{
     function::PoolKind,
     job::{JobError, JobRecord, Outcome},
+    store::Gone,
 };
 
 /// The columns `record_from_row` reads, in order.
 pub(crate) const RECORD_COLUMNS: &str = "id, function, pool, state, args, labels, request_id, \
      submitted_at, started_at, finished_at, attempt, value, error_kind, error";
+
+/// The tombstone reason of a job removed by retention.
+pub(crate) const TOMBSTONE_EXPIRED: i64 = 1;
+/// The tombstone reason of a job deleted by a client.
+pub(crate) const TOMBSTONE_DELETED: i64 = 2;
+
+/// Why a job is gone, from its tombstone's reason code.
+pub(crate) fn gone_from_reason(reason: i64) -> Gone {
+    match reason {
+        TOMBSTONE_DELETED => Gone::Deleted,
+        // Expired, and any code a newer jobd may add: the job is gone either
+        // way, and "expired" is the historical meaning.
+        _ => Gone::Expired,
+    }
+}
 
 pub(crate) fn state_code(state: JobState) -> i64 {
     match state {

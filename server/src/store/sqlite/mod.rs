@@ -22,7 +22,7 @@ pub use self::recover::POISON_LIMIT;
 pub(crate) use self::{
     reader::{Lookup, Reader},
     recover::Recovered,
-    writer::{Inserted, NewJob, Writer},
+    writer::{Deleted, Inserted, NewJob, Writer},
 };
 use super::{StoreError, TestKnobs};
 use crate::function::Registry;

@@ -1,5 +1,6 @@
 //! Read connections for jobs that are no longer in the live table (finished
-//! and evicted, or from before a restart). SQLite in WAL mode lets readers
+//! and evicted, or from before a restart), and for listings, which need
+//! every job. SQLite in WAL mode lets readers
 //! run beside the writer; each query runs on the blocking thread pool behind
 //! a semaphore, never on the async workers.
 
@@ -9,11 +10,14 @@ use std::{
 };
 
 use jobd_proto::JobId;
-use rusqlite::{Connection, OpenFlags, OptionalExtension as _};
+use rusqlite::{Connection, OpenFlags, OptionalExtension as _, types::Value};
 use tokio::sync::Semaphore;
 
-use super::codec::{RECORD_COLUMNS, id_bytes, record_from_row};
+use super::codec::{
+    RECORD_COLUMNS, gone_from_reason, id_bytes, micros, record_from_row, state_code,
+};
 use crate::{
+    engine::ListFilter,
     job::JobRecord,
     store::{Gone, StoreError},
 };
@@ -49,6 +53,26 @@ impl Reader {
     }
 
     pub(crate) async fn lookup(&self, id: JobId) -> Result<Lookup, StoreError> {
+        self.run(move |conn| lookup(conn, id)).await
+    }
+
+    /// The newest `limit` jobs on disk that match `filter` (as stored: a
+    /// claim may not be written yet) with ids below `before`, newest first.
+    pub(crate) async fn list(
+        &self,
+        filter: ListFilter,
+        before: Option<JobId>,
+        limit: usize,
+    ) -> Result<Vec<JobRecord>, StoreError> {
+        self.run(move |conn| list(conn, &filter, before, limit))
+            .await
+    }
+
+    /// Runs `query` on a free read connection, on the blocking thread pool.
+    async fn run<T: Send + 'static>(
+        &self,
+        query: impl FnOnce(&Connection) -> rusqlite::Result<T> + Send + 'static,
+    ) -> Result<T, StoreError> {
         let _permit = self
             .permits
             .acquire()
@@ -63,12 +87,59 @@ impl Reader {
             .unwrap_or_else(|| Arc::clone(&self.conns[0]));
         tokio::task::spawn_blocking(move || {
             let conn = conn.lock().unwrap_or_else(PoisonError::into_inner);
-            lookup(&conn, id)
+            query(&conn)
         })
         .await
         .map_err(|e| StoreError::Unavailable(format!("store reader failed: {e}")))?
         .map_err(|e| StoreError::from_sqlite(&e))
     }
+}
+
+/// Builds the listing query from the filter: only the conditions given, all
+/// as bound parameters. Ordered by the primary key, so without filters it is
+/// a range scan that stops after `limit` rows; the function and state
+/// filters have indexes of their own (migration 2).
+fn list(
+    conn: &Connection,
+    filter: &ListFilter,
+    before: Option<JobId>,
+    limit: usize,
+) -> rusqlite::Result<Vec<JobRecord>> {
+    let mut sql = format!("SELECT {RECORD_COLUMNS} FROM jobs WHERE 1 = 1");
+    let mut params: Vec<Value> = Vec::new();
+    if let Some(before) = before {
+        sql.push_str(" AND id < ?");
+        params.push(Value::Blob(id_bytes(before).to_vec()));
+    }
+    if !filter.states.is_empty() {
+        let marks = vec!["?"; filter.states.len()].join(", ");
+        sql.push_str(&format!(" AND state IN ({marks})"));
+        params.extend(filter.states.iter().map(|&s| Value::Integer(state_code(s))));
+    }
+    if let Some(function) = &filter.function {
+        sql.push_str(" AND function = ?");
+        params.push(Value::Text(function.clone()));
+    }
+    for (key, value) in &filter.labels {
+        // Label keys are [A-Za-z0-9_.-/] (checked at decode), so quoting the
+        // key in the JSON path is enough.
+        sql.push_str(" AND json_extract(labels, ?) = ?");
+        params.push(Value::Text(format!("$.\"{key}\"")));
+        params.push(Value::Text(value.clone()));
+    }
+    if let Some(after) = filter.submitted_after {
+        sql.push_str(" AND submitted_at > ?");
+        params.push(Value::Integer(micros(after)));
+    }
+    if let Some(before) = filter.submitted_before {
+        sql.push_str(" AND submitted_at < ?");
+        params.push(Value::Integer(micros(before)));
+    }
+    sql.push_str(" ORDER BY id DESC LIMIT ?");
+    params.push(Value::Integer(i64::try_from(limit).unwrap_or(i64::MAX)));
+    conn.prepare_cached(&sql)?
+        .query_map(rusqlite::params_from_iter(params), record_from_row)?
+        .collect()
 }
 
 fn lookup(conn: &Connection, id: JobId) -> rusqlite::Result<Lookup> {
@@ -84,9 +155,7 @@ fn lookup(conn: &Connection, id: JobId) -> rusqlite::Result<Lookup> {
         .prepare_cached("SELECT reason FROM tombstones WHERE id = ?1")?
         .query_row([key], |row| row.get(0))
         .optional()?;
-    Ok(match reason {
-        Some(2) => Lookup::Gone(Gone::Deleted),
-        Some(_) => Lookup::Gone(Gone::Expired),
-        None => Lookup::Unknown,
-    })
+    Ok(reason.map_or(Lookup::Unknown, |reason| {
+        Lookup::Gone(gone_from_reason(reason))
+    }))
 }

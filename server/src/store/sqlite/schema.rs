@@ -49,6 +49,13 @@ const MIGRATIONS: &[&str] = &[
     ) WITHOUT ROWID;
     INSERT INTO meta (key, value) VALUES ('boot', 0);
     ",
+    // 2: ListJobs. Newest-first pages filtered by function or by state walk
+    // these in id order instead of scanning every job; unfiltered pages use
+    // the primary key.
+    "
+    CREATE INDEX jobs_by_function ON jobs (function, id);
+    CREATE INDEX jobs_by_state ON jobs (state, id);
+    ",
 ];
 
 /// Why the schema could not be brought up to date.

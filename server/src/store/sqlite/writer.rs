@@ -20,11 +20,12 @@ use rusqlite::{Connection, OptionalExtension as _, params};
 use tokio::sync::{mpsc, oneshot};
 
 use super::codec::{
-    id_bytes, id_from_bytes, labels_json, micros, outcome_columns, pool_code, state_code,
+    TOMBSTONE_DELETED, TOMBSTONE_EXPIRED, gone_from_reason, id_bytes, id_from_bytes, labels_json,
+    micros, outcome_columns, pool_code, state_code, state_from_code,
 };
 use crate::{
     job::{JobRecord, Outcome},
-    store::{StoreError, table::RequestEntry},
+    store::{Gone, StoreError, table::RequestEntry},
 };
 
 /// Most operations in one transaction: bounds the latency of a commit.
@@ -37,6 +38,15 @@ const CHANNEL_CAPACITY: usize = 16 * 1024;
 pub(crate) struct NewJob {
     pub(crate) record: JobRecord,
     pub(crate) fingerprint: [u8; 16],
+}
+
+/// What a client's delete found.
+pub(crate) enum Deleted {
+    Removed,
+    /// The job is pending or running on disk.
+    Unfinished(JobState),
+    /// No such job; the tombstone's reason if it was removed earlier.
+    Absent(Option<Gone>),
 }
 
 /// What an insert found.
@@ -68,6 +78,10 @@ enum Op {
         ids: Vec<(JobId, u32)>,
         reply: oneshot::Sender<Result<(), StoreError>>,
     },
+    Delete {
+        id: JobId,
+        reply: oneshot::Sender<Result<Deleted, StoreError>>,
+    },
     Purge {
         cutoff: SystemTime,
         tombstone_cutoff: SystemTime,
@@ -80,6 +94,7 @@ enum Op {
 enum Answer {
     Inserted(Inserted),
     Purged(Vec<JobId>),
+    Deleted(Deleted),
     Done,
 }
 
@@ -95,6 +110,7 @@ impl Op {
                 Answer::Inserted(v),
             ) => drop(reply.send(Ok(v))),
             (Self::Purge { reply, .. }, Answer::Purged(v)) => drop(reply.send(Ok(v))),
+            (Self::Delete { reply, .. }, Answer::Deleted(v)) => drop(reply.send(Ok(v))),
             (Self::Finish { reply, .. } | Self::Requeue { reply, .. }, _) => {
                 drop(reply.send(Ok(())));
             }
@@ -111,6 +127,7 @@ impl Op {
                 drop(reply.send(Err(err.clone())));
             }
             Self::Purge { reply, .. } => drop(reply.send(Err(err.clone()))),
+            Self::Delete { reply, .. } => drop(reply.send(Err(err.clone()))),
             Self::Insert { reply: None, .. } | Self::Start { .. } => {}
         }
     }
@@ -236,6 +253,14 @@ impl Writer {
             reply,
         })
         .await?;
+        answer.await.map_err(|_| stopped())?
+    }
+
+    /// Deletes a finished job at a client's request, leaving a "deleted"
+    /// tombstone; answers after the commit.
+    pub(crate) async fn delete(&self, id: JobId) -> Result<Deleted, StoreError> {
+        let (reply, answer) = oneshot::channel();
+        self.send(Op::Delete { id, reply }).await?;
         answer.await.map_err(|_| stopped())?
     }
 
@@ -372,6 +397,7 @@ impl WriterThread {
                     limit,
                     ..
                 } => Answer::Purged(purge(&tx, *cutoff, *tombstone_cutoff, *limit)?),
+                Op::Delete { id, .. } => Answer::Deleted(delete(&tx, *id)?),
             };
             answers.push(answer);
         }
@@ -446,6 +472,37 @@ fn transition(
     Ok(())
 }
 
+/// Deletes one job if it is terminal (the `state` condition makes that
+/// atomic with the check), with its transitions, leaving a tombstone that
+/// says it was deleted.
+fn delete(tx: &rusqlite::Transaction<'_>, id: JobId) -> rusqlite::Result<Deleted> {
+    let key = id_bytes(id);
+    let removed = tx
+        .prepare_cached("DELETE FROM jobs WHERE id = ?1 AND state IN (3, 4, 5)")?
+        .execute([key])?;
+    if removed == 1 {
+        tx.prepare_cached("DELETE FROM transitions WHERE job_id = ?1")?
+            .execute([key])?;
+        tx.prepare_cached(&format!(
+            "INSERT OR REPLACE INTO tombstones (id, reason, at) VALUES (?1, {TOMBSTONE_DELETED}, ?2)"
+        ))?
+        .execute(params![key, micros(SystemTime::now())])?;
+        return Ok(Deleted::Removed);
+    }
+    let state: Option<i64> = tx
+        .prepare_cached("SELECT state FROM jobs WHERE id = ?1")?
+        .query_row([key], |row| row.get(0))
+        .optional()?;
+    if let Some(code) = state {
+        return Ok(Deleted::Unfinished(state_from_code(code)?));
+    }
+    let reason: Option<i64> = tx
+        .prepare_cached("SELECT reason FROM tombstones WHERE id = ?1")?
+        .query_row([key], |row| row.get(0))
+        .optional()?;
+    Ok(Deleted::Absent(reason.map(gone_from_reason)))
+}
+
 /// Deletes up to `limit` jobs that finished before `cutoff`, leaving a
 /// tombstone for each, and drops tombstones older than `tombstone_cutoff`.
 fn purge(
@@ -466,7 +523,9 @@ fn purge(
             .execute([&id])?;
         tx.prepare_cached("DELETE FROM transitions WHERE job_id = ?1")?
             .execute([&id])?;
-        tx.prepare_cached("INSERT OR REPLACE INTO tombstones (id, reason, at) VALUES (?1, 1, ?2)")?
+        tx.prepare_cached(&format!(
+            "INSERT OR REPLACE INTO tombstones (id, reason, at) VALUES (?1, {TOMBSTONE_EXPIRED}, ?2)"
+        ))?
             .execute(params![&id, now])?;
         purged.push(id_from_bytes(&id)?);
     }

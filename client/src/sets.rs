@@ -1,0 +1,336 @@
+//! Calls about many jobs at once: [`JobClient::wait`] and
+//! [`JobClient::as_completed`] (`concurrent.futures.wait` and
+//! `as_completed` across the network), and listing jobs page by page.
+//!
+//! Waiting happens on the server: `wait` is one `Wait` call, and
+//! `as_completed` keeps one `Result` call open per unfinished job, so
+//! neither polls.
+
+use std::{collections::HashMap, time::Duration, time::SystemTime};
+
+use futures::{Stream, TryStreamExt as _, stream::FuturesUnordered};
+use jobd_proto::{JobId, JobState, pb};
+
+use crate::{
+    Error, JobClient, JobHandle,
+    client::parse_id,
+    handle::{JobInfo, job_info, wire_duration},
+};
+
+/// When [`JobClient::wait`] answers, as `concurrent.futures.wait`'s
+/// `return_when`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ReturnWhen {
+    /// As soon as any job is done (at once if one already is).
+    FirstCompleted,
+    /// As soon as any job ends failed; a cancelled job does not count, as in
+    /// Python. With no failure, when all are done.
+    FirstException,
+    /// When every job is done (Python's default).
+    #[default]
+    AllCompleted,
+}
+
+impl From<ReturnWhen> for pb::ReturnWhen {
+    fn from(when: ReturnWhen) -> Self {
+        match when {
+            ReturnWhen::FirstCompleted => Self::FirstCompleted,
+            ReturnWhen::FirstException => Self::FirstException,
+            ReturnWhen::AllCompleted => Self::AllCompleted,
+        }
+    }
+}
+
+/// What [`JobClient::wait`] found: Python's `(done, not_done)` pair, each in
+/// the order the jobs were given, without repeats.
+#[derive(Debug, Clone)]
+pub struct WaitResult {
+    /// Jobs that have finished (succeeded, failed or were cancelled).
+    pub done: Vec<JobHandle>,
+    /// Jobs still pending or running.
+    pub not_done: Vec<JobHandle>,
+}
+
+/// Which jobs [`JobClient::list_jobs`] returns; every condition given must
+/// hold, and the default matches every job.
+///
+/// ```
+/// use jobd_client::{JobState, ListFilter};
+/// let filter = ListFilter::default()
+///     .state(JobState::Failed)
+///     .function("sha256")
+///     .label("team", "infra");
+/// assert_eq!(filter.states, [JobState::Failed]);
+/// ```
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ListFilter {
+    /// Only jobs in one of these states; empty means any state.
+    pub states: Vec<JobState>,
+    /// Only jobs of this function.
+    pub function: Option<String>,
+    /// Only jobs carrying all of these labels with these values.
+    pub labels: HashMap<String, String>,
+    /// Only jobs submitted strictly after this time.
+    pub submitted_after: Option<SystemTime>,
+    /// Only jobs submitted strictly before this time.
+    pub submitted_before: Option<SystemTime>,
+}
+
+impl ListFilter {
+    /// Also accepts jobs in `state`.
+    #[must_use]
+    pub fn state(mut self, state: JobState) -> Self {
+        self.states.push(state);
+        self
+    }
+
+    /// Only jobs of `function`.
+    #[must_use]
+    pub fn function(mut self, function: impl Into<String>) -> Self {
+        self.function = Some(function.into());
+        self
+    }
+
+    /// Only jobs with label `key` set to `value`.
+    #[must_use]
+    pub fn label(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
+        self.labels.insert(key.into(), value.into());
+        self
+    }
+
+    fn request(&self, page_size: u32, page_token: String) -> pb::ListJobsRequest {
+        pb::ListJobsRequest {
+            states: self
+                .states
+                .iter()
+                .map(|&s| pb::JobState::from(s).into())
+                .collect(),
+            function: self.function.clone().unwrap_or_default(),
+            labels: self.labels.clone(),
+            submitted_after: self.submitted_after.map(Into::into),
+            submitted_before: self.submitted_before.map(Into::into),
+            // The server coerces anything above its maximum (1,000).
+            page_size: i32::try_from(page_size).unwrap_or(i32::MAX),
+            page_token,
+        }
+    }
+}
+
+/// One page of [`JobClient::list_jobs`].
+#[derive(Debug, Clone)]
+pub struct JobPage {
+    /// The jobs, newest first.
+    pub jobs: Vec<JobInfo>,
+    /// Pass it to the next `list_jobs` call with the same filter for the
+    /// next page; `None` at the end. A page may be short (even empty) and
+    /// still have a next one.
+    pub next_page_token: Option<String>,
+}
+
+/// Page size of [`JobClient::list_all`]: the server's maximum, so a walk
+/// takes as few calls as it can.
+const LIST_ALL_PAGE_SIZE: u32 = 1000;
+
+impl JobClient {
+    /// Waits on the server until `return_when` holds for `jobs` or
+    /// `timeout` passes, and says which are done at that moment, like
+    /// `concurrent.futures.wait`. Running out of time is not an error.
+    /// `jobs` are [`JobHandle`]s (or references to them) or [`JobId`]s,
+    /// 1 to 1,000 of them.
+    ///
+    /// ```no_run
+    /// # async fn run(client: jobd_client::JobClient) -> Result<(), jobd_client::Error> {
+    /// use std::time::Duration;
+    /// use jobd_client::ReturnWhen;
+    /// let jobs = vec![
+    ///     client.submit("sleep", serde_json::json!(1)).await?,
+    ///     client.submit("sleep", serde_json::json!(5)).await?,
+    /// ];
+    /// let split = client
+    ///     .wait(&jobs, ReturnWhen::FirstCompleted, Some(Duration::from_secs(10)))
+    ///     .await?;
+    /// println!("{} done, {} not yet", split.done.len(), split.not_done.len());
+    /// # Ok(()) }
+    /// ```
+    ///
+    /// # Errors
+    ///
+    /// [`Error::NotFound`] if a job is unknown (or was deleted),
+    /// [`Error::InvalidArgument`] for no jobs or more than 1,000, transport
+    /// errors.
+    pub async fn wait<I>(
+        &self,
+        jobs: I,
+        return_when: ReturnWhen,
+        timeout: Option<Duration>,
+    ) -> Result<WaitResult, Error>
+    where
+        I: IntoIterator,
+        I::Item: Into<JobId>,
+    {
+        let request = pb::WaitRequest {
+            job_ids: jobs.into_iter().map(|job| job.into().to_string()).collect(),
+            return_when: pb::ReturnWhen::from(return_when).into(),
+            timeout: timeout.map(wire_duration),
+        };
+        let answer = self.rpc().wait(request).await?.into_inner();
+        let handles = |ids: Vec<String>| -> Result<Vec<JobHandle>, Error> {
+            ids.iter().map(|id| Ok(self.job(parse_id(id)?))).collect()
+        };
+        Ok(WaitResult {
+            done: handles(answer.done)?,
+            not_done: handles(answer.not_done)?,
+        })
+    }
+
+    /// Yields each job as it finishes, in the order they finish (jobs
+    /// already finished come first), like `concurrent.futures.as_completed`.
+    /// A failed or cancelled job is yielded like any other; ask the handle
+    /// for its outcome. An error (an unknown job, a lost connection) is
+    /// yielded in that job's place. Holds one server-side `Result` wait per
+    /// unfinished job, all on this client's connection.
+    ///
+    /// ```no_run
+    /// # async fn run(client: jobd_client::JobClient) -> Result<(), jobd_client::Error> {
+    /// use futures::StreamExt as _;
+    /// let mut jobs = Vec::new();
+    /// for seconds in [3, 1, 2] {
+    ///     jobs.push(client.submit("sleep", serde_json::json!(seconds)).await?);
+    /// }
+    /// let mut finished = client.as_completed(jobs);
+    /// while let Some(job) = finished.next().await {
+    ///     let job = job?;
+    ///     println!("{} finished: {:?}", job.id(), job.outcome(None).await?.result);
+    /// }
+    /// # Ok(()) }
+    /// ```
+    pub fn as_completed(
+        &self,
+        jobs: impl IntoIterator<Item = JobHandle>,
+    ) -> impl Stream<Item = Result<JobHandle, Error>> + Send + 'static {
+        jobs.into_iter()
+            .map(|job| async move {
+                // The outcome itself is not needed: the caller asks the
+                // handle, and most callers want only some of them.
+                job.outcome(None).await.map(|_| job)
+            })
+            .collect::<FuturesUnordered<_>>()
+    }
+
+    /// One page of jobs matching `filter`, newest first. Start with
+    /// `page_token` `None`, then pass each page's `next_page_token` (with
+    /// the same filter) until it is `None`. `page_size` 0 means the server's
+    /// default (100); above 1,000 it is coerced to 1,000.
+    ///
+    /// ```no_run
+    /// # async fn run(client: jobd_client::JobClient) -> Result<(), jobd_client::Error> {
+    /// use jobd_client::{JobState, ListFilter};
+    /// let failed = ListFilter::default().state(JobState::Failed);
+    /// let mut token = None;
+    /// loop {
+    ///     let page = client.list_jobs(&failed, 50, token).await?;
+    ///     for job in &page.jobs {
+    ///         println!("{} {}", job.id, job.function);
+    ///     }
+    ///     match page.next_page_token {
+    ///         Some(next) => token = Some(next),
+    ///         None => break,
+    ///     }
+    /// }
+    /// # Ok(()) }
+    /// ```
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidArgument`] for a malformed filter or a token made for
+    /// another filter; transport errors.
+    pub async fn list_jobs(
+        &self,
+        filter: &ListFilter,
+        page_size: u32,
+        page_token: Option<String>,
+    ) -> Result<JobPage, Error> {
+        let request = filter.request(page_size, page_token.unwrap_or_default());
+        let answer = self.rpc().list_jobs(request).await?.into_inner();
+        Ok(JobPage {
+            jobs: answer
+                .jobs
+                .into_iter()
+                .map(job_info)
+                .collect::<Result<_, _>>()?,
+            next_page_token: Some(answer.next_page_token).filter(|t| !t.is_empty()),
+        })
+    }
+
+    /// Every job matching `filter`, newest first, fetched a page at a time
+    /// as the stream is read; every job that existed when the walk began is
+    /// yielded once. Take what you need and drop the stream.
+    ///
+    /// ```no_run
+    /// # async fn run(client: jobd_client::JobClient) -> Result<(), jobd_client::Error> {
+    /// use futures::{StreamExt as _, TryStreamExt as _};
+    /// use jobd_client::ListFilter;
+    /// let newest: Vec<_> = client
+    ///     .list_all(ListFilter::default().function("hello"))
+    ///     .take(10)
+    ///     .try_collect()
+    ///     .await?;
+    /// # Ok(()) }
+    /// ```
+    pub fn list_all(
+        &self,
+        filter: ListFilter,
+    ) -> impl Stream<Item = Result<JobInfo, Error>> + Send + 'static {
+        let client = self.clone();
+        // State: the token of the next page, or `None` once the last page
+        // was fetched.
+        futures::stream::try_unfold(Some(String::new()), move |token| {
+            let (client, filter) = (client.clone(), filter.clone());
+            async move {
+                let Some(token) = token else {
+                    return Ok(None);
+                };
+                let page = client
+                    .list_jobs(&filter, LIST_ALL_PAGE_SIZE, Some(token))
+                    .await?;
+                let jobs = futures::stream::iter(page.jobs.into_iter().map(Ok));
+                Ok::<_, Error>(Some((jobs, page.next_page_token)))
+            }
+        })
+        .try_flatten()
+    }
+}
+
+/// A job id from anything that names a job, so [`JobClient::wait`] takes
+/// handles and ids alike.
+impl From<&JobHandle> for JobId {
+    fn from(job: &JobHandle) -> Self {
+        job.id()
+    }
+}
+
+impl From<JobHandle> for JobId {
+    fn from(job: JobHandle) -> Self {
+        job.id()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn filters_become_requests() {
+        let request = ListFilter::default()
+            .state(JobState::Running)
+            .function("hello")
+            .label("k", "v")
+            .request(5000, "tok".into());
+        assert_eq!(request.states, [pb::JobState::Running as i32]);
+        assert_eq!(request.function, "hello");
+        assert_eq!(request.labels.get("k").map(String::as_str), Some("v"));
+        assert_eq!(request.page_size, 5000);
+        assert_eq!(request.page_token, "tok");
+        assert_eq!(ListFilter::default().request(0, String::new()).function, "");
+    }
+}
