@@ -792,3 +792,89 @@ fn a_request_id_makes_submit_idempotent() {
     assert!(run.stderr.contains(&first), "{run:#?}");
     server.shutdown();
 }
+
+#[test]
+fn wait_prints_the_done_and_not_done_split_and_exits_0() {
+    let server = TestServer::start();
+    let quick = server.submit(&["hello", "Ann"]);
+    server.jobctl(&["result", &quick]).success();
+    let slow = server.submit(&["sleep_started"]);
+    server.wait_started();
+
+    let run = server.jobctl(&["wait", &slow, &quick, "--return-when", "first"]);
+    let run = run.success();
+    assert_eq!(
+        run.stdout,
+        format!("done: {quick}\nnot_done: {slow}\n"),
+        "{run:#?}"
+    );
+    // Running out of time is an answer too.
+    let json = server
+        .jobctl(&["-o", "json", "wait", &quick, &slow, "--timeout", "0.2"])
+        .success()
+        .json();
+    assert_eq!(json, json!({"done": [quick], "not_done": [slow]}));
+
+    let run = server.jobctl(&["wait", &slow, "--return-when", "soon"]);
+    assert_eq!(run.code, Some(2), "{run:#?}");
+    let unknown = uuid::Uuid::now_v7().to_string();
+    let run = server.jobctl(&["wait", &quick, &unknown]).code(3);
+    assert!(run.error_line().contains("not found"), "{run:#?}");
+    server.jobctl(&["cancel", &slow]).success();
+    server.shutdown();
+}
+
+#[test]
+fn list_prints_json_lines_through_a_pipe_with_filters_and_a_limit() {
+    let server = TestServer::start();
+    let labelled = server.submit(&["hello", "Ann", "--label", "team=x"]);
+    server.jobctl(&["result", &labelled]).success();
+    let other = server.submit(&["echo", "1"]);
+    server.jobctl(&["result", &other]).success();
+
+    let job = server
+        .jobctl(&["list", "--label", "team=x"])
+        .success()
+        .json();
+    assert_eq!(job["job_id"], json!(labelled));
+    assert_eq!(job["function"], json!("hello"));
+    assert_eq!(job["value"], json!("Hello, Ann!"));
+    // Newest first; --limit stops the walk.
+    let newest = server
+        .jobctl(&["list", "--state", "succeeded", "--limit", "1"])
+        .success()
+        .json();
+    assert_eq!(newest["job_id"], json!(other));
+    let run = server.jobctl(&["list"]).success();
+    assert_eq!(run.stdout.lines().count(), 2, "{run:#?}");
+    let run = server.jobctl(&["list", "--function", "sleep"]).success();
+    assert_eq!(run.stdout, "");
+    let run = server.jobctl(&["list", "--state", "bogus"]);
+    assert_eq!(run.code, Some(2), "{run:#?}");
+    server.shutdown();
+}
+
+#[test]
+fn delete_forgets_a_finished_job_and_refuses_a_running_one() {
+    let server = TestServer::start();
+    let finished = server.submit(&["hello"]);
+    server.jobctl(&["result", &finished]).success();
+    assert_eq!(
+        server.jobctl(&["delete", &finished]).success().line(),
+        "deleted"
+    );
+    let run = server.jobctl(&["status", &finished]).code(3);
+    assert!(run.error_line().contains("was deleted"), "{run:#?}");
+
+    let running = server.submit(&["sleep_started"]);
+    server.wait_started();
+    let run = server.jobctl(&["delete", &running]).code(3);
+    assert!(run.error_line().contains("cancel it first"), "{run:#?}");
+    server.jobctl(&["cancel", &running]).success();
+    let json = server
+        .jobctl(&["-o", "json", "delete", &running])
+        .success()
+        .json();
+    assert_eq!(json, json!({"job_id": running, "deleted": true}));
+    server.shutdown();
+}

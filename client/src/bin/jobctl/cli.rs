@@ -4,7 +4,10 @@
 //! label without `=`, a negative timeout) is rejected here, so clap reports it
 //! as a usage error with exit code 2 before any connection is made.
 
-use std::time::Duration;
+use std::{
+    num::{NonZeroU32, NonZeroU64},
+    time::Duration,
+};
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use jobd_client::{JobId, Submission};
@@ -26,7 +29,11 @@ Examples:
   jobctl done <id>                     true or false, without waiting
   jobctl result <id> --timeout 0.5     gives up (exit 3) if not done in 0.5 s
   jobctl cancel <id>
+  jobctl wait <id> <id> --return-when first    which finished first
+  jobctl list --state failed --limit 20
+  jobctl delete <id>                   forget a finished job
   jobctl -o json status <id>           the whole job as one JSON object
+  jobctl bench --mode roundtrip        jobs/s and latency, next to the gRPC floor
   JOBD_ADDR=http://10.0.0.7:50051 jobctl functions";
 
 const AFTER_LONG_HELP: &str = "\
@@ -134,6 +141,166 @@ pub(crate) enum Command {
 
     /// List the job functions the server can run, with their pools.
     Functions,
+
+    /// Wait for several jobs, like Python's concurrent.futures.wait, and
+    /// print which are done and which are not.
+    ///
+    /// Waits on the server until the first job finishes (`--return-when
+    /// first`), the first job fails (`exception`; a cancelled job does not
+    /// count), or all have finished (`all`, the default), or until
+    /// --timeout. Either way the answer is the split at that moment, and the
+    /// exit code is 0.
+    Wait(crate::sets::Wait),
+
+    /// List jobs, newest first, optionally filtered.
+    ///
+    /// An aligned table on a terminal; one JSON object per job (as `status
+    /// -o json` prints it) when stdout is not a terminal or with -o json.
+    List(crate::sets::List),
+
+    /// Forget a finished job: its record and its result.
+    ///
+    /// A pending or running job is refused (exit 3): cancel it first.
+    /// Afterwards the server answers "not found: deleted" for it.
+    Delete {
+        /// The job id that `submit` printed.
+        id: JobId,
+    },
+
+    /// Load a server with jobs and measure jobs/s and latency, next to the
+    /// gRPC floor (health checks) measured in the same run.
+    #[command(long_about = BENCH_LONG_ABOUT, after_long_help = BENCH_AFTER_LONG_HELP)]
+    Bench(Bench),
+}
+
+const BENCH_LONG_ABOUT: &str = "\
+Load a jobd server with jobs and measure throughput and latency.
+
+C connections (--connections; each its own HTTP/2 connection) carry K requests
+in flight each (--concurrency), for --duration seconds after --warmup seconds
+that are not counted, or until --jobs jobs are done.
+
+Modes:
+  submit     Submit only: jobs accepted per second.
+  roundtrip  Submit, then Result (waits up to 30 s) for each job: jobs
+             completed end to end per second; latency from the start of
+             Submit to the answer of Result.
+  batch      SubmitBatch with --batch-size jobs per call: jobs accepted per
+             second; latency per call. A rejected item counts as an error.
+             4 x 64 calls of 1000 no-op jobs outrun the pool and fill its
+             queue (RESOURCE_EXHAUSTED); try --concurrency 1 as well.
+  floor      grpc.health.v1.Health/Check only: the cost of a gRPC call on
+             this machine and connection set-up, in RPC/s.
+
+Every submit, roundtrip or batch run measures the floor first, with the same
+connections, concurrency, warmup and stop rule (--jobs counts RPCs there, and
+with --jobs alone the floor runs at most 5 s), then the mode. The ratio of the
+mode's jobs/s to the floor's RPC/s compares across machines and noisy runs
+better than either figure alone. Latencies (p50, p90, p99, max) of the
+successful requests are in microseconds, from an HDR histogram.
+
+Failed requests are counted (`errors`, in jobs), and the first error is
+shown. A run where every request failed exits with code 3.
+
+Measuring the memory of a million queued jobs: start jobd with its pools
+paused (jobs are accepted and queued, none starts), submit a million no-op
+jobs without warmup, and compare the server's resident memory before and
+after (read from /proc/PID/status, so the server must run on this machine):
+  jobd --store memory --paused --max-queued 2000000 --listen 127.0.0.1:50051 &
+  jobctl bench --mode submit --jobs 1000000 --warmup 0 --server-pid $!
+The report's server_rss_per_job_bytes, (server_rss_bytes -
+server_rss_before_bytes) / jobs, is the cost of one queued job (plus whatever
+the allocator keeps); it is only given without warmup, whose jobs the server
+holds too but the count leaves out.
+
+Examples:
+  jobctl bench                                      submit, 4 x 64, 5 s
+  jobctl bench --mode roundtrip --duration 10
+  jobctl bench --mode batch --batch-size 500 -o json
+  jobctl bench --mode submit --jobs 100000 --payload-bytes 1024";
+
+const BENCH_AFTER_LONG_HELP: &str = "\
+Output: an aligned table, or with --output json one JSON object with mode,
+connections, concurrency, jobs, errors, first_error, duration_secs,
+jobs_per_sec, p50_us, p90_us, p99_us, max_us, the same for the floor (floor_*),
+ratio, batch_size, server_rss_before_bytes, server_rss_bytes and
+server_rss_per_job_bytes. A key that does not apply to the run is null. A
+live progress line goes to stderr when it is a terminal, never to a pipe.
+
+Exit codes: 0 the run finished (errors, if any, are in the report); 2 usage
+error, or --server-pid is not a readable process; 3 jobd unreachable, or
+every request of a phase failed.";
+
+/// What `jobctl bench` measures.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub(crate) enum BenchMode {
+    /// Submit only: jobs accepted per second.
+    Submit,
+    /// Submit, then Result for each job: jobs completed per second.
+    Roundtrip,
+    /// SubmitBatch calls of --batch-size jobs: jobs accepted per second.
+    Batch,
+    /// Health checks only: the gRPC floor, in RPC/s.
+    Floor,
+}
+
+impl BenchMode {
+    /// The mode's name, as typed on the command line.
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            Self::Submit => "submit",
+            Self::Roundtrip => "roundtrip",
+            Self::Batch => "batch",
+            Self::Floor => "floor",
+        }
+    }
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct Bench {
+    /// What to measure.
+    #[arg(long, value_enum, default_value_t = BenchMode::Submit)]
+    pub(crate) mode: BenchMode,
+
+    /// How many HTTP/2 connections to open (each one separate, not shared).
+    #[arg(long, value_name = "C", default_value = "4")]
+    pub(crate) connections: NonZeroU32,
+
+    /// Requests in flight on each connection.
+    #[arg(long, value_name = "K", default_value = "64")]
+    pub(crate) concurrency: NonZeroU32,
+
+    /// Seconds to measure for, after the warmup [default: 5, or with --jobs
+    /// until the jobs are done (at most 10 minutes)].
+    #[arg(long, value_name = "SECS", value_parser = parse_positive_seconds)]
+    pub(crate) duration: Option<Duration>,
+
+    /// Stop after this many jobs (counted after the warmup); with --duration
+    /// too, whichever comes first.
+    #[arg(long, value_name = "N")]
+    pub(crate) jobs: Option<NonZeroU64>,
+
+    /// Seconds of load before measuring, not counted (fractions allowed).
+    #[arg(long, value_name = "SECS", default_value = "1", value_parser = parse_seconds)]
+    pub(crate) warmup: Duration,
+
+    /// The job function to submit (see `jobctl functions`).
+    #[arg(long, default_value = "noop")]
+    pub(crate) function: String,
+
+    /// The size of each job's argument: 0 sends null, more sends a JSON
+    /// string of this many bytes.
+    #[arg(long, value_name = "B", default_value = "0")]
+    pub(crate) payload_bytes: usize,
+
+    /// Jobs per SubmitBatch call, in batch mode (1 to 10000).
+    #[arg(long, value_name = "N", default_value = "1000", value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    pub(crate) batch_size: u32,
+
+    /// Report the resident memory (VmRSS) of this process, the jobd server on
+    /// this machine, before and after the measured load.
+    #[arg(long, value_name = "PID")]
+    pub(crate) server_pid: Option<u32>,
 }
 
 #[derive(Debug, Args)]
@@ -198,7 +365,7 @@ fn json_args(words: &[String]) -> serde_json::Value {
     }
 }
 
-fn parse_seconds(raw: &str) -> Result<Duration, String> {
+pub(crate) fn parse_seconds(raw: &str) -> Result<Duration, String> {
     let secs: f64 = raw
         .trim()
         .parse()
@@ -208,7 +375,17 @@ fn parse_seconds(raw: &str) -> Result<Duration, String> {
     })
 }
 
-fn parse_label(raw: &str) -> Result<(String, String), String> {
+/// As [`parse_seconds`], refusing 0: a measurement needs some time.
+fn parse_positive_seconds(raw: &str) -> Result<Duration, String> {
+    match parse_seconds(raw)? {
+        Duration::ZERO => Err(format!(
+            "{raw:?} is too short: measure for more than 0 seconds"
+        )),
+        duration => Ok(duration),
+    }
+}
+
+pub(crate) fn parse_label(raw: &str) -> Result<(String, String), String> {
     match raw.split_once('=') {
         Some((key, value)) if !key.is_empty() => Ok((key.to_owned(), value.to_owned())),
         _ => Err(format!(

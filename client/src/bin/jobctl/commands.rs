@@ -10,25 +10,31 @@ use std::{
 use jobd_client::{Error as ClientError, JobClient, JobHandle, JobId, JobOutcome};
 
 use crate::{
+    bench,
     cli::{Cli, Command, Format, Submit},
     failure::{Failure, root_cause},
-    output, waiting,
+    output, sets, waiting,
 };
 
 /// How long to try to connect before saying the server is unreachable: long
 /// enough for a slow network, short enough that a wrong address does not
 /// look like a hang (the OS default can be minutes).
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+pub(crate) const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Runs `cli.command`, printing its answer on stdout.
 pub(crate) async fn run(cli: Cli) -> Result<(), Failure> {
     let client = connect(&cli.addr).await?;
-    execute(&client, cli.command, cli.output)
+    execute(&client, &cli.addr, cli.command, cli.output)
         .await
         .map_err(|failure| failure.lost_connection(&cli.addr))
 }
 
-async fn execute(client: &JobClient, command: Command, format: Format) -> Result<(), Failure> {
+async fn execute(
+    client: &JobClient,
+    addr: &str,
+    command: Command,
+    format: Format,
+) -> Result<(), Failure> {
     match command {
         Command::Submit(args) => submit(client, format, &args).await,
         Command::Result { id, timeout } => {
@@ -51,6 +57,13 @@ async fn execute(client: &JobClient, command: Command, format: Format) -> Result
         Command::Functions => {
             let functions = client.functions().await?;
             print(&output::functions(format, &functions))
+        }
+        Command::Wait(args) => sets::wait(client, format, &args).await,
+        Command::List(args) => sets::list(client, format, &args).await,
+        Command::Delete { id } => sets::delete(client, format, id).await,
+        Command::Bench(args) => {
+            let report = bench::run(client, addr, &args).await?;
+            print(&bench::render(format, &report))
         }
     }
 }

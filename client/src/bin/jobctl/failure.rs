@@ -54,6 +54,25 @@ pub(crate) enum Failure {
         /// The job's own error message.
         message: String,
     },
+    /// `bench`: not one request of a phase succeeded, so there is nothing
+    /// to measure.
+    #[error("bench: {} {what} failed, none succeeded; the first error: {first}", .errors)]
+    NothingSucceeded {
+        /// What was attempted, in the plural: "health checks", "submits", ...
+        what: &'static str,
+        /// How many failed.
+        errors: u64,
+        /// The first failure, on one line.
+        first: String,
+    },
+    /// `bench --server-pid`: the process's memory cannot be read.
+    #[error("cannot read the memory of process {pid} (--server-pid): {reason}")]
+    ServerMemory {
+        /// The process id given.
+        pid: u32,
+        /// Why, in a few words.
+        reason: String,
+    },
     /// Any other failure reported by the client library.
     #[error(transparent)]
     Client(#[from] ClientError),
@@ -82,7 +101,13 @@ impl Failure {
         if self.is_broken_pipe() {
             return None;
         }
-        Some(format!("jobctl: {}", one_line(self)))
+        Some(format!("jobctl: {}", self.describe()))
+    }
+
+    /// The failure on one line, without the `jobctl: ` prefix: for reports
+    /// that quote an error among other things.
+    pub(crate) fn describe(&self) -> String {
+        one_line(self)
     }
 
     /// The process exit code for this failure.
@@ -97,9 +122,11 @@ impl Failure {
             return 0;
         }
         let exit = match self {
-            Self::Unreachable { .. } | Self::ConnectionLost { .. } | Self::TimedOut { .. } => {
-                Exit::Rpc
-            }
+            Self::Unreachable { .. }
+            | Self::ConnectionLost { .. }
+            | Self::TimedOut { .. }
+            | Self::NothingSucceeded { .. } => Exit::Rpc,
+            Self::ServerMemory { .. } => Exit::Usage,
             Self::Interrupted { .. } => Exit::Interrupted,
             Self::Job { .. } | Self::Output(_) => Exit::JobUnsuccessful,
             Self::Client(error) => match error {
@@ -255,6 +282,21 @@ mod tests {
                 after: Duration::from_millis(200)
             }),
             3
+        );
+        assert_eq!(
+            code(Failure::NothingSucceeded {
+                what: "submits",
+                errors: 5,
+                first: "queue full".to_owned()
+            }),
+            3
+        );
+        assert_eq!(
+            code(Failure::ServerMemory {
+                pid: 1,
+                reason: "no such process".to_owned()
+            }),
+            2
         );
         let pipe = Failure::Output(io::Error::from(io::ErrorKind::BrokenPipe));
         assert_eq!(pipe.message(), None);

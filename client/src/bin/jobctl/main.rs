@@ -3,17 +3,20 @@
 //!
 //! Module map: `cli` (the command line and what its words mean), `commands`
 //! (one server call per command), `output` (text and JSON answers), `waiting`
-//! (spinner and Ctrl-C while blocked on a job), `failure` (exit codes and
-//! one-line error messages).
+//! (spinner and Ctrl-C while blocked on a job), `sets` (wait, list and
+//! delete: the commands about many jobs), `bench` (load and
+//! measurement), `failure` (exit codes and one-line error messages).
 //!
 //! Errors are a typed [`failure::Failure`] rather than `anyhow::Error`: the
 //! exit code depends on what went wrong, and that is a match on a type, not a
 //! search through a chain.
 
+mod bench;
 mod cli;
 mod commands;
 mod failure;
 mod output;
+mod sets;
 mod waiting;
 
 use std::{
@@ -43,11 +46,7 @@ fn main() -> ExitCode {
     };
     init_logging();
 
-    // One connection and one request at a time: a single thread is plenty.
-    let runtime = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
+    let runtime = match runtime_for(&cli.command) {
         Ok(runtime) => runtime,
         Err(error) => {
             // Not a job failure, but nothing more specific fits; it means the
@@ -70,6 +69,18 @@ fn main() -> ExitCode {
             failure.exit_code()
         }
     }
+}
+
+/// The async runtime a command needs. One connection and one request at a
+/// time: a single thread is plenty. `bench` keeps hundreds of requests in
+/// flight and would measure jobctl instead of jobd on one thread, so it gets
+/// one worker per core.
+fn runtime_for(command: &cli::Command) -> std::io::Result<tokio::runtime::Runtime> {
+    let mut builder = match command {
+        cli::Command::Bench(_) => tokio::runtime::Builder::new_multi_thread(),
+        _ => tokio::runtime::Builder::new_current_thread(),
+    };
+    builder.enable_all().build()
 }
 
 /// Logs to stderr, filtered by RUST_LOG. The default is `warn`: jobctl's
