@@ -177,7 +177,13 @@ impl Store {
     /// Records a new job (durably first, if durable), de-duplicating by
     /// request id.
     pub(crate) async fn admit(&self, record: JobRecord, key: QueueKey) -> Result<Admission, Error> {
-        let fingerprint = fingerprint(&record);
+        // Only a request id is ever compared by fingerprint; skip the hash
+        // on the hot path when there is none.
+        let fingerprint = if record.request_id.is_some() {
+            fingerprint(&record)
+        } else {
+            [0; 16]
+        };
         let request_id = record.request_id.clone();
         let existing = match &self.durable {
             None => match self.table.insert(record, Some(key), fingerprint) {

@@ -91,7 +91,7 @@ pub(crate) fn recover(conn: &mut Connection, registry: &Registry) -> rusqlite::R
                     ],
                 )?;
                 tx.execute(
-                    "INSERT INTO transitions (job_id, attempt, state, at) VALUES (?1, ?2, ?3, ?4)",
+                    "INSERT OR IGNORE INTO transitions (job_id, attempt, state, at) VALUES (?1, ?2, ?3, ?4)",
                     params![
                         key,
                         record.attempt,
@@ -106,7 +106,7 @@ pub(crate) fn recover(conn: &mut Connection, registry: &Registry) -> rusqlite::R
                 params![crashes, key],
             )?;
             tx.execute(
-                "INSERT INTO transitions (job_id, attempt, state, at) VALUES (?1, ?2, 1, ?3)",
+                "INSERT OR IGNORE INTO transitions (job_id, attempt, state, at) VALUES (?1, ?2, 1, ?3)",
                 params![key, record.attempt, micros(now)],
             )?;
             recovered.requeued += 1;

@@ -334,6 +334,22 @@ impl WriterThread {
     fn apply(&mut self, batch: &mut [Op]) -> rusqlite::Result<Vec<Answer>> {
         let tx = self.conn.transaction()?;
         let mut answers = Vec::with_capacity(batch.len());
+        // Jobs that start and finish within this batch (the common case for
+        // short jobs): their Start needs no row update of its own.
+        let finishing: std::collections::HashSet<JobId> = batch
+            .iter()
+            .filter_map(|op| match op {
+                Op::Finish { id, .. } => Some(*id),
+                _ => None,
+            })
+            .collect();
+        let starts: std::collections::HashMap<JobId, SystemTime> = batch
+            .iter()
+            .filter_map(|op| match op {
+                Op::Start { id, at, .. } if finishing.contains(id) => Some((*id, *at)),
+                _ => None,
+            })
+            .collect();
         for op in batch.iter_mut() {
             let answer = match op {
                 Op::Insert { job, reply } => {
@@ -349,16 +365,20 @@ impl WriterThread {
                     }
                 }
                 Op::Start { id, attempt, at } => {
-                    tx.prepare_cached(
-                        "UPDATE jobs SET state = 2, attempt = ?1, started_at = ?2, boot = ?3 \
-                         WHERE id = ?4 AND state = 1",
-                    )?
-                    .execute(params![
-                        *attempt,
-                        micros(*at),
-                        self.boot,
-                        id_bytes(*id)
-                    ])?;
+                    // A job that also finishes in this batch gets its start
+                    // columns from the Finish update: one row write, not two.
+                    if !finishing.contains(id) {
+                        tx.prepare_cached(
+                            "UPDATE jobs SET state = 2, attempt = ?1, started_at = ?2, boot = ?3 \
+                             WHERE id = ?4 AND state = 1",
+                        )?
+                        .execute(params![
+                            *attempt,
+                            micros(*at),
+                            self.boot,
+                            id_bytes(*id)
+                        ])?;
+                    }
                     transition(&tx, *id, *attempt, JobState::Running, *at)?;
                     Answer::Done
                 }
@@ -374,11 +394,25 @@ impl WriterThread {
                         Err(e) => e.terminal_state(),
                     };
                     let (value, kind, message) = outcome_columns(outcome);
+                    let started = starts.get(id).map(|at| micros(*at));
                     tx.prepare_cached(
                         "UPDATE jobs SET state = ?1, finished_at = ?2, value = ?3, error_kind = ?4, \
-                         error = ?5 WHERE id = ?6 AND state IN (1, 2)",
+                         error = ?5, attempt = MAX(attempt, ?6), \
+                         started_at = COALESCE(?7, started_at), \
+                         boot = CASE WHEN ?7 IS NULL THEN boot ELSE ?8 END \
+                         WHERE id = ?9 AND state IN (1, 2)",
                     )?
-                    .execute(params![state_code(state), micros(*at), value, kind, message, id_bytes(*id)])?;
+                    .execute(params![
+                        state_code(state),
+                        micros(*at),
+                        value,
+                        kind,
+                        message,
+                        *attempt,
+                        started,
+                        self.boot,
+                        id_bytes(*id)
+                    ])?;
                     transition(&tx, *id, *attempt, state, *at)?;
                     Answer::Done
                 }
@@ -460,8 +494,10 @@ fn transition(
     state: JobState,
     at: SystemTime,
 ) -> rusqlite::Result<()> {
+    // OR IGNORE: two transitions of one job to one state in one microsecond
+    // are one fact, and must never fail a whole batch.
     tx.prepare_cached(
-        "INSERT INTO transitions (job_id, attempt, state, at) VALUES (?1, ?2, ?3, ?4)",
+        "INSERT OR IGNORE INTO transitions (job_id, attempt, state, at) VALUES (?1, ?2, ?3, ?4)",
     )?
     .execute(params![
         id_bytes(id),
