@@ -262,16 +262,10 @@ impl Engine {
     /// `DuplicateRequest`, `ShuttingDown`, `Store` (fail-stop).
     pub async fn submit(&self, spec: SubmitSpec) -> Result<(JobId, JobState), Error> {
         let (record, key) = self.inner.prepare(spec)?;
-        // A handler's future is dropped when its client goes away. Once the
-        // durable write is under way, finishing the admission (making the job
-        // visible and queued) must not depend on that client, so it runs as
-        // its own task.
-        let inner = Arc::clone(&self.inner);
-        run_to_completion(
-            self.is_durable(),
-            async move { inner.admit(record, key).await },
-        )
-        .await
+        // Safe to drop mid-way (a client that hangs up): once the store has
+        // the job it queues it itself (with a durable store, on the writer
+        // thread right after the commit), whoever still waits.
+        self.inner.admit(record, key).await
     }
 
     /// Submits many jobs; each is accepted or refused on its own, and the
@@ -285,19 +279,12 @@ impl Engine {
             .into_iter()
             .map(|spec| self.inner.prepare(spec))
             .collect();
-        let inner = Arc::clone(&self.inner);
-        let admitted = run_to_completion(self.is_durable(), async move {
-            let admissions = prepared.into_iter().map(|prepared| {
-                let inner = &inner;
-                async move {
-                    let (record, key) = prepared?;
-                    inner.admit(record, key).await
-                }
-            });
-            Ok(futures::future::join_all(admissions).await)
-        })
-        .await;
-        admitted.unwrap_or_else(|err| vec![Err(err)])
+        let inner = &self.inner;
+        let admissions = prepared.into_iter().map(|prepared| async move {
+            let (record, key) = prepared?;
+            inner.admit(record, key).await
+        });
+        futures::future::join_all(admissions).await
     }
 
     /// Pauses or resumes both pools. While paused, jobs are accepted and
@@ -364,10 +351,9 @@ impl Engine {
     ///
     /// `JobNotFound`, `JobGone`, `Store`.
     pub async fn cancel(&self, id: JobId) -> Result<(CancelOutcome, JobState), Error> {
-        let inner = Arc::clone(&self.inner);
-        // As in `submit`: a cancel whose write has begun completes even if
-        // the caller leaves.
-        run_to_completion(self.is_durable(), async move { inner.cancel(id).await }).await
+        // Safe to drop mid-way: the writer publishes a committed cancel by
+        // itself, and a queue entry left behind is skipped by its worker.
+        self.inner.cancel(id).await
     }
 
     /// How many jobs the engine holds in memory, in any state.
@@ -437,6 +423,9 @@ impl Engine {
                 "grace period over; interrupted running jobs"
             );
         }
+        // Outcomes of jobs that finished during the drain may still be on
+        // their way to the writer; let them land before waiters give up.
+        inner.store.flush().await;
         inner.stopped.cancel();
     }
 }
@@ -493,21 +482,22 @@ impl Inner {
     }
 
     /// Records a reserved job and queues it, or gives the reservation back.
-    async fn admit(&self, record: JobRecord, key: QueueKey) -> Result<(JobId, JobState), Error> {
-        let (id, queue) = (record.id, self.queue(record.pool));
-        match self.store.admit(record, key).await {
-            Ok(Admission::New) => {
-                queue.push(key, id);
-                Ok((id, JobState::Pending))
-            }
-            Ok(Admission::Existing(existing)) => {
-                queue.release(key);
-                Ok((existing, self.store.state(existing).await?))
-            }
-            Err(err) => {
-                queue.release(key);
-                Err(err)
-            }
+    async fn admit(
+        self: &Arc<Self>,
+        record: JobRecord,
+        key: QueueKey,
+    ) -> Result<(JobId, JobState), Error> {
+        let (id, pool) = (record.id, record.pool);
+        let inner = Arc::clone(self);
+        // Runs exactly once, when the store has decided: queue the job, or
+        // give its slot back.
+        let queue = move |admitted: Option<JobId>| match admitted {
+            Some(id) => inner.queue(pool).push(key, id),
+            None => inner.queue(pool).release(key),
+        };
+        match self.store.admit(record, key, queue).await? {
+            Admission::New => Ok((id, JobState::Pending)),
+            Admission::Existing(existing) => Ok((existing, self.store.state(existing).await?)),
         }
     }
 

@@ -15,6 +15,7 @@ pub(crate) mod table;
 
 use std::{
     path::PathBuf,
+    sync::Arc,
     time::{Duration, SystemTime},
 };
 
@@ -24,7 +25,7 @@ use sha2::{Digest as _, Sha256};
 pub use self::sqlite::{DB_FILE, LOCK_FILE, POISON_LIMIT};
 pub(crate) use self::table::{CancelPlan, Claim, WaitFor};
 use self::{
-    sqlite::{Deleted, Inserted, Lookup, NewJob, SqliteStore},
+    sqlite::{Deleted, Inserted, Lookup, NewJob, Publish, SqliteStore},
     table::JobTable,
 };
 use crate::{
@@ -120,7 +121,8 @@ pub(crate) struct TestKnobs {
 
 /// The job store: the live table plus, optionally, the durable store.
 pub(crate) struct Store {
-    table: JobTable,
+    /// Shared with the writer thread, which publishes what it commits.
+    table: Arc<JobTable>,
     durable: Option<SqliteStore>,
     /// Tombstones of removed jobs in memory mode (the durable store keeps
     /// its own on disk).
@@ -143,10 +145,11 @@ impl Store {
         retention: Retention,
         testing: TestKnobs,
     ) -> Result<(Self, Vec<JobRecord>), StoreError> {
+        let table = Arc::new(JobTable::default());
         let (durable, pending) = match config {
             StoreConfig::Memory => (None, Vec::new()),
             StoreConfig::Sqlite { dir } => {
-                let (store, recovered) = sqlite::open(dir, registry, testing)?;
+                let (store, recovered) = sqlite::open(dir, registry, testing, Arc::clone(&table))?;
                 tracing::info!(
                     path = %store.path.display(),
                     boot = recovered.boot,
@@ -161,7 +164,7 @@ impl Store {
         };
         Ok((
             Self {
-                table: JobTable::default(),
+                table,
                 durable,
                 tombstones: dashmap::DashMap::new(),
                 retention,
@@ -175,8 +178,17 @@ impl Store {
     }
 
     /// Records a new job (durably first, if durable), de-duplicating by
-    /// request id.
-    pub(crate) async fn admit(&self, record: JobRecord, key: QueueKey) -> Result<Admission, Error> {
+    /// request id. `queue` runs exactly once: with the id once the job is
+    /// recorded and visible (to queue it), or with `None` when it will not
+    /// exist (to give its queue slot back). With the durable store that
+    /// happens on the writer thread after the commit, so a caller that stops
+    /// waiting cannot leave a committed job unqueued.
+    pub(crate) async fn admit(
+        &self,
+        record: JobRecord,
+        key: QueueKey,
+        queue: impl FnOnce(Option<JobId>) + Send + 'static,
+    ) -> Result<Admission, Error> {
         // Only a request id is ever compared by fingerprint; skip the hash
         // on the hot path when there is none.
         let fingerprint = if record.request_id.is_some() {
@@ -185,21 +197,38 @@ impl Store {
             [0; 16]
         };
         let request_id = record.request_id.clone();
+        let id = record.id;
         let existing = match &self.durable {
             None => match self.table.insert(record, Some(key), fingerprint) {
-                Ok(()) => return Ok(Admission::New),
-                Err(existing) => existing,
+                Ok(()) => {
+                    queue(Some(id));
+                    return Ok(Admission::New);
+                }
+                Err(existing) => {
+                    queue(None);
+                    existing
+                }
             },
             Some(durable) => {
+                let table = Arc::clone(&self.table);
+                let publish = Publish::new(move |committed: Option<JobRecord>| match committed {
+                    Some(record) => {
+                        table.insert_unchecked(record, Some(key));
+                        queue(Some(id));
+                    }
+                    None => queue(None),
+                });
                 let job = NewJob {
-                    record: record.clone(),
+                    record,
                     fingerprint,
                 };
-                match durable.writer.insert(job).await.map_err(Error::Store)? {
-                    Inserted::New => {
-                        self.table.insert_unchecked(record, Some(key));
-                        return Ok(Admission::New);
-                    }
+                match durable
+                    .writer
+                    .insert(job, publish)
+                    .await
+                    .map_err(Error::Store)?
+                {
+                    Inserted::New => return Ok(Admission::New),
                     Inserted::Existing(existing) => existing,
                 }
             }
@@ -236,34 +265,49 @@ impl Store {
         Some(claim)
     }
 
-    /// Records how an attempt ended: durably first, then visible.
+    /// Records how an attempt ended: durably first, then visible. With the
+    /// durable store the writer publishes the outcome after its commit; the
+    /// worker does not wait for that.
     pub(crate) async fn finish(&self, id: JobId, attempt: u32, outcome: Outcome) -> bool {
         if !self.table.begin_finish(id, attempt) {
             return false;
         }
-        self.commit_terminal(id, attempt, outcome).await.is_ok()
+        self.commit_terminal(id, attempt, outcome, false)
+            .await
+            .is_ok()
     }
 
+    /// Writes a begun terminal transition; with `wait`, returns once it is
+    /// durable and visible.
     async fn commit_terminal(
         &self,
         id: JobId,
         attempt: u32,
         outcome: Outcome,
+        wait: bool,
     ) -> Result<(), Error> {
         let at = SystemTime::now();
-        if let Some(durable) = &self.durable
-            && let Err(err) = durable
-                .writer
-                .finish(id, attempt, outcome.clone(), at)
-                .await
-        {
-            tracing::error!(%id, %err, "cannot record the job's outcome");
-            self.table.abandon(id);
-            return Err(Error::Store(err));
+        match &self.durable {
+            None => self.table.complete(id, outcome, at),
+            Some(durable) => {
+                if let Err(err) = durable.writer.finish(id, attempt, outcome, at, wait).await {
+                    tracing::error!(%id, %err, "cannot record the job's outcome");
+                    self.table.abandon(id);
+                    return Err(Error::Store(err));
+                }
+            }
         }
-        self.table.complete(id, outcome, at);
         self.evict();
         Ok(())
+    }
+
+    /// Returns once everything written so far is committed and visible.
+    pub(crate) async fn flush(&self) {
+        if let Some(durable) = &self.durable
+            && let Err(err) = durable.writer.flush().await
+        {
+            tracing::warn!(%err, "cannot flush the store");
+        }
     }
 
     /// Cancels what can be cancelled; see [`CancelPlan`].
@@ -276,7 +320,7 @@ impl Store {
         };
         if matches!(plan, CancelPlan::Pending(..) | CancelPlan::AbortAsync) {
             let attempt = self.table.view(id, |r| r.attempt).unwrap_or(0);
-            self.commit_terminal(id, attempt, Err(JobError::Cancelled))
+            self.commit_terminal(id, attempt, Err(JobError::Cancelled), true)
                 .await?;
         }
         Ok(plan)

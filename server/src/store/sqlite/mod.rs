@@ -22,7 +22,7 @@ pub use self::recover::POISON_LIMIT;
 pub(crate) use self::{
     reader::{Lookup, Reader},
     recover::Recovered,
-    writer::{Deleted, Inserted, NewJob, Writer},
+    writer::{Deleted, Inserted, NewJob, Publish, Writer},
 };
 use super::{StoreError, TestKnobs};
 use crate::function::Registry;
@@ -48,6 +48,7 @@ pub(crate) fn open(
     dir: &Path,
     registry: &Registry,
     testing: TestKnobs,
+    table: std::sync::Arc<super::table::JobTable>,
 ) -> Result<(SqliteStore, Recovered), StoreError> {
     let data_dir_error = |action: &str, err: std::io::Error| StoreError::DataDir {
         path: dir.to_owned(),
@@ -87,12 +88,13 @@ pub(crate) fn open(
         .map_err(|e| open_error(&e))?;
     }
     let reader = Reader::open(&path, READERS).map_err(|e| open_error(&e))?;
-    let writer = Writer::spawn(conn, recovered.boot, testing.ack_before_commit).map_err(|e| {
-        StoreError::Open {
-            path: path.clone(),
-            message: format!("cannot start the writer thread: {e}"),
-        }
-    })?;
+    let writer =
+        Writer::spawn(conn, recovered.boot, testing.ack_before_commit, table).map_err(|e| {
+            StoreError::Open {
+                path: path.clone(),
+                message: format!("cannot start the writer thread: {e}"),
+            }
+        })?;
     Ok((
         SqliteStore {
             writer,

@@ -25,7 +25,10 @@ use super::codec::{
 };
 use crate::{
     job::{JobRecord, Outcome},
-    store::{Gone, StoreError, table::RequestEntry},
+    store::{
+        Gone, StoreError,
+        table::{JobTable, RequestEntry},
+    },
 };
 
 /// Most operations in one transaction: bounds the latency of a commit.
@@ -61,6 +64,9 @@ enum Op {
         job: Box<NewJob>,
         /// Taken early only by the test-only ack-before-commit mutation.
         reply: Option<oneshot::Sender<Result<Inserted, StoreError>>>,
+        /// Makes the job visible once committed (or gives its queue slot
+        /// back), even if the submitter has gone away meanwhile.
+        publish: Publish,
     },
     Start {
         id: JobId,
@@ -72,7 +78,9 @@ enum Op {
         attempt: u32,
         outcome: Outcome,
         at: SystemTime,
-        reply: oneshot::Sender<Result<(), StoreError>>,
+        /// `None` when nobody waits: the writer itself makes the outcome
+        /// visible after the commit.
+        reply: Option<oneshot::Sender<Result<(), StoreError>>>,
     },
     Requeue {
         ids: Vec<(JobId, u32)>,
@@ -101,34 +109,110 @@ enum Answer {
 impl Op {
     /// Answers the waiter, if any. A waiter that gave up (its client went
     /// away) no longer needs the answer, so a failed send is fine.
-    fn answer(self, answer: Answer) {
+    /// After the commit: makes what was committed visible in the live table,
+    /// then answers the waiter, if any. A waiter that gave up (its client
+    /// went away) no longer needs the answer, so a failed send is fine.
+    fn answer(self, answer: Answer, table: &JobTable) {
         match (self, answer) {
             (
                 Self::Insert {
-                    reply: Some(reply), ..
+                    job,
+                    reply,
+                    publish,
                 },
-                Answer::Inserted(v),
-            ) => drop(reply.send(Ok(v))),
+                Answer::Inserted(found),
+            ) => {
+                let answer = match found {
+                    Inserted::New => {
+                        publish.publish(job.record);
+                        Inserted::New
+                    }
+                    Inserted::Existing(entry) => {
+                        publish.withdraw();
+                        Inserted::Existing(entry)
+                    }
+                };
+                if let Some(reply) = reply {
+                    drop(reply.send(Ok(answer)));
+                }
+            }
+            (Self::Insert { job, publish, .. }, _) => {
+                // The ack-before-commit mutation answered already.
+                publish.publish(job.record);
+            }
+            (
+                Self::Finish {
+                    id,
+                    outcome,
+                    at,
+                    reply,
+                    ..
+                },
+                _,
+            ) => {
+                table.complete(id, outcome, at);
+                if let Some(reply) = reply {
+                    drop(reply.send(Ok(())));
+                }
+            }
             (Self::Purge { reply, .. }, Answer::Purged(v)) => drop(reply.send(Ok(v))),
             (Self::Delete { reply, .. }, Answer::Deleted(v)) => drop(reply.send(Ok(v))),
-            (Self::Finish { reply, .. } | Self::Requeue { reply, .. }, _) => {
-                drop(reply.send(Ok(())));
-            }
+            (Self::Requeue { reply, .. }, _) => drop(reply.send(Ok(()))),
             _ => {}
         }
     }
 
-    fn refuse(self, err: &StoreError) {
+    fn refuse(self, err: &StoreError, table: &JobTable) {
         match self {
-            Self::Insert {
-                reply: Some(reply), ..
-            } => drop(reply.send(Err(err.clone()))),
-            Self::Finish { reply, .. } | Self::Requeue { reply, .. } => {
-                drop(reply.send(Err(err.clone())));
+            Self::Insert { reply, publish, .. } => {
+                publish.withdraw();
+                if let Some(reply) = reply {
+                    drop(reply.send(Err(err.clone())));
+                }
             }
+            Self::Finish { id, reply, .. } => {
+                table.abandon(id);
+                if let Some(reply) = reply {
+                    drop(reply.send(Err(err.clone())));
+                }
+            }
+            Self::Requeue { reply, .. } => drop(reply.send(Err(err.clone()))),
             Self::Purge { reply, .. } => drop(reply.send(Err(err.clone()))),
             Self::Delete { reply, .. } => drop(reply.send(Err(err.clone()))),
-            Self::Insert { reply: None, .. } | Self::Start { .. } => {}
+            Self::Start { .. } => {}
+        }
+    }
+}
+
+/// What to do with a new job once its fate is committed: put it in the live
+/// table and its queue, or give its queue slot back. Exactly one of the two
+/// happens, even when the operation is dropped unsent.
+pub(crate) struct Publish(Option<Box<dyn FnOnce(Option<JobRecord>) + Send>>);
+
+impl Publish {
+    pub(crate) fn new(f: impl FnOnce(Option<JobRecord>) + Send + 'static) -> Self {
+        Self(Some(Box::new(f)))
+    }
+
+    /// The job is committed: make it visible.
+    pub(crate) fn publish(mut self, record: JobRecord) {
+        if let Some(f) = self.0.take() {
+            f(Some(record));
+        }
+    }
+
+    /// The job will not exist (a duplicate, or the commit failed).
+    pub(crate) fn withdraw(mut self) {
+        if let Some(f) = self.0.take() {
+            f(None);
+        }
+    }
+}
+
+impl Drop for Publish {
+    fn drop(&mut self) {
+        if let Some(f) = self.0.take() {
+            f(None);
         }
     }
 }
@@ -160,6 +244,7 @@ impl Writer {
         conn: Connection,
         boot: i64,
         ack_before_commit: bool,
+        table: Arc<JobTable>,
     ) -> std::io::Result<Self> {
         let (tx, rx) = mpsc::channel(CHANNEL_CAPACITY);
         let stats = Arc::new(WriterStats::default());
@@ -171,6 +256,7 @@ impl Writer {
             stats: Arc::clone(&stats),
             failure: Arc::clone(&failure),
             ack_before_commit,
+            table,
         };
         // The thread ends when the last sender is dropped, after applying
         // what was sent; every acknowledged operation was awaited by its
@@ -194,11 +280,19 @@ impl Writer {
         }
     }
 
-    pub(crate) async fn insert(&self, job: NewJob) -> Result<Inserted, StoreError> {
+    /// Inserts a job; `publish` runs on the writer thread right after the
+    /// commit, so the job becomes visible whether or not the caller is still
+    /// waiting for the answer.
+    pub(crate) async fn insert(
+        &self,
+        job: NewJob,
+        publish: Publish,
+    ) -> Result<Inserted, StoreError> {
         let (reply, answer) = oneshot::channel();
         self.send(Op::Insert {
             job: Box::new(job),
             reply: Some(reply),
+            publish,
         })
         .await?;
         answer.await.map_err(|_| stopped())?
@@ -214,23 +308,42 @@ impl Writer {
         self.send(Op::Start { id, attempt, at }).await
     }
 
+    /// Records a terminal outcome; the writer makes it visible in the live
+    /// table after the commit. With `wait`, returns only then.
     pub(crate) async fn finish(
         &self,
         id: JobId,
         attempt: u32,
         outcome: Outcome,
         at: SystemTime,
+        wait: bool,
     ) -> Result<(), StoreError> {
+        if !wait {
+            return self
+                .send(Op::Finish {
+                    id,
+                    attempt,
+                    outcome,
+                    at,
+                    reply: None,
+                })
+                .await;
+        }
         let (reply, answer) = oneshot::channel();
         self.send(Op::Finish {
             id,
             attempt,
             outcome,
             at,
-            reply,
+            reply: Some(reply),
         })
         .await?;
         answer.await.map_err(|_| stopped())?
+    }
+
+    /// Returns once everything sent before it is committed.
+    pub(crate) async fn flush(&self) -> Result<(), StoreError> {
+        self.requeue(Vec::new()).await
     }
 
     pub(crate) async fn requeue(&self, ids: Vec<(JobId, u32)>) -> Result<(), StoreError> {
@@ -280,6 +393,8 @@ struct WriterThread {
     stats: Arc<WriterStats>,
     failure: Arc<Failure>,
     ack_before_commit: bool,
+    /// Where committed changes become visible.
+    table: Arc<JobTable>,
 }
 
 impl WriterThread {
@@ -301,7 +416,7 @@ impl WriterThread {
     fn commit(&mut self, batch: &mut Vec<Op>) {
         if let Some(err) = self.failure.cause.get() {
             for op in batch.drain(..) {
-                op.refuse(err);
+                op.refuse(err, &self.table);
             }
             return;
         }
@@ -312,7 +427,7 @@ impl WriterThread {
                     .operations
                     .fetch_add(batch.len() as u64, Ordering::Relaxed);
                 for (op, answer) in batch.drain(..).zip(answers) {
-                    op.answer(answer);
+                    op.answer(answer, &self.table);
                 }
             }
             Err(err) => {
@@ -321,7 +436,7 @@ impl WriterThread {
                 let err = StoreError::from_sqlite(&err);
                 tracing::error!(%err, "commit failed: the store stops acknowledging (fail-stop)");
                 for op in batch.drain(..) {
-                    op.refuse(&err);
+                    op.refuse(&err, &self.table);
                 }
                 let _ = self.failure.cause.set(err);
                 self.failure.failed.store(true, Ordering::Release);
@@ -352,7 +467,7 @@ impl WriterThread {
             .collect();
         for op in batch.iter_mut() {
             let answer = match op {
-                Op::Insert { job, reply } => {
+                Op::Insert { job, reply, .. } => {
                     let inserted = insert(&tx, job)?;
                     if self.ack_before_commit
                         && let Some(reply) = reply.take()
