@@ -3,7 +3,8 @@
 //! Clients submit named job functions with JSON arguments over gRPC; the
 //! server runs them on an async pool (tokio tasks, for I/O-bound work) or a
 //! blocking pool (dedicated OS threads, for CPU-bound or blocking work) and
-//! answers `Done`, `Result`, `Cancel` and status questions.
+//! answers `Done`, `Result`, `Wait`, `Cancel`, listing and status questions.
+//! Job state is durable by default (embedded SQLite; see [`store`]).
 //!
 //! This crate is both the `jobd` binary and a library for embedding: build a
 //! [`Registry`] of your own functions, [`Engine::start`] it, and [`serve`] it.
@@ -28,7 +29,8 @@
 //! Module map: [`function`] (the registry), [`ctx`] (what a running job
 //! sees), [`job`] (records and outcomes), `engine` (queues, pools, the job
 //! table), `grpc` (the wire), [`server`] (assembly and shutdown),
-//! [`builtins`] (the shipped functions).
+//! [`limits`] (transport limits and load shedding), [`builtins`] (the
+//! shipped functions).
 
 pub mod builtins;
 pub mod ctx;
@@ -37,6 +39,7 @@ mod error;
 pub mod function;
 mod grpc;
 pub mod job;
+pub mod limits;
 pub mod server;
 pub mod store;
 
@@ -48,5 +51,6 @@ pub use error::Error;
 pub use function::{PoolKind, Registry};
 pub use grpc::JobService;
 pub use job::{Finished, JobError, JobRecord, Outcome};
-pub use server::{ServeError, serve};
+pub use limits::ServerLimits;
+pub use server::{ServeError, serve, serve_with_limits};
 pub use store::{Gone, StoreConfig, StoreError};

@@ -1,11 +1,16 @@
 //! The `jobd` server binary: the built-in job functions behind gRPC on
 //! 127.0.0.1:50051 by default.
 
-use std::{net::SocketAddr, num::NonZeroUsize, path::PathBuf, time::Duration};
+use std::{
+    net::SocketAddr,
+    num::{NonZeroU32, NonZeroUsize},
+    path::PathBuf,
+    time::Duration,
+};
 
 use anyhow::Context as _;
 use clap::Parser;
-use jobd::{Engine, EngineConfig, StoreConfig};
+use jobd::{Engine, EngineConfig, ServerLimits, StoreConfig};
 use tracing_subscriber::EnvFilter;
 
 /// jobd: run named job functions on async and blocking pools, over gRPC.
@@ -72,6 +77,70 @@ struct Args {
     #[arg(long = "not-safe-to-retry", value_name = "FUNCTION")]
     not_safe_to_retry: Vec<String>,
 
+    /// Concurrent client connections. One more is closed as soon as it is
+    /// accepted (clients see the connection end and may retry), so a flood
+    /// of connections cannot exhaust memory or file descriptors.
+    #[arg(long, env = "JOBD_MAX_CONNECTIONS", default_value = "1024")]
+    max_connections: NonZeroUsize,
+
+    /// JobService calls handled at once over all connections (blocked Result
+    /// and Wait calls count). Past it calls are answered RESOURCE_EXHAUSTED
+    /// at once, not queued. Health checks and reflection are not limited.
+    #[arg(long, env = "JOBD_MAX_IN_FLIGHT", default_value = "4096")]
+    max_in_flight: NonZeroUsize,
+
+    /// Calls handled at once on one connection (any service); past it that
+    /// connection's calls are answered RESOURCE_EXHAUSTED at once.
+    #[arg(long, env = "JOBD_MAX_IN_FLIGHT_PER_CONNECTION", default_value = "256")]
+    max_in_flight_per_connection: NonZeroUsize,
+
+    /// HTTP/2 streams one connection may have open at once (announced to
+    /// clients, which wait for a free stream).
+    #[arg(long, env = "JOBD_MAX_CONCURRENT_STREAMS", default_value = "256")]
+    max_concurrent_streams: NonZeroU32,
+
+    /// Largest request message JobService accepts, in bytes (arguments
+    /// included). A larger one is refused (OUT_OF_RANGE) before decoding and
+    /// creates no job.
+    #[arg(long, env = "JOBD_MAX_MESSAGE_BYTES", default_value = "4194304")]
+    max_message_bytes: NonZeroUsize,
+
+    /// Largest response message JobService sends, in bytes (results
+    /// included). A larger answer fails with OUT_OF_RANGE instead.
+    #[arg(long, env = "JOBD_MAX_RESPONSE_BYTES", default_value = "16777216")]
+    max_response_bytes: NonZeroUsize,
+
+    /// Largest header list one request may carry, in bytes (after HPACK
+    /// decoding).
+    #[arg(long, env = "JOBD_MAX_HEADER_LIST_BYTES", default_value = "16384")]
+    max_header_list_bytes: NonZeroU32,
+
+    /// Streams the server may reset for protocol errors on one connection
+    /// before closing it (HTTP/2 reset-flood defence).
+    #[arg(long, env = "JOBD_MAX_LOCAL_ERROR_RESETS", default_value = "1024")]
+    max_local_error_resets: NonZeroUsize,
+
+    /// Streams a client may open and reset before the server accepts them,
+    /// per connection, before the connection is closed (HTTP/2 "rapid reset"
+    /// defence, CVE-2023-44487).
+    #[arg(long, env = "JOBD_MAX_PENDING_ACCEPT_RESETS", default_value = "20")]
+    max_pending_accept_resets: NonZeroUsize,
+
+    /// How often idle HTTP/2 connections are pinged, so dead peers give back
+    /// their connection slot.
+    #[arg(long, env = "JOBD_HTTP2_KEEPALIVE_INTERVAL", default_value = "60s", value_parser = parse_duration)]
+    http2_keepalive_interval: Duration,
+
+    /// How long a keepalive ping may go unanswered before the connection is
+    /// closed.
+    #[arg(long, env = "JOBD_HTTP2_KEEPALIVE_TIMEOUT", default_value = "20s", value_parser = parse_duration)]
+    http2_keepalive_timeout: Duration,
+
+    /// TCP keepalive idle time on accepted connections (finds peers that
+    /// vanished without closing).
+    #[arg(long, env = "JOBD_TCP_KEEPALIVE", default_value = "60s", value_parser = parse_duration)]
+    tcp_keepalive: Duration,
+
     /// TEST ONLY: cap the database at this many pages, to make "disk full"
     /// happen on demand in tests.
     #[arg(long, hide = true)]
@@ -88,6 +157,26 @@ struct Args {
 enum StoreKind {
     Sqlite,
     Memory,
+}
+
+impl Args {
+    /// The transport limits the flags describe.
+    fn limits(&self) -> ServerLimits {
+        ServerLimits {
+            max_connections: self.max_connections.get(),
+            max_in_flight: self.max_in_flight.get(),
+            max_concurrent_streams: self.max_concurrent_streams.get(),
+            max_in_flight_per_connection: self.max_in_flight_per_connection.get(),
+            max_header_list_size: self.max_header_list_bytes.get(),
+            max_local_error_reset_streams: self.max_local_error_resets.get(),
+            max_pending_accept_reset_streams: self.max_pending_accept_resets.get(),
+            http2_keepalive_interval: self.http2_keepalive_interval,
+            http2_keepalive_timeout: self.http2_keepalive_timeout,
+            tcp_keepalive: self.tcp_keepalive,
+            max_decoding_message_size: self.max_message_bytes.get(),
+            max_encoding_message_size: self.max_response_bytes.get(),
+        }
+    }
 }
 
 fn parse_duration(raw: &str) -> Result<Duration, String> {
@@ -179,7 +268,16 @@ async fn run(args: Args) -> anyhow::Result<()> {
         .context("opening the job store panicked")??;
     // Printed on stdout (not a log line) so scripts and tests can read it.
     println!("listening on {addr}");
-    jobd::serve(listener, engine, shutdown_signal(), args.shutdown_grace).await?;
+    let limits = args.limits();
+    tracing::info!(?limits, "transport limits");
+    jobd::serve_with_limits(
+        listener,
+        engine,
+        shutdown_signal(),
+        args.shutdown_grace,
+        limits,
+    )
+    .await?;
     tracing::info!("stopped");
     Ok(())
 }
@@ -225,6 +323,15 @@ mod tests {
         assert_eq!(parse_duration("7d"), Ok(Duration::from_secs(7 * 86400)));
         assert!(parse_duration("soon").is_err());
         assert!(parse_duration("5w").is_err());
+    }
+
+    /// The flag defaults are written as strings for `--help`; this keeps
+    /// them equal to the library's `ServerLimits::default()`.
+    #[test]
+    fn limit_flag_defaults_match_the_library() {
+        let args = Args::try_parse_from(["jobd"]).unwrap();
+        let from_flags = format!("{:?}", args.limits());
+        assert_eq!(from_flags, format!("{:?}", ServerLimits::default()));
     }
 
     #[test]

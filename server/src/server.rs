@@ -1,6 +1,8 @@
 //! Assembles the gRPC server: `jobd.v1.JobService`, `grpc.health.v1.Health`
 //! and reflection (`v1` and `v1alpha`), on a listener the caller bound, with
-//! one shutdown path shared by `main` and the tests.
+//! one shutdown path shared by `main` and the tests. Every transport limit
+//! ([`ServerLimits`]) is applied here, in one place, so none is left at a
+//! "no limit" default by accident.
 
 use std::{future::Future, time::Duration};
 
@@ -10,7 +12,11 @@ use tokio_util::sync::CancellationToken;
 use tonic::transport::server::TcpIncoming;
 use tonic_health::ServingStatus;
 
-use crate::{engine::Engine, grpc::JobService};
+use crate::{
+    engine::Engine,
+    grpc::JobService,
+    limits::{InFlightLimit, ServerLimits, limited_incoming},
+};
 
 /// How long the transport gets, after the engine has drained, to flush its
 /// last answers and close connections before `serve` returns anyway.
@@ -27,10 +33,8 @@ pub enum ServeError {
     Transport(#[from] tonic::transport::Error),
 }
 
-/// Serves `engine` on `listener` until `shutdown` resolves, then drains:
-/// health turns `NOT_SERVING`, no new connections or calls are accepted, no
-/// pending job starts, running jobs get `grace` to finish (then they are
-/// interrupted), waiting callers are answered, and the function returns.
+/// Serves `engine` on `listener` with the default [`ServerLimits`]; see
+/// [`serve_with_limits`].
 ///
 /// ```no_run
 /// # async fn run() -> Result<(), Box<dyn std::error::Error>> {
@@ -53,6 +57,38 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send,
     grace: Duration,
 ) -> Result<(), ServeError> {
+    serve_with_limits(listener, engine, shutdown, grace, ServerLimits::default()).await
+}
+
+/// Serves `engine` on `listener` within `limits` until `shutdown` resolves, then drains:
+/// health turns `NOT_SERVING`, no new connections or calls are accepted, no
+/// pending job starts, running jobs get `grace` to finish (then they are
+/// interrupted), waiting callers are answered, and the function returns.
+///
+/// ```no_run
+/// # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+/// use std::time::Duration;
+/// use jobd::{builtins, Engine, EngineConfig};
+///
+/// let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+/// println!("listening on {}", listener.local_addr()?);
+/// let engine = Engine::start(builtins::registry(), EngineConfig::default());
+/// let limits = jobd::ServerLimits { max_connections: 64, ..Default::default() };
+/// let shutdown = async { let _ = tokio::signal::ctrl_c().await; };
+/// jobd::serve_with_limits(listener, engine, shutdown, Duration::from_secs(30), limits).await?;
+/// # Ok(()) }
+/// ```
+///
+/// # Errors
+///
+/// [`ServeError`] if reflection cannot be built or the transport fails.
+pub async fn serve_with_limits(
+    listener: TcpListener,
+    engine: Engine,
+    shutdown: impl Future<Output = ()> + Send,
+    grace: Duration,
+    limits: ServerLimits,
+) -> Result<(), ServeError> {
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<JobServiceServer<JobService>>().await;
 
@@ -60,10 +96,33 @@ pub async fn serve(
     let reflection_v1alpha = reflection().build_v1alpha()?;
 
     // Small RPCs are the workload: never let Nagle hold an answer back.
-    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+    // TCP keepalive is set here because `Server::tcp_keepalive` only applies
+    // to listeners tonic binds itself.
+    let incoming = TcpIncoming::from(listener)
+        .with_nodelay(Some(true))
+        .with_keepalive(Some(limits.tcp_keepalive));
+    let incoming = limited_incoming(incoming, limits.max_connections);
+    let job_service = JobService::new(engine.clone())
+        .into_server()
+        .max_decoding_message_size(limits.max_decoding_message_size)
+        .max_encoding_message_size(limits.max_encoding_message_size);
+    // Only JobService is behind the global in-flight limit: health and
+    // reflection are cheap and must keep answering while it sheds load.
+    let job_service = InFlightLimit::new(job_service, limits.max_in_flight);
     let stop_transport = CancellationToken::new();
     let server = tonic::transport::Server::builder()
-        .add_service(JobService::new(engine.clone()).into_server())
+        .max_concurrent_streams(limits.max_concurrent_streams)
+        // With load shedding on, a call beyond the per-connection limit is
+        // answered RESOURCE_EXHAUSTED at once instead of waiting in a queue
+        // that has no bound of its own.
+        .concurrency_limit_per_connection(limits.max_in_flight_per_connection)
+        .load_shed(true)
+        .http2_max_header_list_size(limits.max_header_list_size)
+        .http2_max_local_error_reset_streams(Some(limits.max_local_error_reset_streams))
+        .http2_max_pending_accept_reset_streams(Some(limits.max_pending_accept_reset_streams))
+        .http2_keepalive_interval(Some(limits.http2_keepalive_interval))
+        .http2_keepalive_timeout(Some(limits.http2_keepalive_timeout))
+        .add_service(job_service)
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
