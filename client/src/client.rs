@@ -41,6 +41,22 @@ pub struct Submission {
     pub request_id: Option<String>,
     /// Labels stored with the job.
     pub labels: HashMap<String, String>,
+    /// Priority within the job's pool, -1000 to 1000 (default 0): a higher
+    /// one starts first, equal ones in submission order.
+    pub priority: i32,
+    /// Do not start the job before this time (at most 30 days ahead; the
+    /// past means at once). Wins over `delay` when both are set.
+    pub not_before: Option<std::time::SystemTime>,
+    /// Do not start the job until this long after the server accepts it (at
+    /// most 30 days).
+    pub delay: Option<std::time::Duration>,
+    /// Running-time limit of each attempt (more than 0, at most 30 days):
+    /// past it the job ends FAILED with error kind TIMED_OUT.
+    pub timeout: Option<std::time::Duration>,
+    /// How many attempts the job may make in all (1 to 100; 0 means 1):
+    /// when the function fails with a retryable error it runs again after
+    /// an exponential backoff with jitter, while attempts remain.
+    pub max_attempts: u32,
 }
 
 impl Submission {
@@ -71,6 +87,44 @@ impl Submission {
     #[must_use]
     pub fn label(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
         self.labels.insert(key.into(), value.into());
+        self
+    }
+
+    /// Sets the priority (-1000 to 1000; the server refuses others with
+    /// INVALID_ARGUMENT).
+    #[must_use]
+    pub fn priority(mut self, priority: i32) -> Self {
+        self.priority = priority;
+        self
+    }
+
+    /// Starts the job no sooner than `delay` after the server accepts it
+    /// (the job is pending meanwhile, and can be cancelled).
+    #[must_use]
+    pub fn delay(mut self, delay: std::time::Duration) -> Self {
+        self.delay = Some(delay);
+        self
+    }
+
+    /// Limits how long each attempt may run; see [`Submission::timeout`]'s
+    /// field.
+    #[must_use]
+    pub fn timeout(mut self, limit: std::time::Duration) -> Self {
+        self.timeout = Some(limit);
+        self
+    }
+
+    /// Allows up to `n` attempts in all for retryable failures.
+    #[must_use]
+    pub fn max_attempts(mut self, n: u32) -> Self {
+        self.max_attempts = n;
+        self
+    }
+
+    /// Starts the job no sooner than `at`.
+    #[must_use]
+    pub fn not_before(mut self, at: std::time::SystemTime) -> Self {
+        self.not_before = Some(at);
         self
     }
 }
@@ -307,6 +361,15 @@ fn wire_submission(submission: Submission) -> pb::SubmitRequest {
             .request_id
             .unwrap_or_else(|| uuid::Uuid::now_v7().to_string()),
         labels: submission.labels,
+        priority: submission.priority,
+        // The server takes at most one of them.
+        delay: submission
+            .delay
+            .filter(|_| submission.not_before.is_none())
+            .map(crate::handle::wire_duration),
+        not_before: submission.not_before.map(Into::into),
+        timeout: submission.timeout.map(crate::handle::wire_duration),
+        max_attempts: submission.max_attempts,
     }
 }
 

@@ -62,6 +62,15 @@ pub struct JobInfo {
     pub finished_at: Option<SystemTime>,
     /// How many attempts have started.
     pub attempt: u32,
+    /// Its priority within its pool (higher starts first).
+    pub priority: i32,
+    /// For a delayed or scheduled job: the time before which it does not
+    /// start.
+    pub not_before: Option<SystemTime>,
+    /// Its running-time limit per attempt, if it has one.
+    pub timeout: Option<Duration>,
+    /// How many attempts retryable failures may use in all.
+    pub max_attempts: u32,
     /// Its outcome, once finished.
     pub outcome: Option<JobOutcome>,
 }
@@ -301,6 +310,10 @@ pub(crate) fn job_info(job: pb::Job) -> Result<JobInfo, Error> {
         started_at: time(job.start_time),
         finished_at: time(job.finish_time),
         attempt: job.attempt,
+        priority: job.priority,
+        not_before: time(job.not_before),
+        timeout: job.timeout.and_then(|t| Duration::try_from(t).ok()),
+        max_attempts: job.max_attempts,
         outcome: outcome(state, job.value, job.error),
     })
 }

@@ -1,7 +1,11 @@
 //! What a job is in the server's domain: its record, its outcome, and the
 //! error type job functions return.
 
-use std::{collections::BTreeMap, sync::Arc, time::SystemTime};
+use std::{
+    collections::BTreeMap,
+    sync::Arc,
+    time::{Duration, SystemTime},
+};
 
 use jobd_proto::{JobId, JobState};
 
@@ -33,6 +37,14 @@ pub enum JobError {
     /// The job was stopped because the server shut down while it ran.
     #[error("job interrupted: {0}")]
     Interrupted(String),
+    /// The job ran past the running-time limit it was submitted with.
+    #[error("job timed out: {0}")]
+    TimedOut(String),
+    /// A failure worth another attempt (a flaky network, a busy peer): the
+    /// job runs again after a backoff while it has attempts left (its
+    /// `max_attempts`), and otherwise fails with this message.
+    #[error("{0}")]
+    Retryable(String),
 }
 
 impl JobError {
@@ -51,7 +63,11 @@ impl JobError {
     pub fn terminal_state(&self) -> JobState {
         match self {
             Self::Cancelled => JobState::Cancelled,
-            Self::Failed(_) | Self::Panicked(_) | Self::Interrupted(_) => JobState::Failed,
+            Self::Failed(_)
+            | Self::Panicked(_)
+            | Self::Interrupted(_)
+            | Self::TimedOut(_)
+            | Self::Retryable(_) => JobState::Failed,
         }
     }
 }
@@ -82,6 +98,15 @@ pub struct JobRecord {
     pub labels: BTreeMap<String, String>,
     /// The client's request id, if one was given.
     pub request_id: Option<String>,
+    /// Higher starts first within the pool; equal priorities in submission
+    /// order.
+    pub priority: i32,
+    /// Not started before this time (a delayed or scheduled job).
+    pub not_before: Option<SystemTime>,
+    /// The running-time limit of each attempt, if any.
+    pub timeout: Option<Duration>,
+    /// How many attempts retryable failures may use in all (at least 1).
+    pub max_attempts: u32,
     /// When the server accepted it.
     pub submitted_at: SystemTime,
     /// When the latest attempt started.

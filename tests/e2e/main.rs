@@ -13,5 +13,6 @@ mod errors;
 mod futures;
 mod harness;
 mod lifecycle;
+mod options;
 mod pools;
 mod shutdown;

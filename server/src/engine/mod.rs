@@ -3,13 +3,15 @@
 //! gRPC layer in [`crate::grpc`] is a thin translation in front of it.
 //!
 //! The life of a job: `submit` reserves a slot in the pool's bounded queue,
-//! records the job as pending, then queues it. A pool worker claims it
+//! records the job as pending, then queues it (a delayed job waits in the
+//! schedule first, holding its slot). A pool worker claims it
 //! (pending -> running), runs the function with panics caught, and records
 //! the outcome, which wakes every waiter. Cancel and shutdown act on the same
 //! records through the store, which owns every state transition.
 
 mod many;
 mod queue;
+mod schedule;
 
 use std::{
     collections::BTreeMap,
@@ -33,6 +35,7 @@ pub(crate) use self::many::micros;
 pub use self::many::{ListFilter, ListPage, ReturnWhen, WaitSplit};
 pub(crate) use self::queue::QueueKey;
 use self::queue::{JobQueue, Rejected};
+use self::schedule::{Due, Schedule};
 use crate::{
     Error,
     ctx::Ctx,
@@ -100,6 +103,15 @@ pub struct SubmitSpec {
     pub request_id: Option<String>,
     /// Labels to store with the job.
     pub labels: BTreeMap<String, String>,
+    /// Higher starts first within the pool; equal priorities in submission
+    /// order. The gRPC layer accepts -1000 to 1000; the engine takes any.
+    pub priority: i32,
+    /// Not started before this time; `None` (or a time past) for at once.
+    pub not_before: Option<SystemTime>,
+    /// The running-time limit of each attempt, if any.
+    pub timeout: Option<Duration>,
+    /// How many attempts retryable failures may use in all; 0 counts as 1.
+    pub max_attempts: u32,
 }
 
 /// What `Cancel` did, as `Future.cancel()` would report it and more.
@@ -155,6 +167,8 @@ struct Inner {
     async_queue: JobQueue,
     blocking_queue: JobQueue,
     async_slots: Arc<Semaphore>,
+    /// Delayed jobs, each holding its queue slot until it is due.
+    schedule: Schedule,
     /// Cleared when a drain starts: Submit then answers `ShuttingDown`.
     accepting: AtomicBool,
     /// Fired at the end of shutdown: every waiter still waiting gives up.
@@ -166,6 +180,10 @@ struct Inner {
     paused: watch::Sender<bool>,
     /// Running async jobs, the dispatcher, and one token per blocking thread.
     workers: TaskTracker,
+    /// The schedule and retention tasks. They end with `stopped`; shutdown
+    /// waits for them, so that once it returns and the caller drops its
+    /// engine, nothing holds the store (and a durable store's lock) open.
+    background: TaskTracker,
     runtime: tokio::runtime::Handle,
 }
 
@@ -215,19 +233,26 @@ impl Engine {
             async_queue: JobQueue::new(config.max_queued.get()),
             blocking_queue: JobQueue::new(config.max_queued.get()),
             async_slots: Arc::new(Semaphore::new(config.async_concurrency.get())),
+            schedule: Schedule::default(),
             accepting: AtomicBool::new(true),
             stopped: CancellationToken::new(),
             waiters: AtomicUsize::new(0),
             paused: watch::Sender::new(config.paused),
             workers: TaskTracker::new(),
+            background: TaskTracker::new(),
             runtime: tokio::runtime::Handle::current(),
         });
         for record in recovered {
             let queue = inner.queue(record.pool);
-            let (id, key) = (record.id, queue.reserve_recovered());
+            let (id, pool, not_before) = (record.id, record.pool, record.not_before);
+            let key = queue.reserve_recovered(record.priority);
+            // A job interrupted while running was due already, so only
+            // never-started delayed jobs wait again.
+            let not_before = not_before.filter(|_| record.attempt == 0);
             inner.store.restore(record, key);
-            queue.push(key, id);
+            inner.enqueue(Due { id, pool, key }, not_before);
         }
+        inner.background.spawn(Arc::clone(&inner).release_due());
         inner.workers.spawn(Arc::clone(&inner).dispatch_async());
         for n in 0..config.blocking_workers.get() {
             let inner = Arc::clone(&inner);
@@ -235,13 +260,19 @@ impl Engine {
             std::thread::Builder::new()
                 .name(format!("jobd-blocking-{n}"))
                 .spawn(move || {
-                    let _running = token;
                     inner.serve_blocking();
+                    // Let go of the engine before reporting this thread
+                    // done, so a finished shutdown leaves nothing holding
+                    // the store (and a durable store's lock).
+                    drop(inner);
+                    drop(token);
                 })
                 .expect("spawn a blocking-pool thread");
         }
         // Not tracked: it stops with `stopped`, and a drain need not wait for it.
-        tokio::spawn(Arc::clone(&inner).retain(config.retention));
+        inner
+            .background
+            .spawn(Arc::clone(&inner).retain(config.retention));
         Ok(Self { inner })
     }
 
@@ -387,7 +418,8 @@ impl Engine {
         self.inner.waiters.load(Ordering::Acquire)
     }
 
-    /// How many jobs wait in each pool's queue: (async, blocking).
+    /// How many jobs wait in each pool's queue: (async, blocking). Delayed
+    /// jobs and jobs waiting to retry count too: they hold their slots.
     #[must_use]
     pub fn queued(&self) -> (usize, usize) {
         (
@@ -427,6 +459,8 @@ impl Engine {
         // their way to the writer; let them land before waiters give up.
         inner.store.flush().await;
         inner.stopped.cancel();
+        inner.background.close();
+        inner.background.wait().await;
     }
 }
 
@@ -457,13 +491,15 @@ impl Inner {
             ));
         }
         let queue = self.queue(pool);
-        let key = queue.reserve(0).map_err(|rejected| match rejected {
-            Rejected::Full => Error::QueueFull {
-                pool,
-                capacity: queue.capacity(),
-            },
-            Rejected::Closed => Error::ShuttingDown,
-        })?;
+        let key = queue
+            .reserve(spec.priority)
+            .map_err(|rejected| match rejected {
+                Rejected::Full => Error::QueueFull {
+                    pool,
+                    capacity: queue.capacity(),
+                },
+                Rejected::Closed => Error::ShuttingDown,
+            })?;
         let record = JobRecord {
             id: JobId::new(),
             function: Arc::clone(function.name()),
@@ -472,6 +508,10 @@ impl Inner {
             args: spec.args,
             labels: spec.labels,
             request_id: spec.request_id,
+            priority: spec.priority,
+            not_before: spec.not_before,
+            timeout: spec.timeout,
+            max_attempts: spec.max_attempts.max(1),
             submitted_at: SystemTime::now(),
             started_at: None,
             finished_at: None,
@@ -491,8 +531,9 @@ impl Inner {
         let inner = Arc::clone(self);
         // Runs exactly once, when the store has decided: queue the job, or
         // give its slot back.
+        let not_before = record.not_before;
         let queue = move |admitted: Option<JobId>| match admitted {
-            Some(id) => inner.queue(pool).push(key, id),
+            Some(id) => inner.enqueue(Due { id, pool, key }, not_before),
             None => inner.queue(pool).release(key),
         };
         match self.store.admit(record, key, queue).await? {
@@ -504,7 +545,11 @@ impl Inner {
     async fn cancel(&self, id: JobId) -> Result<(CancelOutcome, JobState), Error> {
         let outcome = match self.store.cancel(id).await? {
             CancelPlan::Pending(pool, key) => {
-                if let Some(key) = key {
+                if let Some(due) = self.schedule.remove(id) {
+                    // Still waiting for its time: give its slot back now,
+                    // not when it would have been due.
+                    self.queue(due.pool).release(due.key);
+                } else if let Some(key) = key {
                     self.queue(pool).remove(key);
                 }
                 CancelOutcome::Cancelled
@@ -514,6 +559,44 @@ impl Inner {
             CancelPlan::AlreadyDone => CancelOutcome::AlreadyDone,
         };
         Ok((outcome, self.store.state(id).await?))
+    }
+
+    /// Makes an admitted job startable: at once, or through the schedule
+    /// when `not_before` is still ahead.
+    fn enqueue(&self, due: Due, not_before: Option<SystemTime>) {
+        match not_before {
+            Some(at) if at > SystemTime::now() => self.schedule.add(at, due),
+            _ => self.queue(due.pool).push(due.key, due.id),
+        }
+    }
+
+    /// The schedule's one task: sleeps until the earliest delayed job is due
+    /// (or an earlier one is added), then queues whatever is due.
+    async fn release_due(self: Arc<Self>) {
+        loop {
+            let changed = self.schedule.changed();
+            tokio::pin!(changed);
+            // Register before looking, so an `add` after the look wakes us.
+            changed.as_mut().enable();
+            let (due, next) = self.schedule.take_due(SystemTime::now());
+            for job in due {
+                self.queue(job.pool).push(job.key, job.id);
+            }
+            let sleep = async {
+                match next {
+                    Some(at) => {
+                        let wait = at.duration_since(SystemTime::now()).unwrap_or_default();
+                        tokio::time::sleep(wait).await;
+                    }
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                () = &mut changed => {}
+                () = sleep => {}
+                () = self.stopped.cancelled() => return,
+            }
+        }
     }
 
     fn queue(&self, pool: PoolKind) -> &JobQueue {
@@ -549,6 +632,7 @@ impl Inner {
         let Some(claim) = self.store.claim(id).await else {
             return;
         };
+        let attempt = Attempt::of(&claim);
         let outcome = match self.function(&claim.function).map(Function::body) {
             Some(Body::Async(body)) => {
                 let ctx = Ctx::new(
@@ -559,10 +643,13 @@ impl Inner {
                 );
                 // Building the future runs user code too, so it is guarded
                 // like the future itself.
+                let limit = time_limit(claim.timeout);
                 match std::panic::catch_unwind(AssertUnwindSafe(|| body(ctx, claim.args))) {
                     Ok(job) => tokio::select! {
                         biased;
                         () = claim.cancel.cancelled() => Err(JobError::Cancelled),
+                        // Dropping the job's future is the abort.
+                        err = limit => Err(err),
                         result = AssertUnwindSafe(job).catch_unwind() => {
                             result.unwrap_or_else(|panic| Err(panicked(&*panic)))
                         }
@@ -575,11 +662,39 @@ impl Inner {
                 claim.function
             ))),
         };
-        self.store.finish(id, claim.attempt, outcome).await;
+        self.end_attempt(id, PoolKind::Async, attempt, outcome)
+            .await;
+    }
+
+    /// Records how an attempt ended, or, for a retryable failure with
+    /// attempts left, puts the job back to pending and schedules its next
+    /// attempt after a backoff. The retry takes a queue slot regardless of
+    /// the bound, as recovery does: the job was accepted long ago.
+    async fn end_attempt(&self, id: JobId, pool: PoolKind, attempt: Attempt, outcome: Outcome) {
+        let Attempt {
+            attempt,
+            max_attempts,
+            priority,
+        } = attempt;
+        if let Err(JobError::Retryable(reason)) = &outcome
+            && attempt < max_attempts
+        {
+            let queue = self.queue(pool);
+            let key = queue.reserve_recovered(priority);
+            if self.store.retry(id, attempt, key).await {
+                let wait = backoff(id, attempt);
+                tracing::debug!(%id, attempt, ?wait, %reason, "retrying");
+                self.schedule
+                    .add(SystemTime::now() + wait, Due { id, pool, key });
+                return;
+            }
+            queue.release(key);
+        }
+        self.store.finish(id, attempt, outcome).await;
     }
 
     /// The loop of one blocking-pool thread.
-    fn serve_blocking(&self) {
+    fn serve_blocking(self: &Arc<Self>) {
         let mut paused = self.paused.subscribe();
         let next = |paused: &mut watch::Receiver<bool>| {
             self.runtime.block_on(async {
@@ -591,6 +706,24 @@ impl Inner {
             let Some(claim) = self.runtime.block_on(self.store.claim(id)) else {
                 continue;
             };
+            let attempt = Attempt::of(&claim);
+            // A blocking function cannot be stopped from outside: at the
+            // limit the job is failed and its context cancelled, and the
+            // function's own late outcome is then refused as stale.
+            let watchdog = claim.timeout.map(|limit| {
+                let (inner, cancel, attempt) =
+                    (Arc::clone(self), claim.cancel.clone(), claim.attempt);
+                self.runtime.spawn(async move {
+                    tokio::select! {
+                        err = time_limit(Some(limit)) => {
+                            if inner.store.finish(id, attempt, Err(err)).await {
+                                cancel.cancel();
+                            }
+                        }
+                        () = inner.stopped.cancelled() => {}
+                    }
+                })
+            });
             let outcome: Outcome = match self.function(&claim.function).map(Function::body) {
                 Some(Body::Blocking(body)) => {
                     let ctx = Ctx::new(id, claim.attempt, claim.cancel, self.runtime.clone());
@@ -602,8 +735,11 @@ impl Inner {
                     claim.function
                 ))),
             };
+            if let Some(watchdog) = watchdog {
+                watchdog.abort();
+            }
             self.runtime
-                .block_on(self.store.finish(id, claim.attempt, outcome));
+                .block_on(self.end_attempt(id, PoolKind::Blocking, attempt, outcome));
         }
     }
 
@@ -683,4 +819,51 @@ fn panicked(payload: &(dyn std::any::Any + Send)) -> JobError {
         .or_else(|| payload.downcast_ref::<String>().cloned())
         .unwrap_or_else(|| "a non-string panic payload".to_owned());
     JobError::Panicked(message)
+}
+
+/// What deciding on a retry needs to know about the attempt that ended.
+#[derive(Clone, Copy)]
+struct Attempt {
+    attempt: u32,
+    max_attempts: u32,
+    priority: i32,
+}
+
+impl Attempt {
+    fn of(claim: &crate::store::Claim) -> Self {
+        Self {
+            attempt: claim.attempt,
+            max_attempts: claim.max_attempts,
+            priority: claim.priority,
+        }
+    }
+}
+
+/// The pause before the attempt after `attempt`: 100 ms doubling per
+/// attempt, at most 60 s, scaled by a jitter factor in [0.5, 1) drawn from
+/// the job id and attempt, so that jobs failing together do not retry in
+/// lockstep.
+fn backoff(id: JobId, attempt: u32) -> Duration {
+    use std::hash::{BuildHasher as _, Hasher as _};
+    let base = Duration::from_millis(100)
+        .saturating_mul(1 << attempt.saturating_sub(1).min(20))
+        .min(Duration::from_secs(60));
+    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+    hasher.write(id.as_uuid().as_bytes());
+    hasher.write_u32(attempt);
+    // 16 random bits are plenty for a jitter factor.
+    let jitter = f64::from(u16::try_from(hasher.finish() >> 48).unwrap_or(0)) / 65_536.0;
+    base.mul_f64(0.5 + jitter / 2.0)
+}
+
+/// Resolves with the timeout error once `limit` has passed; never without a
+/// limit.
+async fn time_limit(limit: Option<Duration>) -> JobError {
+    match limit {
+        Some(limit) => {
+            tokio::time::sleep(limit).await;
+            JobError::TimedOut(format!("ran longer than its {limit:?} limit"))
+        }
+        None => std::future::pending().await,
+    }
 }

@@ -82,10 +82,10 @@ impl JobQueue {
 
     /// Takes a slot regardless of capacity: for jobs recovered at start,
     /// which were accepted before and must not be refused now.
-    pub(crate) fn reserve_recovered(&self) -> QueueKey {
+    pub(crate) fn reserve_recovered(&self, priority: i32) -> QueueKey {
         self.len.fetch_add(1, Ordering::AcqRel);
         QueueKey {
-            priority: Reverse(0),
+            priority: Reverse(priority),
             seq: self.next_seq.fetch_add(1, Ordering::Relaxed),
         }
     }

@@ -26,6 +26,18 @@ pub(crate) const MAX_LABEL_VALUE_LEN: usize = 255;
 /// Request ids: 1 to 128 printable ASCII characters.
 pub(crate) const MAX_REQUEST_ID_LEN: usize = 128;
 
+/// Job priorities: bounded so that no client can pick a priority no other
+/// can outrank, and so that a later aging scheme has headroom in an `i32`.
+pub(crate) const PRIORITY_RANGE: std::ops::RangeInclusive<i32> = -1000..=1000;
+
+/// How far ahead a job may be scheduled (`delay` / `not_before`): far
+/// enough for "tonight" or "next week", near enough that a forgotten job
+/// does not hold a queue slot for ever.
+pub(crate) const MAX_DELAY: Duration = Duration::from_secs(30 * 24 * 3600);
+
+/// The most attempts a job may ask for: retries beyond that are a loop.
+pub(crate) const MAX_ATTEMPTS: u32 = 100;
+
 /// The most submissions one SubmitBatch may carry.
 pub(crate) const MAX_BATCH: usize = 10_000;
 
@@ -60,6 +72,40 @@ pub(crate) fn timeout(
         })
     })
     .transpose()
+}
+
+/// The time before which a submitted job must not start, from its `delay`
+/// or `not_before` (at most one), bounded by [`MAX_DELAY`] from now.
+fn not_before(
+    delay: Option<prost_types::Duration>,
+    at: Option<prost_types::Timestamp>,
+) -> Result<Option<SystemTime>, Error> {
+    let now = SystemTime::now();
+    let (field, not_before) = match (timeout("delay", delay)?, at) {
+        (Some(_), Some(_)) => {
+            return Err(Error::invalid(
+                "not_before",
+                "set at most one of delay and not_before",
+            ));
+        }
+        (None, None) => return Ok(None),
+        (Some(delay), None) => ("delay", now + delay),
+        (None, Some(at)) => (
+            "not_before",
+            SystemTime::try_from(at)
+                .map_err(|e| Error::invalid("not_before", format!("is not a usable time: {e}")))?,
+        ),
+    };
+    if not_before.duration_since(now).unwrap_or_default() > MAX_DELAY {
+        return Err(Error::invalid(
+            field,
+            format!(
+                "must be at most {} days ahead",
+                MAX_DELAY.as_secs() / 86_400
+            ),
+        ));
+    }
+    Ok(Some(not_before))
 }
 
 impl TryFrom<pb::SubmitRequest> for SubmitSpec {
@@ -98,12 +144,48 @@ impl TryFrom<pb::SubmitRequest> for SubmitSpec {
                 ));
             }
         };
+        if !PRIORITY_RANGE.contains(&req.priority) {
+            return Err(Error::invalid(
+                "priority",
+                format!(
+                    "must be {} to {} (got {})",
+                    PRIORITY_RANGE.start(),
+                    PRIORITY_RANGE.end(),
+                    req.priority
+                ),
+            ));
+        }
+        let not_before = not_before(req.delay, req.not_before)?;
+        let run_timeout = match timeout("timeout", req.timeout)? {
+            Some(limit) if limit.is_zero() || limit > MAX_DELAY => {
+                return Err(Error::invalid(
+                    "timeout",
+                    format!(
+                        "must be more than 0 and at most {} days",
+                        MAX_DELAY.as_secs() / 86_400
+                    ),
+                ));
+            }
+            limit => limit,
+        };
         Ok(Self {
             function: req.function,
             args: value::option_to_json(req.args),
             pool,
             request_id,
             labels: labels(req.labels)?,
+            priority: req.priority,
+            not_before,
+            timeout: run_timeout,
+            max_attempts: match req.max_attempts {
+                0..=MAX_ATTEMPTS => req.max_attempts,
+                n => {
+                    return Err(Error::invalid(
+                        "max_attempts",
+                        format!("must be 0 to {MAX_ATTEMPTS} (got {n})"),
+                    ));
+                }
+            },
         })
     }
 }
@@ -384,6 +466,29 @@ mod tests {
         assert_eq!(field_of(submit(|r| r.function.clear())), "function");
         assert_eq!(field_of(submit(|r| r.function = "a b".into())), "function");
         assert_eq!(field_of(submit(|r| r.pool = "gpu".into())), "pool");
+        assert_eq!(field_of(submit(|r| r.priority = 1001)), "priority");
+        assert_eq!(field_of(submit(|r| r.priority = -1001)), "priority");
+        assert_eq!(submit(|r| r.priority = -1000).unwrap().priority, -1000);
+        let secs = |seconds| prost_types::Duration { seconds, nanos: 0 };
+        assert_eq!(field_of(submit(|r| r.delay = Some(secs(-1)))), "delay");
+        assert_eq!(
+            field_of(submit(|r| r.delay = Some(secs(31 * 86_400)))),
+            "delay"
+        );
+        assert_eq!(
+            field_of(submit(|r| {
+                r.delay = Some(secs(1));
+                r.not_before = Some(SystemTime::now().into());
+            })),
+            "not_before"
+        );
+        assert!(
+            submit(|r| r.delay = Some(secs(60)))
+                .unwrap()
+                .not_before
+                .is_some()
+        );
+        assert_eq!(field_of(submit(|r| r.max_attempts = 101)), "max_attempts");
         assert_eq!(
             field_of(submit(|r| r.request_id = "x".repeat(129))),
             "request_id"

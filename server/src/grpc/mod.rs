@@ -262,6 +262,9 @@ fn wire_error(err: JobError) -> pb::JobError {
         JobError::Panicked(_) => pb::ErrorKind::Panicked,
         JobError::Cancelled => pb::ErrorKind::Cancelled,
         JobError::Interrupted(_) => pb::ErrorKind::Interrupted,
+        JobError::TimedOut(_) => pb::ErrorKind::TimedOut,
+        // Out of attempts: to the client it is a plain failure.
+        JobError::Retryable(_) => pb::ErrorKind::Failed,
     };
     pb::JobError {
         kind: kind.into(),
@@ -292,5 +295,11 @@ fn wire_job(record: JobRecord) -> pb::Job {
         attempt: record.attempt,
         value,
         error,
+        priority: record.priority,
+        not_before: record.not_before.map(Into::into),
+        timeout: record
+            .timeout
+            .and_then(|t| prost_types::Duration::try_from(t).ok()),
+        max_attempts: record.max_attempts,
     }
 }

@@ -265,6 +265,23 @@ impl Store {
         Some(claim)
     }
 
+    /// Puts a running job back to pending for another attempt (false when
+    /// it is already ending); with the durable store, answers after the
+    /// commit.
+    pub(crate) async fn retry(&self, id: JobId, attempt: u32, key: QueueKey) -> bool {
+        if !self.table.retry(id, attempt, key) {
+            return false;
+        }
+        if let Some(durable) = &self.durable
+            && let Err(err) = durable.writer.requeue(vec![(id, attempt)]).await
+        {
+            // Fail-stop: nothing more commits, and after a restart recovery
+            // re-queues the job it finds running.
+            tracing::warn!(%id, %err, "cannot record the job's retry");
+        }
+        true
+    }
+
     /// Records how an attempt ended: durably first, then visible. With the
     /// durable store the writer publishes the outcome after its commit; the
     /// worker does not wait for that.

@@ -49,6 +49,9 @@ pub(crate) struct Claim {
     pub(crate) attempt: u32,
     pub(crate) started_at: SystemTime,
     pub(crate) cancel: CancellationToken,
+    pub(crate) timeout: Option<std::time::Duration>,
+    pub(crate) max_attempts: u32,
+    pub(crate) priority: i32,
 }
 
 /// What a cancel request found. For `Pending` and `AbortAsync` the job is now
@@ -153,7 +156,30 @@ impl JobTable {
             attempt: record.attempt,
             started_at,
             cancel,
+            timeout: record.timeout,
+            max_attempts: record.max_attempts,
+            priority: record.priority,
         })
+    }
+
+    /// Running -> Pending for another attempt after a retryable failure,
+    /// held under `key`. False when the attempt is stale or the job is
+    /// already ending (cancelled, aborted, timed out, stopped).
+    pub(crate) fn retry(&self, id: JobId, attempt: u32, key: QueueKey) -> bool {
+        let Some(mut slot) = self.jobs.get_mut(&id) else {
+            return false;
+        };
+        if slot.record.state != JobState::Running
+            || slot.committing
+            || slot.record.attempt != attempt
+        {
+            return false;
+        }
+        slot.record.state = JobState::Pending;
+        slot.record.started_at = None;
+        slot.cancel = None;
+        slot.queue_key = Some(key);
+        true
     }
 
     /// Starts the terminal transition of `attempt`. False when the job is

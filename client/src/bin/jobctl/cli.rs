@@ -339,6 +339,29 @@ pub(crate) struct Submit {
     /// labels, e.g. --label team=infra --label ticket=42.
     #[arg(long = "label", value_name = "KEY=VALUE", value_parser = parse_label)]
     pub(crate) labels: Vec<(String, String)>,
+
+    /// Priority within the job's pool, -1000 to 1000 (default 0): a higher
+    /// one starts first, equal ones in submission order.
+    #[arg(long, value_name = "N", allow_hyphen_values = true,
+          value_parser = clap::value_parser!(i32).range(-1000..=1000))]
+    pub(crate) priority: Option<i32>,
+
+    /// Do not start the job until this many seconds (fractions allowed, at
+    /// most 30 days) after the server accepts it. (--timeout is the wait
+    /// bound of --wait, not a limit on the job.)
+    #[arg(long, value_name = "SECS", value_parser = parse_seconds, allow_hyphen_values = true)]
+    pub(crate) delay: Option<Duration>,
+
+    /// Limit how long the job may run, in seconds (fractions allowed): past
+    /// it the job fails as timed out. Named --run-timeout because --timeout
+    /// bounds the wait of --wait.
+    #[arg(long, value_name = "SECS", value_parser = parse_seconds, allow_hyphen_values = true)]
+    pub(crate) run_timeout: Option<Duration>,
+
+    /// Allow up to N attempts in all (1 to 100) when the function fails
+    /// with a retryable error; retries back off exponentially, with jitter.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=100))]
+    pub(crate) max_attempts: Option<u32>,
 }
 
 impl Submit {
@@ -348,6 +371,10 @@ impl Submit {
         submission.pool.clone_from(&self.pool);
         submission.request_id.clone_from(&self.request_id);
         submission.labels.extend(self.labels.iter().cloned());
+        submission.priority = self.priority.unwrap_or_default();
+        submission.delay = self.delay;
+        submission.timeout = self.run_timeout;
+        submission.max_attempts = self.max_attempts.unwrap_or_default();
         submission
     }
 }
@@ -458,5 +485,35 @@ mod tests {
             panic!("parsed as {:?}", cli.command);
         };
         assert_eq!(submit.submission().args, json!([-1, "x"]));
+    }
+
+    #[test]
+    fn job_options_reach_the_submission() {
+        let cli = Cli::try_parse_from([
+            "jobctl",
+            "submit",
+            "sleep",
+            "1",
+            "--priority",
+            "-5",
+            "--delay",
+            "0.5",
+            "--run-timeout",
+            "2",
+            "--max-attempts",
+            "3",
+        ])
+        .unwrap();
+        let Command::Submit(submit) = cli.command else {
+            panic!("parsed as {:?}", cli.command);
+        };
+        let submission = submit.submission();
+        assert_eq!(submission.priority, -5);
+        assert_eq!(submission.delay, Some(Duration::from_millis(500)));
+        assert_eq!(submission.timeout, Some(Duration::from_secs(2)));
+        assert_eq!(submission.max_attempts, 3);
+        // --timeout stays the wait bound of --wait, not the job's limit.
+        assert!(Cli::try_parse_from(["jobctl", "submit", "sleep", "--timeout", "2"]).is_err());
+        assert!(Cli::try_parse_from(["jobctl", "submit", "sleep", "--priority", "1001"]).is_err());
     }
 }

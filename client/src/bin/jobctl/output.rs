@@ -105,12 +105,16 @@ pub(crate) fn status(format: Format, job: &JobInfo) -> String {
                 ("submitted", job.submitted_at),
                 ("started", job.started_at),
                 ("finished", job.finished_at),
+                ("not_before", job.not_before),
             ] {
                 if let Some(at) = time(at) {
                     rows.push((key, at));
                 }
             }
             rows.push(("attempt", job.attempt.to_string()));
+            if job.priority != 0 {
+                rows.push(("priority", job.priority.to_string()));
+            }
             match job.outcome.as_ref().map(|o| &o.result) {
                 Some(Ok(value)) => rows.push(("value", value.to_string())),
                 Some(Err((kind, message))) => {
@@ -133,6 +137,8 @@ pub(crate) fn status(format: Format, job: &JobInfo) -> String {
                 "start_time": time(job.started_at),
                 "finish_time": time(job.finished_at),
                 "attempt": job.attempt,
+                "priority": job.priority,
+                "not_before": time(job.not_before),
                 "value": null,
                 "error": null,
             });
@@ -197,6 +203,7 @@ fn error_kind_name(kind: pb::ErrorKind) -> &'static str {
         pb::ErrorKind::Panicked => "panicked",
         pb::ErrorKind::Cancelled => "cancelled",
         pb::ErrorKind::Interrupted => "interrupted",
+        pb::ErrorKind::TimedOut => "timed_out",
         pb::ErrorKind::Unspecified => "unspecified",
     }
 }
@@ -289,6 +296,10 @@ mod tests {
             started_at: None,
             finished_at: None,
             attempt: 0,
+            priority: 0,
+            not_before: None,
+            timeout: None,
+            max_attempts: 1,
             outcome: None,
         };
         let text = status(Format::Text, &job);

@@ -252,6 +252,10 @@ mod tests {
             started_at: None,
             finished_at: None,
             attempt: 1,
+            priority: 0,
+            not_before: None,
+            timeout: None,
+            max_attempts: 1,
             outcome: None,
         };
         let jobs = [

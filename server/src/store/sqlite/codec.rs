@@ -15,7 +15,8 @@ use crate::{
 
 /// The columns `record_from_row` reads, in order.
 pub(crate) const RECORD_COLUMNS: &str = "id, function, pool, state, args, labels, request_id, \
-     submitted_at, started_at, finished_at, attempt, value, error_kind, error";
+     submitted_at, started_at, finished_at, attempt, value, error_kind, error, priority, not_before, timeout_us, \
+     max_attempts";
 
 /// The tombstone reason of a job removed by retention.
 pub(crate) const TOMBSTONE_EXPIRED: i64 = 1;
@@ -78,6 +79,8 @@ pub(crate) fn outcome_columns(outcome: &Outcome) -> (Option<String>, Option<i64>
                 JobError::Panicked(m) => (2, m.as_str()),
                 JobError::Cancelled => (3, ""),
                 JobError::Interrupted(m) => (4, m.as_str()),
+                JobError::TimedOut(m) => (5, m.as_str()),
+                JobError::Retryable(m) => (6, m.as_str()),
             };
             (None, Some(kind), Some(message.to_owned()))
         }
@@ -98,6 +101,8 @@ fn outcome_from_columns(
                 2 => JobError::Panicked(message),
                 3 => JobError::Cancelled,
                 4 => JobError::Interrupted(message),
+                5 => JobError::TimedOut(message),
+                6 => JobError::Retryable(message),
                 other => return Err(bad_value(format!("unknown error kind {other}"))),
             }))
         }
@@ -149,6 +154,12 @@ pub(crate) fn record_from_row(row: &Row<'_>) -> rusqlite::Result<JobRecord> {
         finished_at: row.get::<_, Option<i64>>(9)?.map(from_micros),
         attempt: row.get(10)?,
         outcome: outcome_from_columns(row.get(11)?, row.get(12)?, row.get(13)?)?,
+        priority: row.get(14)?,
+        not_before: row.get::<_, Option<i64>>(15)?.map(from_micros),
+        timeout: row
+            .get::<_, Option<i64>>(16)?
+            .map(|us| Duration::from_micros(u64::try_from(us).unwrap_or(0))),
+        max_attempts: row.get::<_, Option<u32>>(17)?.unwrap_or(1).max(1),
     })
 }
 
@@ -181,6 +192,8 @@ mod tests {
             Err(JobError::Panicked("p".into())),
             Err(JobError::Cancelled),
             Err(JobError::Interrupted("i".into())),
+            Err(JobError::TimedOut("t".into())),
+            Err(JobError::Retryable("r".into())),
         ] {
             let (v, k, m) = outcome_columns(&outcome);
             assert_eq!(outcome_from_columns(v, k, m).unwrap(), Some(outcome));

@@ -45,7 +45,7 @@ pub(crate) fn recover(conn: &mut Connection, registry: &Registry) -> rusqlite::R
              ORDER BY priority DESC, id"
         ))?
         .query_map([], |row| {
-            Ok((record_from_row(row)?, row.get::<_, u32>(14)?))
+            Ok((record_from_row(row)?, row.get::<_, u32>(18)?))
         })?
         .collect::<Result<_, _>>()?;
 

@@ -59,6 +59,16 @@ const MIGRATIONS: &[&str] = &[
     "
     CREATE INDEX jobs_by_function ON jobs (function, id);
     ",
+    // 3: job options. `not_before` (microseconds since the epoch, NULL for
+    // "at once") so that recovery schedules a delayed job again instead of
+    // starting it early; `timeout_us` (NULL for none) so that a recovered job
+    // keeps its running-time limit; `max_attempts` (NULL for 1) so that it
+    // keeps its retries.
+    "
+    ALTER TABLE jobs ADD COLUMN not_before INTEGER;
+    ALTER TABLE jobs ADD COLUMN timeout_us INTEGER;
+    ALTER TABLE jobs ADD COLUMN max_attempts INTEGER;
+    ",
 ];
 
 /// Why the schema could not be brought up to date.

@@ -585,7 +585,8 @@ fn insert(tx: &rusqlite::Transaction<'_>, job: &NewJob) -> rusqlite::Result<Inse
     }
     tx.prepare_cached(
         "INSERT INTO jobs (id, function, pool, state, args, labels, request_id, fingerprint, \
-         submitted_at, attempt) VALUES (?1, ?2, ?3, 1, ?4, ?5, ?6, ?7, ?8, ?9)",
+         submitted_at, attempt, priority, not_before, timeout_us, max_attempts) \
+         VALUES (?1, ?2, ?3, 1, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
     )?
     .execute(params![
         id_bytes(r.id),
@@ -597,6 +598,11 @@ fn insert(tx: &rusqlite::Transaction<'_>, job: &NewJob) -> rusqlite::Result<Inse
         r.request_id.as_ref().map(|_| job.fingerprint.to_vec()),
         micros(r.submitted_at),
         r.attempt,
+        r.priority,
+        r.not_before.map(micros),
+        r.timeout
+            .map(|t| i64::try_from(t.as_micros()).unwrap_or(i64::MAX)),
+        (r.max_attempts > 1).then_some(r.max_attempts),
     ])?;
     transition(tx, r.id, r.attempt, JobState::Pending, r.submitted_at)?;
     Ok(Inserted::New)
