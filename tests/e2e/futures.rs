@@ -255,7 +255,11 @@ async fn the_callers_deadline_ends_a_wait_with_a_normal_answer() {
     let start = Instant::now();
     let answer = client.rpc().wait(request).await.unwrap().into_inner();
     // The server answers a little before the deadline (grpc/deadline.rs).
-    assert!(start.elapsed() >= Duration::from_millis(200), "{:?}", start.elapsed());
+    assert!(
+        start.elapsed() >= Duration::from_millis(200),
+        "{:?}",
+        start.elapsed()
+    );
     assert!(answer.done.is_empty());
     assert_eq!(answer.not_done, [slow.id().to_string()]);
     slow.cancel().await.unwrap();
