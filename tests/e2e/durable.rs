@@ -4,35 +4,23 @@
 use std::time::{Duration, Instant};
 
 use futures::future::join_all;
-use jobd::StoreConfig;
 use jobd_client::{JobId, Submission, pb};
 use serde_json::json;
 use tonic::Code;
 
-use crate::harness::{TestServer, config, registry};
+use crate::harness::{self, TestServer, config};
 
-/// Runs `test` against an in-memory server and against a SQLite one.
+/// Both stores, with the given retention.
 async fn on_both_stores<F, Fut>(retention: Duration, test: F)
 where
     F: Fn(TestServer) -> Fut,
     Fut: std::future::Future<Output = ()>,
 {
-    let dir = tempfile::tempdir().unwrap();
-    for store in [
-        StoreConfig::Memory,
-        StoreConfig::Sqlite {
-            dir: dir.path().to_owned(),
-        },
-    ] {
-        let (registry, _fx) = registry();
-        let config = jobd::EngineConfig {
-            retention,
-            ..config(64, 2, 10_000)
-        };
-        let server = TestServer::start_on(registry, config, Duration::from_secs(5), &store).await;
-        assert_eq!(server.engine.is_durable(), store != StoreConfig::Memory);
-        test(server).await;
-    }
+    let config = jobd::EngineConfig {
+        retention,
+        ..config(64, 2, 10_000)
+    };
+    harness::on_both_stores(config, |server, _fx| test(server)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -12,38 +12,28 @@ use std::{
 };
 
 use futures::{StreamExt as _, TryStreamExt as _};
-use jobd::StoreConfig;
 use jobd_client::{JobClient, JobHandle, JobId, JobState, ListFilter, ReturnWhen, Submission, pb};
 use serde_json::json;
 use tonic::Code;
 
-use crate::harness::{Fixtures, TestServer, config, registry};
+use crate::harness::{self, Fixtures, TestServer, config, registry};
 
 /// Finished jobs kept in memory by the durable server here: small, so that
 /// listings and deletes also meet jobs that are only on disk.
 const CACHE_FINISHED: usize = 20;
 
-/// Runs `test` against an in-memory server and against a SQLite one.
+/// Both stores, with a tiny finished-job cache so that listing also reads
+/// jobs back from disk.
 async fn on_both_stores<F, Fut>(test: F)
 where
     F: Fn(TestServer, Fixtures) -> Fut,
     Fut: std::future::Future<Output = ()>,
 {
-    let dir = tempfile::tempdir().unwrap();
-    for store in [
-        StoreConfig::Memory,
-        StoreConfig::Sqlite {
-            dir: dir.path().to_owned(),
-        },
-    ] {
-        let (registry, fixtures) = registry();
-        let config = jobd::EngineConfig {
-            cache_finished: CACHE_FINISHED,
-            ..config(256, 2, 10_000)
-        };
-        let server = TestServer::start_on(registry, config, Duration::from_secs(5), &store).await;
-        test(server, fixtures).await;
-    }
+    let config = jobd::EngineConfig {
+        cache_finished: CACHE_FINISHED,
+        ..config(256, 2, 10_000)
+    };
+    harness::on_both_stores(config, test).await;
 }
 
 fn ids(handles: &[JobHandle]) -> Vec<JobId> {

@@ -235,3 +235,28 @@ impl TestServer {
             .expect("server failed");
     }
 }
+
+/// Runs `test` against a fixture server on the in-memory store and then on a
+/// SQLite one in a fresh directory, both with `config`.
+pub(crate) async fn on_both_stores<F, Fut>(config: EngineConfig, test: F)
+where
+    F: Fn(TestServer, Fixtures) -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    let dir = tempfile::tempdir().unwrap();
+    for store in [
+        jobd::StoreConfig::Memory,
+        jobd::StoreConfig::Sqlite {
+            dir: dir.path().to_owned(),
+        },
+    ] {
+        let (registry, fixtures) = registry();
+        let server =
+            TestServer::start_on(registry, config.clone(), Duration::from_secs(5), &store).await;
+        assert_eq!(
+            server.engine.is_durable(),
+            store != jobd::StoreConfig::Memory
+        );
+        test(server, fixtures).await;
+    }
+}

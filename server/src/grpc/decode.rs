@@ -390,14 +390,9 @@ fn filter_fingerprint(filter: &ListFilter) -> [u8; 8] {
     out
 }
 
+/// The wire's number of a state (1 to 5), for page-token fingerprints.
 fn state_byte(state: JobState) -> u8 {
-    match state {
-        JobState::Pending => 1,
-        JobState::Running => 2,
-        JobState::Succeeded => 3,
-        JobState::Failed => 4,
-        JobState::Cancelled => 5,
-    }
+    u8::try_from(i32::from(pb::JobState::from(state))).unwrap_or(u8::MAX)
 }
 
 fn labels(

@@ -33,25 +33,17 @@ pub(crate) fn gone_from_reason(reason: i64) -> Gone {
     }
 }
 
+/// States are stored with the wire's numbering (1 pending .. 5 cancelled),
+/// so there is one table of codes, in the .proto.
 pub(crate) fn state_code(state: JobState) -> i64 {
-    match state {
-        JobState::Pending => 1,
-        JobState::Running => 2,
-        JobState::Succeeded => 3,
-        JobState::Failed => 4,
-        JobState::Cancelled => 5,
-    }
+    i64::from(i32::from(jobd_proto::pb::JobState::from(state)))
 }
 
 pub(crate) fn state_from_code(code: i64) -> rusqlite::Result<JobState> {
-    Ok(match code {
-        1 => JobState::Pending,
-        2 => JobState::Running,
-        3 => JobState::Succeeded,
-        4 => JobState::Failed,
-        5 => JobState::Cancelled,
-        other => return Err(bad_value(format!("unknown job state code {other}"))),
-    })
+    i32::try_from(code)
+        .ok()
+        .and_then(|code| JobState::try_from(code).ok())
+        .ok_or_else(|| bad_value(format!("unknown job state code {code}")))
 }
 
 pub(crate) fn pool_code(pool: PoolKind) -> i64 {
