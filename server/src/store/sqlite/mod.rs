@@ -120,6 +120,12 @@ fn configure(conn: &Connection) -> rusqlite::Result<()> {
     conn.pragma_update(None, "synchronous", "FULL")?;
     conn.pragma_update(None, "foreign_keys", "ON")?;
     conn.busy_timeout(std::time::Duration::from_secs(5))?;
+    // A 64 MiB page cache keeps the indexes' hot pages in memory, and
+    // checkpointing every ~40 MiB of WAL instead of every 4 MiB copies a
+    // page that many commits touched once instead of many times. Together
+    // they raised durable Submit by ~15% in `jobctl bench` (same session).
+    conn.pragma_update(None, "cache_size", -64 * 1024)?;
+    conn.pragma_update(None, "wal_autocheckpoint", 10_000)?;
     // No integrity check here: `quick_check` reads every page, which would
     // make start-up grow with history. Corruption surfaces as an error on the
     // first read or write that meets it, and then fails stop.
