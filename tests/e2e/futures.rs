@@ -36,6 +36,18 @@ where
     harness::on_both_stores(config, test).await;
 }
 
+/// Starts a Wait in the background, so the test can change the jobs while
+/// the server waits on them.
+fn spawn_wait(
+    client: &JobClient,
+    jobs: Vec<JobHandle>,
+    return_when: ReturnWhen,
+    timeout: Option<Duration>,
+) -> tokio::task::JoinHandle<jobd_client::WaitResult> {
+    let client = client.clone();
+    tokio::spawn(async move { client.wait(&jobs, return_when, timeout).await.unwrap() })
+}
+
 fn ids(handles: &[JobHandle]) -> Vec<JobId> {
     handles.iter().map(JobHandle::id).collect()
 }
@@ -74,15 +86,12 @@ async fn first_completed_returns_as_soon_as_one_job_ends() {
     let client = server.client().await;
     let slow = client.submit("async_started", json!("slow")).await.unwrap();
     let quick = client.submit("hello", json!("Ann")).await.unwrap();
-    let waiting = {
-        let (client, jobs) = (client.clone(), vec![slow.clone(), quick.clone()]);
-        tokio::spawn(async move {
-            client
-                .wait(&jobs, ReturnWhen::FirstCompleted, None)
-                .await
-                .unwrap()
-        })
-    };
+    let waiting = spawn_wait(
+        &client,
+        vec![slow.clone(), quick.clone()],
+        ReturnWhen::FirstCompleted,
+        None,
+    );
     // Both are pending and the Wait waits on both; only now may they run.
     server.until_waiters(2).await;
     server.engine.set_paused(false);
@@ -121,15 +130,7 @@ async fn first_exception_returns_on_the_first_failure_not_on_a_cancel() {
     assert!(cancelled.cancel().await.unwrap().cancelled);
     let failing = client.submit("fail", json!("x")).await.unwrap();
     let jobs = vec![slow.clone(), cancelled.clone(), failing.clone()];
-    let waiting = {
-        let (client, jobs) = (client.clone(), jobs.clone());
-        tokio::spawn(async move {
-            client
-                .wait(&jobs, ReturnWhen::FirstException, None)
-                .await
-                .unwrap()
-        })
-    };
+    let waiting = spawn_wait(&client, jobs.clone(), ReturnWhen::FirstException, None);
     // A cancelled job is done, but it is not an exception: still waiting.
     server.until_waiters(2).await;
     server.engine.set_paused(false);
@@ -145,19 +146,12 @@ async fn first_exception_returns_on_the_first_failure_not_on_a_cancel() {
     let running = client.submit("async_started", json!("r")).await.unwrap();
     fx.started.recv().await.unwrap();
     let start = Instant::now();
-    let waiting = {
-        let (client, jobs) = (client.clone(), vec![slow.clone(), running.clone()]);
-        tokio::spawn(async move {
-            client
-                .wait(
-                    &jobs,
-                    ReturnWhen::FirstException,
-                    Some(Duration::from_millis(600)),
-                )
-                .await
-                .unwrap()
-        })
-    };
+    let waiting = spawn_wait(
+        &client,
+        vec![slow.clone(), running.clone()],
+        ReturnWhen::FirstException,
+        Some(Duration::from_millis(600)),
+    );
     server.until_waiters(2).await;
     running.cancel().await.unwrap();
     let split = waiting.await.unwrap();
@@ -209,19 +203,12 @@ async fn all_completed_with_a_timeout_returns_the_split_at_that_moment() {
 
     // When everything finishes, ALL_COMPLETED returns without the timeout.
     let start = Instant::now();
-    let waiting = {
-        let (client, jobs) = (client.clone(), vec![slow.clone(), quick.clone()]);
-        tokio::spawn(async move {
-            client
-                .wait(
-                    &jobs,
-                    ReturnWhen::AllCompleted,
-                    Some(Duration::from_secs(60)),
-                )
-                .await
-                .unwrap()
-        })
-    };
+    let waiting = spawn_wait(
+        &client,
+        vec![slow.clone(), quick.clone()],
+        ReturnWhen::AllCompleted,
+        Some(Duration::from_secs(60)),
+    );
     server.until_waiters(1).await;
     slow.cancel().await.unwrap();
     let split = waiting.await.unwrap();
