@@ -4,15 +4,23 @@ use std::collections::HashMap;
 
 use jobd_proto::{JobId, JobState, pb, value};
 use serde::Serialize;
-use tonic::transport::{Channel, Endpoint};
+use tonic::{
+    service::interceptor::InterceptedService,
+    transport::{Channel, Endpoint},
+};
 
-use crate::{Error, handle::JobHandle};
+use crate::{CallCredentials, ConnectOptions, Error, handle::JobHandle};
+
+/// The generated stub as [`JobClient`] holds it: every call goes through
+/// [`CallCredentials`], which adds the bearer token when there is one.
+pub type RpcClient =
+    pb::job_service_client::JobServiceClient<InterceptedService<Channel, CallCredentials>>;
 
 /// A connection to one jobd server. Cheap to clone: clones share the
 /// underlying HTTP/2 connection, and calls on it run concurrently.
 #[derive(Debug, Clone)]
 pub struct JobClient {
-    rpc: pb::job_service_client::JobServiceClient<Channel>,
+    rpc: RpcClient,
 }
 
 /// A submission with every option; [`JobClient::submit`] covers the common
@@ -148,22 +156,60 @@ impl JobClient {
     ///
     /// [`Error::InvalidAddress`] or [`Error::Transport`].
     pub async fn connect(addr: impl AsRef<str>) -> Result<Self, Error> {
-        let channel = endpoint(addr.as_ref())?.connect().await?;
-        Ok(Self::from_channel(channel))
+        Self::connect_with(addr, ConnectOptions::new()).await
     }
 
-    /// Wraps an existing channel (to share it, or to configure TLS,
-    /// timeouts or interceptors yourself).
+    /// Connects with TLS settings and a bearer token (see
+    /// [`ConnectOptions`]). `addr` as for [`JobClient::connect`]; use
+    /// `https://` for a server that serves TLS.
+    ///
+    /// ```no_run
+    /// # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+    /// use jobd_client::{ConnectOptions, JobClient};
+    ///
+    /// let options = ConnectOptions::new()
+    ///     .ca_certificate_pem(std::fs::read("ca.pem")?)
+    ///     .client_identity_pem(std::fs::read("me.pem")?, std::fs::read("me.key")?)
+    ///     .bearer_token(std::fs::read_to_string("token")?);
+    /// let client = JobClient::connect_with("https://jobd.example:50051", options).await?;
+    /// println!("{} functions", client.functions().await?.len());
+    /// # Ok(()) }
+    /// ```
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidAddress`], [`Error::InvalidOptions`] (bad PEM, a token
+    /// that cannot be a header, TLS settings on an `http://` address), or
+    /// [`Error::Transport`] (unreachable, or the TLS handshake failed).
+    pub async fn connect_with(
+        addr: impl AsRef<str>,
+        options: ConnectOptions,
+    ) -> Result<Self, Error> {
+        let credentials = options.credentials()?;
+        let endpoint = options.configure(endpoint(addr.as_ref())?)?;
+        let channel = endpoint.connect().await?;
+        Ok(Self::from_channel_with(channel, credentials))
+    }
+
+    /// Wraps an existing channel (to share it, or to configure timeouts
+    /// yourself), sending no token.
     #[must_use]
     pub fn from_channel(channel: Channel) -> Self {
+        Self::from_channel_with(channel, CallCredentials::none())
+    }
+
+    /// Wraps an existing channel, sending `credentials` with every call.
+    #[must_use]
+    pub fn from_channel_with(channel: Channel, credentials: CallCredentials) -> Self {
         Self {
-            rpc: pb::job_service_client::JobServiceClient::new(channel),
+            rpc: pb::job_service_client::JobServiceClient::with_interceptor(channel, credentials),
         }
     }
 
-    /// The generated gRPC stub, for calls this library does not wrap.
+    /// The generated gRPC stub, for calls this library does not wrap. It
+    /// sends the client's token, if any.
     #[must_use]
-    pub fn rpc(&self) -> pb::job_service_client::JobServiceClient<Channel> {
+    pub fn rpc(&self) -> RpcClient {
         self.rpc.clone()
     }
 
@@ -290,7 +336,7 @@ impl JobClient {
     /// the same job instead of creating a second one.
     async fn with_retries<T, F, Fut>(&self, mut call: F) -> Result<T, Error>
     where
-        F: FnMut(pb::job_service_client::JobServiceClient<Channel>) -> Fut,
+        F: FnMut(RpcClient) -> Fut,
         Fut: std::future::Future<Output = Result<T, tonic::Status>>,
     {
         let mut delay = RETRY_FIRST_DELAY;

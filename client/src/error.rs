@@ -14,6 +14,10 @@ pub enum Error {
         /// What is wrong with it.
         reason: String,
     },
+    /// The connection options are unusable (bad PEM, a token that cannot be
+    /// sent as a header, TLS settings for an `http://` address).
+    #[error("invalid connection options: {0}")]
+    InvalidOptions(String),
     /// The connection could not be made or broke.
     #[error("cannot reach jobd: {0}")]
     Transport(#[from] tonic::transport::Error),

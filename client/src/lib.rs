@@ -18,6 +18,9 @@
 //! [`Error::Cancelled`]; every other variant means the request itself failed.
 //! Use [`JobHandle::outcome`] to get a failed job's outcome as data instead.
 //!
+//! A server with TLS or tokens: [`JobClient::connect_with`] and
+//! [`ConnectOptions`] (CA certificate, client certificate, bearer token).
+//!
 //! Many jobs at once: [`JobClient::wait`] and [`JobClient::as_completed`]
 //! are `concurrent.futures.wait` and `as_completed`; [`JobClient::list_jobs`]
 //! and [`JobClient::list_all`] list jobs, newest first, with filters.
@@ -27,11 +30,13 @@
 //! CLI's dependencies.
 
 mod client;
+mod connect;
 mod error;
 mod handle;
 mod sets;
 
-pub use client::{FunctionInfo, JobClient, Submission};
+pub use client::{FunctionInfo, JobClient, RpcClient, Submission};
+pub use connect::{CallCredentials, ConnectOptions};
 pub use error::Error;
 pub use handle::{CancelReport, JobHandle, JobInfo, JobOutcome};
 pub use jobd_proto::{JobId, JobState, pb};

@@ -29,9 +29,10 @@
 //! Module map: [`function`] (the registry), [`ctx`] (what a running job
 //! sees), [`job`] (records and outcomes), `engine` (queues, pools, the job
 //! table), `grpc` (the wire), [`server`] (assembly and shutdown),
-//! [`limits`] (transport limits and load shedding), [`builtins`] (the
-//! shipped functions).
+//! [`limits`] (transport limits and load shedding), [`auth`] (bearer
+//! tokens), [`tls`] (certificates), [`builtins`] (the shipped functions).
 
+pub mod auth;
 pub mod builtins;
 pub mod ctx;
 mod engine;
@@ -42,6 +43,7 @@ pub mod job;
 pub mod limits;
 pub mod server;
 pub mod store;
+pub mod tls;
 
 pub use ctx::Ctx;
 pub use engine::{
@@ -52,5 +54,5 @@ pub use function::{PoolKind, Registry};
 pub use grpc::JobService;
 pub use job::{Finished, JobError, JobRecord, Outcome};
 pub use limits::ServerLimits;
-pub use server::{ServeError, serve, serve_with_limits};
+pub use server::{Security, ServeError, serve, serve_with_limits, serve_with_security};
 pub use store::{Gone, StoreConfig, StoreError};

@@ -5,12 +5,15 @@ use std::{
     net::SocketAddr,
     num::{NonZeroU32, NonZeroUsize},
     path::PathBuf,
+    sync::Arc,
     time::Duration,
 };
 
 use anyhow::Context as _;
 use clap::Parser;
-use jobd::{Engine, EngineConfig, ServerLimits, StoreConfig};
+use jobd::{
+    Engine, EngineConfig, Security, ServerLimits, StoreConfig, auth::TokenSet, tls::TlsConfig,
+};
 use tracing_subscriber::EnvFilter;
 
 /// jobd: run named job functions on async and blocking pools, over gRPC.
@@ -24,7 +27,8 @@ use tracing_subscriber::EnvFilter;
 #[command(version, about, long_about)]
 struct Args {
     /// Address to listen on. Port 0 picks a free port; the actual address is
-    /// printed as `listening on ADDR`.
+    /// printed as `listening on ADDR`. A non-loopback address needs TLS and
+    /// authentication, or --insecure-listen.
     #[arg(long, env = "JOBD_LISTEN", default_value = "127.0.0.1:50051")]
     listen: SocketAddr,
 
@@ -141,6 +145,50 @@ struct Args {
     #[arg(long, env = "JOBD_TCP_KEEPALIVE", default_value = "60s", value_parser = parse_duration)]
     tcp_keepalive: Duration,
 
+    /// Serve TLS with this certificate chain (PEM). Needs --tls-key. Clients
+    /// then connect to https://HOST:PORT.
+    #[arg(long, env = "JOBD_TLS_CERT", value_name = "PEM", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+
+    /// The private key of --tls-cert (PEM: PKCS#8, PKCS#1 or SEC1).
+    #[arg(long, env = "JOBD_TLS_KEY", value_name = "PEM", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+
+    /// Mutual TLS: require every client to present a certificate issued by
+    /// one of these CAs (PEM). Needs --tls-cert.
+    #[arg(
+        long,
+        env = "JOBD_TLS_CLIENT_CA",
+        value_name = "PEM",
+        requires = "tls_cert"
+    )]
+    tls_client_ca: Option<PathBuf>,
+
+    /// How long a client may take to finish the TLS handshake before its
+    /// connection is closed (it holds a connection slot meanwhile).
+    #[arg(long, env = "JOBD_TLS_HANDSHAKE_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    tls_handshake_timeout: Duration,
+
+    /// Require a bearer token on every JobService call. FILE holds one token
+    /// per line, `TOKEN [name=NAME] [readonly]` (# starts a comment); tokens
+    /// are at least 16 characters, and the file must not be world-readable.
+    /// A readonly token may ask (Done, Result, GetJob, ListJobs, Wait,
+    /// ListFunctions) but not change (Submit, SubmitBatch, Cancel, DeleteJob).
+    /// Health checks never need a token.
+    #[arg(long, env = "JOBD_AUTH_TOKEN_FILE", value_name = "FILE")]
+    auth_token_file: Option<PathBuf>,
+
+    /// Require a token for server reflection too (any valid token).
+    #[arg(long, env = "JOBD_AUTH_REFLECTION", requires = "auth_token_file")]
+    auth_reflection: bool,
+
+    /// Allow listening on a non-loopback address without TLS and
+    /// authentication (tokens or client certificates). Without it jobd
+    /// refuses, since anyone who can reach the port could run jobs and read
+    /// every result.
+    #[arg(long, env = "JOBD_INSECURE_LISTEN")]
+    insecure_listen: bool,
+
     /// TEST ONLY: cap the database at this many pages, to make "disk full"
     /// happen on demand in tests.
     #[arg(long, hide = true)]
@@ -177,6 +225,57 @@ impl Args {
             max_encoding_message_size: self.max_response_bytes.get(),
         }
     }
+}
+
+/// Refuses to expose jobd beyond this machine unprotected: a non-loopback
+/// address needs TLS (or the token travels in clear) and a way to tell
+/// clients apart (tokens or client certificates), unless the operator says
+/// `--insecure-listen`.
+fn check_exposure(
+    addr: SocketAddr,
+    tls: bool,
+    authenticated: bool,
+    insecure_listen: bool,
+) -> anyhow::Result<()> {
+    if addr.ip().is_loopback() || insecure_listen {
+        return Ok(());
+    }
+    let missing = match (tls, authenticated) {
+        (true, true) => return Ok(()),
+        (false, false) => "TLS and authentication",
+        (false, true) => "TLS (tokens would travel in clear)",
+        (true, false) => "authentication (anyone reaching the port could run jobs)",
+    };
+    anyhow::bail!(
+        "refusing to listen on {addr} without {missing}: give --tls-cert/--tls-key and \
+         --auth-token-file (or --tls-client-ca), or --insecure-listen to accept the risk"
+    )
+}
+
+/// The TLS and token settings the flags describe, each file read and checked.
+fn security(args: &Args) -> anyhow::Result<Security> {
+    let tls = match (&args.tls_cert, &args.tls_key) {
+        (Some(cert), Some(key)) => {
+            let mut tls = TlsConfig::from_files(cert, key, args.tls_client_ca.as_deref())
+                .context("--tls-cert/--tls-key")?;
+            tls.handshake_timeout = args.tls_handshake_timeout;
+            Some(tls)
+        }
+        // clap's `requires` makes one without the other a usage error.
+        _ => None,
+    };
+    let tokens = args
+        .auth_token_file
+        .as_deref()
+        .map(TokenSet::load)
+        .transpose()
+        .context("--auth-token-file")?
+        .map(Arc::new);
+    Ok(Security {
+        tls,
+        tokens,
+        auth_reflection: args.auth_reflection,
+    })
 }
 
 fn parse_duration(raw: &str) -> Result<Duration, String> {
@@ -254,6 +353,17 @@ async fn run(args: Args) -> anyhow::Result<()> {
         },
         StoreKind::Memory => StoreConfig::Memory,
     };
+    let security = security(&args)?;
+    check_exposure(
+        args.listen,
+        security.tls.is_some(),
+        security.tokens.is_some()
+            || security
+                .tls
+                .as_ref()
+                .is_some_and(|tls| tls.client_ca_pem.is_some()),
+        args.insecure_listen,
+    )?;
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;
@@ -270,12 +380,19 @@ async fn run(args: Args) -> anyhow::Result<()> {
     println!("listening on {addr}");
     let limits = args.limits();
     tracing::info!(?limits, "transport limits");
-    jobd::serve_with_limits(
+    tracing::info!(
+        tls = ?security.tls,
+        tokens = ?security.tokens,
+        auth_reflection = security.auth_reflection,
+        "security"
+    );
+    jobd::serve_with_security(
         listener,
         engine,
         shutdown_signal(),
         args.shutdown_grace,
         limits,
+        security,
     )
     .await?;
     tracing::info!("stopped");
@@ -332,6 +449,27 @@ mod tests {
         let args = Args::try_parse_from(["jobd"]).unwrap();
         let from_flags = format!("{:?}", args.limits());
         assert_eq!(from_flags, format!("{:?}", ServerLimits::default()));
+    }
+
+    #[test]
+    fn only_loopback_may_listen_unprotected() {
+        let at = |addr: &str| addr.parse::<SocketAddr>().unwrap();
+        for loopback in ["127.0.0.1:1", "127.1.2.3:1", "[::1]:1"] {
+            assert!(check_exposure(at(loopback), false, false, false).is_ok());
+        }
+        for exposed in ["0.0.0.0:1", "[::]:1", "10.0.0.7:1"] {
+            let refused = |tls, auth| {
+                check_exposure(at(exposed), tls, auth, false)
+                    .unwrap_err()
+                    .to_string()
+            };
+            assert!(refused(false, false).contains("without TLS and authentication"));
+            assert!(refused(false, true).contains("without TLS"));
+            assert!(refused(true, false).contains("without authentication"));
+            assert!(refused(false, false).contains("--insecure-listen"));
+            assert!(check_exposure(at(exposed), true, true, false).is_ok());
+            assert!(check_exposure(at(exposed), false, false, true).is_ok());
+        }
     }
 
     #[test]

@@ -2,9 +2,11 @@
 //! and reflection (`v1` and `v1alpha`), on a listener the caller bound, with
 //! one shutdown path shared by `main` and the tests. Every transport limit
 //! ([`ServerLimits`]) is applied here, in one place, so none is left at a
-//! "no limit" default by accident.
+//! "no limit" default by accident, and so is [`Security`]: TLS on the
+//! transport, and the token check wrapped around the whole of JobService
+//! (health always open, reflection open unless `auth_reflection`).
 
-use std::{future::Future, time::Duration};
+use std::{future::Future, sync::Arc, time::Duration};
 
 use jobd_proto::pb::job_service_server::JobServiceServer;
 use tokio::net::TcpListener;
@@ -13,10 +15,36 @@ use tonic::transport::server::TcpIncoming;
 use tonic_health::ServingStatus;
 
 use crate::{
+    auth::{Authenticated, Guard, TokenSet},
     engine::Engine,
     grpc::JobService,
     limits::{InFlightLimit, ServerLimits, limited_incoming},
+    tls::TlsConfig,
 };
+
+/// Who may connect and call: TLS and bearer tokens. `Default` is neither
+/// (plaintext, every call allowed), as [`serve`] and [`serve_with_limits`]
+/// use.
+///
+/// ```
+/// let tokens = jobd::auth::TokenSet::parse("inline", "0123456789abcdef0123 name=ci")?;
+/// let security = jobd::Security {
+///     tokens: Some(std::sync::Arc::new(tokens)),
+///     ..Default::default()
+/// };
+/// assert!(security.tls.is_none());
+/// # Ok::<(), jobd::auth::TokenFileError>(())
+/// ```
+#[derive(Debug, Clone, Default)]
+pub struct Security {
+    /// Serve TLS (and require client certificates when it has a client CA).
+    pub tls: Option<TlsConfig>,
+    /// Require one of these bearer tokens on every JobService call.
+    pub tokens: Option<Arc<TokenSet>>,
+    /// Require a token for reflection too (any valid token, read-only ones
+    /// included). Health checks never need one.
+    pub auth_reflection: bool,
+}
 
 /// How long the transport gets, after the engine has drained, to flush its
 /// last answers and close connections before `serve` returns anyway.
@@ -89,6 +117,51 @@ pub async fn serve_with_limits(
     grace: Duration,
     limits: ServerLimits,
 ) -> Result<(), ServeError> {
+    serve_with_security(
+        listener,
+        engine,
+        shutdown,
+        grace,
+        limits,
+        Security::default(),
+    )
+    .await
+}
+
+/// As [`serve_with_limits`], with TLS and bearer-token authentication as
+/// `security` says.
+///
+/// ```no_run
+/// # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+/// use std::{path::Path, sync::Arc, time::Duration};
+/// use jobd::{builtins, auth::TokenSet, tls::TlsConfig, Engine, EngineConfig, Security};
+///
+/// let security = Security {
+///     tls: Some(TlsConfig::from_files(Path::new("server.pem"), Path::new("server.key"), None)?),
+///     tokens: Some(Arc::new(TokenSet::load(Path::new("tokens"))?)),
+///     auth_reflection: false,
+/// };
+/// let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+/// let engine = Engine::start(builtins::registry(), EngineConfig::default());
+/// let shutdown = async { let _ = tokio::signal::ctrl_c().await; };
+/// jobd::serve_with_security(
+///     listener, engine, shutdown, Duration::from_secs(30), Default::default(), security,
+/// ).await?;
+/// # Ok(()) }
+/// ```
+///
+/// # Errors
+///
+/// [`ServeError`] if reflection cannot be built, the TLS configuration is
+/// refused, or the transport fails.
+pub async fn serve_with_security(
+    listener: TcpListener,
+    engine: Engine,
+    shutdown: impl Future<Output = ()> + Send,
+    grace: Duration,
+    limits: ServerLimits,
+    security: Security,
+) -> Result<(), ServeError> {
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<JobServiceServer<JobService>>().await;
 
@@ -109,8 +182,21 @@ pub async fn serve_with_limits(
     // Only JobService is behind the global in-flight limit: health and
     // reflection are cheap and must keep answering while it sheds load.
     let job_service = InFlightLimit::new(job_service, limits.max_in_flight);
+    // Outermost, so a call without a valid token costs no in-flight permit
+    // and reaches nothing. Wrapping the whole service (not listing methods)
+    // is what makes every JobService method, present and future, checked.
+    let job_service = Authenticated::new(job_service, security.tokens.clone(), Guard::JobService);
+    let reflection_tokens = security.tokens.clone().filter(|_| security.auth_reflection);
+    let reflection_v1 =
+        Authenticated::new(reflection_v1, reflection_tokens.clone(), Guard::AnyToken);
+    let reflection_v1alpha =
+        Authenticated::new(reflection_v1alpha, reflection_tokens, Guard::AnyToken);
     let stop_transport = CancellationToken::new();
-    let server = tonic::transport::Server::builder()
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(tls) = &security.tls {
+        builder = builder.tls_config(tls.server_config())?;
+    }
+    let server = builder
         .max_concurrent_streams(limits.max_concurrent_streams)
         // With load shedding on, a call beyond the per-connection limit is
         // answered RESOURCE_EXHAUSTED at once instead of waiting in a queue

@@ -6,6 +6,7 @@
 
 use std::{
     num::{NonZeroU32, NonZeroU64},
+    path::PathBuf,
     time::Duration,
 };
 
@@ -34,7 +35,9 @@ Examples:
   jobctl delete <id>                   forget a finished job
   jobctl -o json status <id>           the whole job as one JSON object
   jobctl bench --mode roundtrip        jobs/s and latency, next to the gRPC floor
-  JOBD_ADDR=http://10.0.0.7:50051 jobctl functions";
+  JOBD_ADDR=http://10.0.0.7:50051 jobctl functions
+  jobctl --addr https://jobd.example:50051 --ca-cert ca.pem --token-file ~/.jobd-token list
+  JOBD_TOKEN=$(cat token) jobctl --addr https://jobd.example:50051 functions";
 
 const AFTER_LONG_HELP: &str = "\
 Exit codes:
@@ -44,6 +47,10 @@ Exit codes:
     2  usage error: bad flags, a malformed job id or label, a bad --addr
     3  the request failed: jobd unreachable, unknown job or function, timeout
   130  interrupted by Ctrl-C while waiting (the job keeps running)
+
+TLS and tokens: an https:// address uses TLS (--ca-cert, or the system's
+roots). The bearer token comes from --token-file, else from the JOBD_TOKEN
+environment variable (the token itself; never a flag, which `ps` would show).
 
 Logging goes to stderr and follows RUST_LOG (default: warn).";
 
@@ -66,6 +73,38 @@ pub(crate) struct Cli {
         global = true
     )]
     pub(crate) addr: String,
+
+    /// Trust this CA certificate (PEM) for the server's TLS certificate,
+    /// instead of the system's roots. For https:// addresses.
+    #[arg(long, env = "JOBD_CA_CERT", value_name = "PEM", global = true)]
+    pub(crate) ca_cert: Option<PathBuf>,
+
+    /// Present this certificate (PEM) to a server that requires client
+    /// certificates (mutual TLS). Needs --client-key.
+    #[arg(
+        long,
+        env = "JOBD_CLIENT_CERT",
+        value_name = "PEM",
+        global = true,
+        requires = "client_key"
+    )]
+    pub(crate) client_cert: Option<PathBuf>,
+
+    /// The private key (PEM) of --client-cert.
+    #[arg(
+        long,
+        env = "JOBD_CLIENT_KEY",
+        value_name = "PEM",
+        global = true,
+        requires = "client_cert"
+    )]
+    pub(crate) client_key: Option<PathBuf>,
+
+    /// Read the bearer token from FILE (its first word that is not in a
+    /// # comment, so jobd's own token file works too). Without it the token
+    /// comes from the JOBD_TOKEN environment variable, if set.
+    #[arg(long, env = "JOBD_TOKEN_FILE", value_name = "FILE", global = true)]
+    pub(crate) token_file: Option<PathBuf>,
 
     /// How to print answers: `text` for people, `json` for scripts (one
     /// compact JSON object per line).

@@ -7,7 +7,7 @@ use std::{
     time::Duration,
 };
 
-use jobd_client::{Error as ClientError, JobClient, JobHandle, JobId, JobOutcome};
+use jobd_client::{ConnectOptions, Error as ClientError, JobClient, JobHandle, JobId, JobOutcome};
 
 use crate::{
     bench,
@@ -23,7 +23,8 @@ pub(crate) const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Runs `cli.command`, printing its answer on stdout.
 pub(crate) async fn run(cli: Cli) -> Result<(), Failure> {
-    let client = connect(&cli.addr).await?;
+    let options = connect_options(&cli)?;
+    let client = connect(&cli.addr, options).await?;
     execute(&client, &cli.addr, cli.command, cli.output)
         .await
         .map_err(|failure| failure.lost_connection(&cli.addr))
@@ -68,12 +69,66 @@ async fn execute(
     }
 }
 
-async fn connect(addr: &str) -> Result<JobClient, Failure> {
+/// The TLS files and token the flags and environment name, read now so that
+/// a missing file is a usage error, not a connection failure.
+fn connect_options(cli: &Cli) -> Result<ConnectOptions, Failure> {
+    let read = |what, path: &std::path::Path| {
+        std::fs::read(path).map_err(|error| Failure::File {
+            what,
+            path: path.display().to_string(),
+            reason: error.to_string(),
+        })
+    };
+    let mut options = ConnectOptions::new();
+    if let Some(path) = &cli.ca_cert {
+        options = options.ca_certificate_pem(read("--ca-cert", path)?);
+    }
+    if let (Some(cert), Some(key)) = (&cli.client_cert, &cli.client_key) {
+        options =
+            options.client_identity_pem(read("--client-cert", cert)?, read("--client-key", key)?);
+    }
+    let token = match &cli.token_file {
+        Some(path) => {
+            let text = read("--token-file", path)?;
+            let token = token_in(&String::from_utf8_lossy(&text)).ok_or_else(|| Failure::File {
+                what: "--token-file",
+                path: path.display().to_string(),
+                reason: "it holds no token".to_owned(),
+            })?;
+            Some(token)
+        }
+        None => std::env::var("JOBD_TOKEN")
+            .ok()
+            .filter(|t| !t.trim().is_empty()),
+    };
+    // bench opens its own plaintext connections without a token.
+    let secured = cli.addr.starts_with("https://") || cli.ca_cert.is_some() || token.is_some();
+    if secured && matches!(cli.command, Command::Bench(_)) {
+        return Err(Failure::BenchUnsupported);
+    }
+    if let Some(token) = token {
+        options = options.bearer_token(token);
+    }
+    Ok(options)
+}
+
+/// The token in a token file: the first word of the first line that is
+/// neither blank nor a `#` comment (jobd's `TOKEN [name=NAME] [readonly]`
+/// lines work as they are).
+fn token_in(text: &str) -> Option<String> {
+    text.lines()
+        .map(str::trim)
+        .find(|line| !line.is_empty() && !line.starts_with('#'))
+        .and_then(|line| line.split_whitespace().next())
+        .map(str::to_owned)
+}
+
+async fn connect(addr: &str, options: ConnectOptions) -> Result<JobClient, Failure> {
     let unreachable = |reason| Failure::Unreachable {
         addr: addr.to_owned(),
         reason,
     };
-    match tokio::time::timeout(CONNECT_TIMEOUT, JobClient::connect(addr)).await {
+    match tokio::time::timeout(CONNECT_TIMEOUT, JobClient::connect_with(addr, options)).await {
         Ok(Ok(client)) => Ok(client),
         Ok(Err(ClientError::Transport(error))) => Err(unreachable(root_cause(&error))),
         Ok(Err(error)) => Err(error.into()),

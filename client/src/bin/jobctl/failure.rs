@@ -73,6 +73,19 @@ pub(crate) enum Failure {
         /// Why, in a few words.
         reason: String,
     },
+    /// A file named by a flag (certificate, key, token) cannot be used.
+    #[error("cannot use {what} {path}: {reason}")]
+    File {
+        /// Which flag's file, e.g. "--ca-cert".
+        what: &'static str,
+        /// The file.
+        path: String,
+        /// Why, in a few words.
+        reason: String,
+    },
+    /// `bench` was asked for TLS or a token, which it does not support.
+    #[error("bench does not support TLS or tokens yet; run it against a plaintext loopback jobd")]
+    BenchUnsupported,
     /// Any other failure reported by the client library.
     #[error(transparent)]
     Client(#[from] ClientError),
@@ -126,11 +139,11 @@ impl Failure {
             | Self::ConnectionLost { .. }
             | Self::TimedOut { .. }
             | Self::NothingSucceeded { .. } => Exit::Rpc,
-            Self::ServerMemory { .. } => Exit::Usage,
+            Self::ServerMemory { .. } | Self::File { .. } | Self::BenchUnsupported => Exit::Usage,
             Self::Interrupted { .. } => Exit::Interrupted,
             Self::Job { .. } | Self::Output(_) => Exit::JobUnsuccessful,
             Self::Client(error) => match error {
-                ClientError::InvalidAddress { .. } => Exit::Usage,
+                ClientError::InvalidAddress { .. } | ClientError::InvalidOptions(_) => Exit::Usage,
                 ClientError::JobFailed { .. } | ClientError::Cancelled { .. } => {
                     Exit::JobUnsuccessful
                 }
