@@ -138,12 +138,17 @@ impl ConnectOptions {
                 "the bearer token is empty".to_owned(),
             ));
         }
-        let mut value: AsciiMetadataValue = MetadataValue::try_from(format!("Bearer {token}"))
-            .map_err(|_| {
-                Error::InvalidOptions(
-                    "the bearer token may only hold visible ASCII characters".to_owned(),
-                )
-            })?;
+        let invalid = || {
+            Error::InvalidOptions(
+                "the bearer token may only hold visible ASCII characters".to_owned(),
+            )
+        };
+        // HTTP would also take bytes above 0x7f; jobd's tokens never have them.
+        if !token.bytes().all(|b| b.is_ascii_graphic()) {
+            return Err(invalid());
+        }
+        let mut value: AsciiMetadataValue =
+            MetadataValue::try_from(format!("Bearer {token}")).map_err(|_| invalid())?;
         // Never indexed by HPACK, and hidden by http's Debug.
         value.set_sensitive(true);
         Ok(CallCredentials {
