@@ -3,6 +3,8 @@
 
 #![allow(dead_code, unreachable_pub)]
 
+pub mod pki;
+
 use std::{
     io::{BufRead, BufReader},
     net::SocketAddr,
@@ -68,6 +70,12 @@ impl JobdProcess {
 
     pub fn url(&self) -> String {
         format!("http://{}", self.addr)
+    }
+
+    /// The `https://localhost:PORT` address of a server started with TLS
+    /// (the test certificates name `localhost`).
+    pub fn https_url(&self) -> String {
+        format!("https://localhost:{}", self.addr.port())
     }
 
     pub fn pid(&self) -> u32 {
