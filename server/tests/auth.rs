@@ -63,23 +63,28 @@ async fn channel(server: &JobdProcess) -> Channel {
         .unwrap()
 }
 
-/// A raw stub that sends `header: value` (or nothing) with every call.
-fn stub_with(
-    channel: Channel,
-    header: Option<(&'static str, String)>,
-) -> JobServiceClient<
-    tonic::service::interceptor::InterceptedService<
-        Channel,
-        impl FnMut(tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> + Clone,
-    >,
-> {
-    JobServiceClient::with_interceptor(channel, move |mut request: tonic::Request<()>| {
-        if let Some((name, value)) = &header {
+/// Sends one chosen header (or none) with every call.
+#[derive(Clone)]
+struct Header(Option<(&'static str, String)>);
+
+impl tonic::service::Interceptor for Header {
+    fn call(
+        &mut self,
+        mut request: tonic::Request<()>,
+    ) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some((name, value)) = &self.0 {
             let value = MetadataValue::try_from(value.as_str()).unwrap();
             request.metadata_mut().insert(*name, value);
         }
         Ok(request)
-    })
+    }
+}
+
+type Stub = JobServiceClient<tonic::service::interceptor::InterceptedService<Channel, Header>>;
+
+/// A raw stub that sends `header: value` (or nothing) with every call.
+fn stub_with(channel: Channel, header: Option<(&'static str, String)>) -> Stub {
+    JobServiceClient::with_interceptor(channel, Header(header))
 }
 
 fn submit_request() -> pb::SubmitRequest {
