@@ -1,5 +1,5 @@
 //! Bearer-token authentication and read/write authorization for
-//! `jobd.v1.JobService`, in one tower layer ([`Authenticated`]) that
+//! `jobd.v1.JobService`, in one tower layer (`Authenticated`) that
 //! `server.rs` wraps around the whole service, so every method, including
 //! ones added later, passes through the same check.
 //!

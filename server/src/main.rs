@@ -166,7 +166,7 @@ struct Args {
 
     /// How long a client may take to finish the TLS handshake before its
     /// connection is closed (it holds a connection slot meanwhile).
-    #[arg(long, env = "JOBD_TLS_HANDSHAKE_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    #[arg(long, env = "JOBD_TLS_HANDSHAKE_TIMEOUT", value_name = "DURATION", default_value = "10s", value_parser = parse_duration)]
     tls_handshake_timeout: Duration,
 
     /// Require a bearer token on every JobService call. FILE holds one token
