@@ -20,7 +20,7 @@ use std::{
     convert::Infallible,
     fmt,
     path::Path,
-    sync::Arc,
+    sync::{Arc, PoisonError, RwLock},
     task::{Context, Poll},
 };
 
@@ -140,16 +140,19 @@ struct Entry {
 /// assert!(!format!("{tokens:?}").contains("0123456789abcdef"));
 /// # Ok::<(), jobd::auth::TokenFileError>(())
 /// ```
-#[derive(Clone)]
+///
+/// The set can be replaced in place ([`TokenSet::replace_with`]), which is
+/// how `jobd` reloads its token file on SIGHUP: calls already checked keep
+/// their answer, later calls see the new tokens.
 pub struct TokenSet {
-    entries: Vec<Entry>,
+    entries: RwLock<Arc<Vec<Entry>>>,
 }
 
 impl fmt::Debug for TokenSet {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_list()
             .entries(
-                self.entries
+                self.snapshot()
                     .iter()
                     .map(|e| format!("{} ({:?}, token redacted)", e.name, e.access)),
             )
@@ -258,40 +261,56 @@ impl TokenSet {
                 path: path.to_owned(),
             });
         }
-        Ok(Self { entries })
+        Ok(Self {
+            entries: RwLock::new(Arc::new(entries)),
+        })
     }
 
     /// How many tokens the set holds.
     #[must_use]
     pub fn len(&self) -> usize {
-        self.entries.len()
+        self.snapshot().len()
     }
 
     /// Whether the set holds no token (never true for a loaded set).
     #[must_use]
     pub fn is_empty(&self) -> bool {
-        self.entries.is_empty()
+        self.snapshot().is_empty()
+    }
+
+    /// Replaces every token with those of `newer`, at once: each call is
+    /// checked against either the old set or the new one, never a mix.
+    pub fn replace_with(&self, newer: TokenSet) {
+        let newer = newer.snapshot();
+        *self.entries.write().unwrap_or_else(PoisonError::into_inner) = newer;
+    }
+
+    fn snapshot(&self) -> Arc<Vec<Entry>> {
+        // A panic while holding the lock cannot leave a half-written set
+        // (the write is one pointer store), so a poisoned lock is still good.
+        Arc::clone(&self.entries.read().unwrap_or_else(PoisonError::into_inner))
     }
 
     /// The entry whose token is `presented`. Every entry is compared, in
     /// constant time, whatever matches: the time taken depends only on the
     /// number of tokens and the length of what was presented.
-    fn find(&self, presented: &[u8]) -> Option<&Entry> {
+    fn find(&self, presented: &[u8]) -> Option<Entry> {
+        let entries = self.snapshot();
         let presented = digest(presented);
         let mut found = subtle::Choice::from(0);
         let mut index = 0u32;
-        for (i, entry) in self.entries.iter().enumerate() {
+        for (i, entry) in entries.iter().enumerate() {
             let equal = entry.digest.ct_eq(&presented);
             let i = u32::try_from(i).unwrap_or(u32::MAX);
             index = u32::conditional_select(&index, &i, equal);
             found |= equal;
         }
-        bool::from(found).then(|| &self.entries[index as usize])
+        bool::from(found).then(|| entries[index as usize].clone())
     }
 
-    /// Checks the `authorization` header of a call to `method` (the last
-    /// segment of its path) that needs `needed`.
-    fn check(&self, headers: &http::HeaderMap, needed: Access) -> Result<&str, Status> {
+    /// Checks the `authorization` header of a call that needs `needed`;
+    /// answers the token's name.
+    fn check(&self, headers: &http::HeaderMap, needed: Access) -> Result<String, Status> {
         let mut values = headers.get_all(http::header::AUTHORIZATION).iter();
         let (Some(value), None) = (values.next(), values.next()) else {
             return Err(Status::unauthenticated(
@@ -316,7 +335,7 @@ impl TokenSet {
                 entry.name
             )));
         }
-        Ok(&entry.name)
+        Ok(entry.name)
     }
 }
 
@@ -381,7 +400,7 @@ where
         };
         match tokens.check(request.headers(), needed) {
             Ok(name) => {
-                tracing::trace!(token = name, path, "call authenticated");
+                tracing::trace!(token = %name, path, "call authenticated");
                 Box::pin(self.inner.call(request))
             }
             Err(status) => {
@@ -477,12 +496,12 @@ mod tests {
         );
         assert_eq!(
             code(&headers(&format!("Bearer {WRITER}")), Access::ReadWrite),
-            Ok("ci")
+            Ok("ci".to_owned())
         );
         // The scheme is case-insensitive (RFC 7235).
         assert_eq!(
             code(&headers(&format!("bearer {READER}")), Access::ReadOnly),
-            Ok("dash")
+            Ok("dash".to_owned())
         );
         assert_eq!(
             code(&headers(&format!("Bearer {READER}")), Access::ReadWrite),
@@ -506,6 +525,15 @@ mod tests {
             format!("Bearer {WRITER}").parse().unwrap(),
         );
         assert_eq!(code(&twice, Access::ReadOnly), Err(Unauthenticated));
+    }
+
+    #[test]
+    fn a_replaced_set_takes_effect_at_once() {
+        let set = tokens();
+        set.replace_with(TokenSet::parse("t", "a-brand-new-token-000 name=new").unwrap());
+        assert_eq!(set.len(), 1);
+        assert!(set.find(WRITER.as_bytes()).is_none());
+        assert_eq!(set.find(b"a-brand-new-token-000").unwrap().name, "new");
     }
 
     #[test]

@@ -174,7 +174,8 @@ struct Args {
     /// are at least 16 characters, and the file must not be world-readable.
     /// A readonly token may ask (Done, Result, GetJob, ListJobs, Wait,
     /// ListFunctions) but not change (Submit, SubmitBatch, Cancel, DeleteJob).
-    /// Health checks never need a token.
+    /// Health checks never need a token. SIGHUP reloads the file (a file
+    /// that fails these checks is refused, and the old tokens stay).
     #[arg(long, env = "JOBD_AUTH_TOKEN_FILE", value_name = "FILE")]
     auth_token_file: Option<PathBuf>,
 
@@ -354,6 +355,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
         StoreKind::Memory => StoreConfig::Memory,
     };
     let security = security(&args)?;
+    if let (Some(path), Some(tokens)) = (&args.auth_token_file, &security.tokens) {
+        reload_tokens_on_sighup(path.clone(), Arc::clone(tokens))?;
+    }
     check_exposure(
         args.listen,
         security.tls.is_some(),
@@ -396,6 +400,35 @@ async fn run(args: Args) -> anyhow::Result<()> {
     )
     .await?;
     tracing::info!("stopped");
+    Ok(())
+}
+
+/// Reloads the token file on every SIGHUP, so tokens can be added, rotated
+/// and revoked without a restart. A file that no longer passes the checks is
+/// refused with an error log, and the tokens in force stay.
+fn reload_tokens_on_sighup(path: PathBuf, tokens: Arc<TokenSet>) -> anyhow::Result<()> {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut hangups = signal(SignalKind::hangup()).context("cannot listen for SIGHUP")?;
+        tokio::spawn(async move {
+            while hangups.recv().await.is_some() {
+                let file = path.clone();
+                match tokio::task::spawn_blocking(move || TokenSet::load(&file)).await {
+                    Ok(Ok(newer)) => {
+                        tokens.replace_with(newer);
+                        tracing::info!(?tokens, "SIGHUP: token file reloaded");
+                    }
+                    Ok(Err(err)) => {
+                        tracing::error!(%err, "SIGHUP: token file refused; the old tokens stay");
+                    }
+                    Err(err) => tracing::error!(%err, "SIGHUP: reading the token file panicked"),
+                }
+            }
+        });
+    }
+    #[cfg(not(unix))]
+    let _ = (path, tokens);
     Ok(())
 }
 

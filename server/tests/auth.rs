@@ -418,3 +418,50 @@ fn insecure_listen_accepts_the_risk() {
     assert!(server.addr.ip().is_unspecified(), "{}", server.addr);
     drop(server);
 }
+
+/// SIGHUP reloads the token file: the new token works and the old one is
+/// refused, without a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_reloads_the_token_file() {
+    let (server, dir) = start_with_tokens(&[]);
+    let channel = channel(&server).await;
+    let list = |token: &str| {
+        let mut rpc = stub_with(
+            channel.clone(),
+            Some(("authorization", format!("Bearer {token}"))),
+        );
+        async move {
+            rpc.list_functions(pb::ListFunctionsRequest {})
+                .await
+                .map(drop)
+                .map_err(|s| s.code())
+        }
+    };
+    const ROTATED: &str = "rotated-token-00112233445566778899";
+    assert_eq!(list(WRITER).await, Ok(()));
+    assert_eq!(list(ROTATED).await, Err(Code::Unauthenticated));
+
+    // Replace the file in one step (rename), as an operator's tooling would.
+    let staged = write_private(
+        &dir.path().join("tokens.new"),
+        &format!("{ROTATED} name=rotated\n"),
+    );
+    std::fs::rename(staged, dir.path().join("tokens")).unwrap();
+    let status = Command::new("kill")
+        .args(["-HUP", &server.pid().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    // The reload happens on jobd's own schedule and announces itself only in
+    // its log, so poll for it, bounded.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while list(ROTATED).await.is_err() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the new token was never accepted"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(list(WRITER).await, Err(Code::Unauthenticated));
+    assert_eq!(list(READER).await, Err(Code::Unauthenticated));
+}
