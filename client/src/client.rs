@@ -186,8 +186,7 @@ impl JobClient {
         options: ConnectOptions,
     ) -> Result<Self, Error> {
         let credentials = options.credentials()?;
-        let endpoint = options.configure(endpoint(addr.as_ref())?)?;
-        let channel = endpoint.connect().await?;
+        let channel = options.endpoint(addr.as_ref())?.connect().await?;
         Ok(Self::from_channel_with(channel, credentials))
     }
 

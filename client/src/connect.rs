@@ -92,6 +92,25 @@ impl ConnectOptions {
         self
     }
 
+    /// The endpoint for `addr` with these TLS settings, for callers that
+    /// open their own channels (e.g. several separate connections) and wrap
+    /// them with [`JobClient::from_channel_with`](crate::JobClient::from_channel_with).
+    ///
+    /// ```
+    /// let options = jobd_client::ConnectOptions::new().bearer_token("a-token-of-16-bytes-or-more");
+    /// let endpoint = options.endpoint("127.0.0.1:50051")?;
+    /// assert_eq!(endpoint.uri().scheme_str(), Some("http"));
+    /// let credentials = options.credentials()?;
+    /// # Ok::<(), jobd_client::Error>(())
+    /// ```
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidAddress`] or [`Error::InvalidOptions`].
+    pub fn endpoint(&self, addr: &str) -> Result<Endpoint, Error> {
+        self.configure(crate::client::endpoint(addr)?)
+    }
+
     /// Applies the TLS settings to `endpoint` (only for `https://`).
     pub(crate) fn configure(&self, endpoint: Endpoint) -> Result<Endpoint, Error> {
         let https = endpoint.uri().scheme_str() == Some("https");
@@ -128,7 +147,12 @@ impl ConnectOptions {
     }
 
     /// The interceptor that sends the token, if any.
-    pub(crate) fn credentials(&self) -> Result<CallCredentials, Error> {
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidOptions`] for an empty token or one that cannot be
+    /// sent as a header.
+    pub fn credentials(&self) -> Result<CallCredentials, Error> {
         let Some(token) = &self.token else {
             return Ok(CallCredentials::none());
         };

@@ -219,12 +219,38 @@ fn bad_tls_settings_fail_with_one_line() {
         .assert()
         .code(2)
         .stderr(one_line().and(predicate::str::contains("--client-key")));
-    // bench does not do TLS or tokens; it says so instead of failing oddly.
-    server
+}
+
+/// `jobctl bench` opens its own connections: they use TLS and send the token
+/// too.
+#[test]
+fn bench_over_tls_with_a_token() {
+    let server = SecureServer::start();
+    let output = server
         .jobctl()
         .env("JOBD_TOKEN", WRITER)
-        .args(["bench", "--jobs", "1"])
+        .args([
+            "-o", "json", "bench", "--mode", "submit", "--jobs", "200", "--warmup", "0",
+        ])
+        .args(["--connections", "2"])
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(report["errors"], 0, "{report}");
+    assert_eq!(report["floor_errors"], 0, "{report}");
+    assert!(report["jobs"].as_u64().unwrap() >= 200, "{report}");
+
+    // With a read-only token every submit is refused: nothing to measure.
+    server
+        .jobctl()
+        .env("JOBD_TOKEN", READER)
+        .args(["bench", "--mode", "submit", "--jobs", "20", "--warmup", "0"])
         .assert()
-        .code(2)
-        .stderr(one_line().and(predicate::str::contains("bench does not support TLS")));
+        .code(3)
+        .stderr(one_line().and(predicate::str::contains("read-only")));
 }

@@ -24,8 +24,8 @@ pub(crate) const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Runs `cli.command`, printing its answer on stdout.
 pub(crate) async fn run(cli: Cli) -> Result<(), Failure> {
     let options = connect_options(&cli)?;
-    let client = connect(&cli.addr, options).await?;
-    execute(&client, &cli.addr, cli.command, cli.output)
+    let client = connect(&cli.addr, options.clone()).await?;
+    execute(&client, &cli.addr, &options, cli.command, cli.output)
         .await
         .map_err(|failure| failure.lost_connection(&cli.addr))
 }
@@ -33,6 +33,7 @@ pub(crate) async fn run(cli: Cli) -> Result<(), Failure> {
 async fn execute(
     client: &JobClient,
     addr: &str,
+    options: &ConnectOptions,
     command: Command,
     format: Format,
 ) -> Result<(), Failure> {
@@ -63,7 +64,7 @@ async fn execute(
         Command::List(args) => sets::list(client, format, &args).await,
         Command::Delete { id } => sets::delete(client, format, id).await,
         Command::Bench(args) => {
-            let report = bench::run(client, addr, &args).await?;
+            let report = bench::run(client, addr, options, &args).await?;
             print(&bench::render(format, &report))
         }
     }
@@ -101,11 +102,6 @@ fn connect_options(cli: &Cli) -> Result<ConnectOptions, Failure> {
             .ok()
             .filter(|t| !t.trim().is_empty()),
     };
-    // bench opens its own plaintext connections without a token.
-    let secured = cli.addr.starts_with("https://") || cli.ca_cert.is_some() || token.is_some();
-    if secured && matches!(cli.command, Command::Bench(_)) {
-        return Err(Failure::BenchUnsupported);
-    }
     if let Some(token) = token {
         options = options.bearer_token(token);
     }

@@ -83,9 +83,6 @@ pub(crate) enum Failure {
         /// Why, in a few words.
         reason: String,
     },
-    /// `bench` was asked for TLS or a token, which it does not support.
-    #[error("bench does not support TLS or tokens yet; run it against a plaintext loopback jobd")]
-    BenchUnsupported,
     /// Any other failure reported by the client library.
     #[error(transparent)]
     Client(#[from] ClientError),
@@ -139,7 +136,7 @@ impl Failure {
             | Self::ConnectionLost { .. }
             | Self::TimedOut { .. }
             | Self::NothingSucceeded { .. } => Exit::Rpc,
-            Self::ServerMemory { .. } | Self::File { .. } | Self::BenchUnsupported => Exit::Usage,
+            Self::ServerMemory { .. } | Self::File { .. } => Exit::Usage,
             Self::Interrupted { .. } => Exit::Interrupted,
             Self::Job { .. } | Self::Output(_) => Exit::JobUnsuccessful,
             Self::Client(error) => match error {

@@ -13,6 +13,7 @@ use std::{
 };
 
 use hdrhistogram::Histogram;
+use jobd_client::{CallCredentials, RpcClient};
 use jobd_client::{Error as ClientError, JobState, pb};
 use tokio::task::JoinSet;
 use tonic::transport::Channel;
@@ -89,9 +90,11 @@ pub(crate) struct Phase {
 }
 
 /// Runs one phase: `concurrency` tasks on each of `channels`, sending
-/// `workload` until `stop`. `addr` is only for error messages.
+/// `workload` until `stop`, with `credentials` on every JobService call.
+/// `addr` is only for error messages.
 pub(crate) async fn run(
     channels: &[Channel],
+    credentials: &CallCredentials,
     concurrency: u32,
     workload: &Workload,
     stop: &Stop,
@@ -118,7 +121,10 @@ pub(crate) async fn run(
     for channel in channels {
         for _ in 0..concurrency {
             let worker = Worker {
-                jobs: pb::job_service_client::JobServiceClient::new(channel.clone()),
+                jobs: pb::job_service_client::JobServiceClient::with_interceptor(
+                    channel.clone(),
+                    credentials.clone(),
+                ),
                 health: HealthClient::new(channel.clone()),
                 workload: Arc::clone(&workload),
                 shared: Arc::clone(&shared),
@@ -196,7 +202,7 @@ impl Shared {
 /// One task's share of the load: its own stubs (cheap clones of its
 /// connection's channel) and its own tally.
 struct Worker {
-    jobs: pb::job_service_client::JobServiceClient<Channel>,
+    jobs: RpcClient,
     health: HealthClient<Channel>,
     workload: Arc<Workload>,
     shared: Arc<Shared>,

@@ -14,8 +14,8 @@ mod report;
 
 use std::{io::Write as _, num::NonZeroU64, time::Duration};
 
-use jobd_client::{Error as ClientError, JobClient, pb};
-use tonic::transport::{Channel, Endpoint};
+use jobd_client::{ConnectOptions, Error as ClientError, JobClient, pb};
+use tonic::transport::Channel;
 
 pub(crate) use self::report::{Report, render};
 use self::{
@@ -37,7 +37,12 @@ const SAFETY_CAP: Duration = Duration::from_secs(600);
 
 /// Runs the benchmark `args` describes against the server `client` is
 /// connected to (at `addr`), and returns what it measured.
-pub(crate) async fn run(client: &JobClient, addr: &str, args: &Bench) -> Result<Report, Failure> {
+pub(crate) async fn run(
+    client: &JobClient,
+    addr: &str,
+    options: &ConnectOptions,
+    args: &Bench,
+) -> Result<Report, Failure> {
     // An unknown function would make every submit fail; say so now rather
     // than after the floor phase.
     if args.mode != BenchMode::Floor {
@@ -47,7 +52,8 @@ pub(crate) async fn run(client: &JobClient, addr: &str, args: &Bench) -> Result<
     if let Some(pid) = args.server_pid {
         resident_bytes(pid)?;
     }
-    let channels = connect_all(addr, args.connections.get()).await?;
+    let channels = connect_all(addr, options, args.connections.get()).await?;
+    let credentials = options.credentials()?;
     let workload = Workload::new(args);
 
     let floor_stop = Stop {
@@ -68,6 +74,7 @@ pub(crate) async fn run(client: &JobClient, addr: &str, args: &Bench) -> Result<
     };
     let floor = load::run(
         &channels,
+        &credentials,
         args.concurrency.get(),
         &Workload::Floor,
         &floor_stop,
@@ -89,7 +96,15 @@ pub(crate) async fn run(client: &JobClient, addr: &str, args: &Bench) -> Result<
                 budget: args.jobs.map(NonZeroU64::get),
             };
             rss_before = rss()?;
-            let phase = load::run(&channels, args.concurrency.get(), &workload, &stop, addr).await;
+            let phase = load::run(
+                &channels,
+                &credentials,
+                args.concurrency.get(),
+                &workload,
+                &stop,
+                addr,
+            )
+            .await;
             ensure_some_succeeded(&phase, attempts(mode))?;
             Some(phase)
         }
@@ -160,8 +175,12 @@ async fn check_function(client: &JobClient, function: &str) -> Result<(), Failur
 /// Opens `count` separate HTTP/2 connections. Clones of one channel would
 /// share a connection, and measure one connection's limits instead of the
 /// server's.
-async fn connect_all(addr: &str, count: u32) -> Result<Vec<Channel>, Failure> {
-    let endpoint = endpoint(addr)?;
+async fn connect_all(
+    addr: &str,
+    options: &ConnectOptions,
+    count: u32,
+) -> Result<Vec<Channel>, Failure> {
+    let endpoint = options.endpoint(addr)?;
     let unreachable = |reason| Failure::Unreachable {
         addr: addr.to_owned(),
         reason,
@@ -175,22 +194,6 @@ async fn connect_all(addr: &str, count: u32) -> Result<Vec<Channel>, Failure> {
         channels.push(channel);
     }
     Ok(channels)
-}
-
-/// The endpoint for `addr`, as the client library builds it: a bare
-/// `host:port` gets `http://`, and Nagle is off so small requests are not
-/// held back.
-fn endpoint(addr: &str) -> Result<Endpoint, Failure> {
-    let uri = if addr.contains("://") {
-        addr.to_owned()
-    } else {
-        format!("http://{addr}")
-    };
-    let endpoint = Endpoint::from_shared(uri).map_err(|error| ClientError::InvalidAddress {
-        addr: addr.to_owned(),
-        reason: error.to_string(),
-    })?;
-    Ok(endpoint.tcp_nodelay(true))
 }
 
 /// The resident memory of process `pid` (`VmRSS` in `/proc/PID/status`), in
