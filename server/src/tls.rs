@@ -96,6 +96,7 @@ impl TlsConfig {
             handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
         };
         config.check()?;
+        warn_if_world_readable(key);
         Ok(config)
     }
 
@@ -140,4 +141,24 @@ impl TlsConfig {
         }
         config
     }
+}
+
+/// A private key every local user can read is worth a warning, not a
+/// refusal: secret volumes (e.g. Kubernetes' default mode 0644) often look
+/// like that inside a container where nobody else runs.
+fn warn_if_world_readable(key: &Path) {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt as _;
+        if let Ok(meta) = std::fs::metadata(key)
+            && meta.permissions().mode() & 0o004 != 0
+        {
+            tracing::warn!(
+                key = %key.display(),
+                "the TLS private key is readable by every user; consider chmod 600"
+            );
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = key;
 }
