@@ -46,11 +46,12 @@ pub mod store;
 pub use ctx::Ctx;
 pub use engine::{
     CancelOutcome, Engine, EngineConfig, ListFilter, ListPage, ReturnWhen, SubmitSpec, WaitSplit,
+    WatchEvent, WatchEventKind, WatchFilter, WatchSpec,
 };
 pub use error::Error;
 pub use function::{PoolKind, Registry};
 pub use grpc::JobService;
-pub use job::{Finished, JobError, JobRecord, Outcome};
+pub use job::{Finished, JobError, JobRecord, Outcome, Progress};
 pub use limits::ServerLimits;
 pub use server::{ServeError, serve, serve_with_limits};
 pub use store::{Gone, StoreConfig, StoreError};

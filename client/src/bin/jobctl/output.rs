@@ -301,6 +301,7 @@ mod tests {
             timeout: None,
             max_attempts: 1,
             outcome: None,
+            progress: None,
         };
         let text = status(Format::Text, &job);
         let lines: Vec<&str> = text.lines().collect();
