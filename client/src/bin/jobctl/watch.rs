@@ -146,7 +146,7 @@ impl View {
                 let note = event.progress.as_ref().map_or("", |p| p.message.as_str());
                 bar.set_message(format!("{state:<9} {note}"));
                 if event.state.is_some_and(JobState::is_terminal) {
-                    bar.finish_with_message(line(Format::Text, event));
+                    bar.finish_with_message(describe(event));
                     by_job.remove(&id);
                 }
                 Ok(())
@@ -177,31 +177,8 @@ fn line(format: Format, event: &JobEvent) -> String {
                     event.missed
                 );
             }
-            let mut parts = vec![
-                event.job.map(|id| id.to_string()).unwrap_or_default(),
-                event.state.map_or("?", JobState::as_str).to_owned(),
-            ];
-            if let Some(progress) = &event.progress {
-                parts.push(format!("{:.0}%", progress.fraction * 100.0));
-                if !progress.message.is_empty() {
-                    parts.push(progress.message.clone());
-                }
-            }
-            if let Some(outcome) = &event.outcome
-                && let Some(id) = event.job
-            {
-                parts.push(
-                    output::outcome(Format::Text, id, outcome).unwrap_or_else(|| {
-                        outcome
-                            .result
-                            .as_ref()
-                            .err()
-                            .map(|(_, message)| message.clone())
-                            .unwrap_or_default()
-                    }),
-                );
-            }
-            parts.join("  ")
+            let id = event.job.map(|id| id.to_string()).unwrap_or_default();
+            format!("{id}  {}", describe(event))
         }
         Format::Json => {
             let mut object = json!({
@@ -229,6 +206,32 @@ fn line(format: Format, event: &JobEvent) -> String {
             object.to_string()
         }
     }
+}
+
+/// A job event without its id: `STATE [PERCENT MESSAGE] [VALUE | ERROR]`.
+fn describe(event: &JobEvent) -> String {
+    let mut parts = vec![event.state.map_or("?", JobState::as_str).to_owned()];
+    if let Some(progress) = &event.progress {
+        parts.push(format!("{:.0}%", progress.fraction * 100.0));
+        if !progress.message.is_empty() {
+            parts.push(progress.message.clone());
+        }
+    }
+    if let Some(outcome) = &event.outcome
+        && let Some(id) = event.job
+    {
+        parts.push(
+            output::outcome(Format::Text, id, outcome).unwrap_or_else(|| {
+                outcome
+                    .result
+                    .as_ref()
+                    .err()
+                    .map(|(_, message)| message.clone())
+                    .unwrap_or_default()
+            }),
+        );
+    }
+    parts.join("  ")
 }
 
 fn kind_name(kind: JobEventKind) -> &'static str {
