@@ -189,3 +189,21 @@ pub struct Finished {
     /// The value or the error.
     pub outcome: Outcome,
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn progress_is_clamped_and_its_message_cut_at_a_character_boundary() {
+        assert_eq!(Progress::new(f64::NAN, "").fraction(), 0.0);
+        assert_eq!(Progress::new(-3.0, "").fraction(), 0.0);
+        assert_eq!(Progress::new(0.25, "").fraction(), 0.25);
+        // 255 ASCII bytes then a 2-byte character straddling the limit.
+        let long = format!("{}é{}", "a".repeat(255), "b".repeat(100));
+        let cut = Progress::new(0.5, &long);
+        assert_eq!(cut.message(), "a".repeat(255));
+        let exact = "c".repeat(Progress::MAX_MESSAGE_BYTES);
+        assert_eq!(Progress::new(0.5, &exact).message(), exact);
+    }
+}
