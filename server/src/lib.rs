@@ -28,7 +28,7 @@
 //!
 //! Module map: [`function`] (the registry), [`ctx`] (what a running job
 //! sees), [`job`] (records and outcomes), `engine` (queues, pools, the job
-//! table), `grpc` (the wire), [`server`] (assembly and shutdown),
+//! table, the event hub behind `Watch`), `grpc` (the wire), [`server`] (assembly and shutdown),
 //! [`limits`] (transport limits and load shedding), [`builtins`] (the
 //! shipped functions).
 
