@@ -10,7 +10,7 @@ use std::{
 use jobd_proto::{JobId, JobState, pb, value};
 use serde::de::DeserializeOwned;
 
-use crate::{Error, JobClient, client::parse_state};
+use crate::{Error, JobClient, Progress, client::parse_state};
 
 /// A submitted job. Ask it whether it is [`done`](Self::done), wait for its
 /// [`result`](Self::result), or `.await` it directly.
@@ -73,6 +73,9 @@ pub struct JobInfo {
     pub max_attempts: u32,
     /// Its outcome, once finished.
     pub outcome: Option<JobOutcome>,
+    /// The latest progress its current (or last) attempt reported, if any
+    /// (kept in the server's memory only).
+    pub progress: Option<Progress>,
 }
 
 /// What a cancel request achieved.
@@ -140,6 +143,26 @@ impl JobHandle {
             .job
             .ok_or_else(|| Error::Protocol("GetJob answered without a job".to_owned()))?;
         job_info(job)
+    }
+
+    /// The job's latest progress report (`GetJob`), or `None` if it has
+    /// reported none (or its attempt has just started). To follow progress
+    /// live, [`JobClient::watch`] the job instead of polling this.
+    ///
+    /// ```no_run
+    /// # async fn run(client: jobd_client::JobClient) -> Result<(), jobd_client::Error> {
+    /// let job = client.submit("count", serde_json::json!({"steps": 10, "seconds": 5})).await?;
+    /// if let Some(p) = job.progress().await? {
+    ///     println!("{:.0}% done: {}", p.fraction * 100.0, p.message);
+    /// }
+    /// # Ok(()) }
+    /// ```
+    ///
+    /// # Errors
+    ///
+    /// [`Error::NotFound`] and transport errors.
+    pub async fn progress(&self) -> Result<Option<Progress>, Error> {
+        Ok(self.status().await?.progress)
     }
 
     /// Waits for the job to finish and returns its value.
@@ -276,7 +299,7 @@ pub(crate) fn wire_duration(d: Duration) -> prost_types::Duration {
 }
 
 /// The outcome of a terminal job; `None` if the state is not terminal.
-fn outcome(
+pub(crate) fn outcome(
     state: JobState,
     value: Option<prost_types::Value>,
     error: Option<pb::JobError>,
@@ -315,5 +338,6 @@ pub(crate) fn job_info(job: pb::Job) -> Result<JobInfo, Error> {
         timeout: job.timeout.and_then(|t| Duration::try_from(t).ok()),
         max_attempts: job.max_attempts,
         outcome: outcome(state, job.value, job.error),
+        progress: job.progress.map(crate::watch::progress),
     })
 }

@@ -24,6 +24,8 @@
 //! Many jobs at once: [`JobClient::wait`] and [`JobClient::as_completed`]
 //! are `concurrent.futures.wait` and `as_completed`; [`JobClient::list_jobs`]
 //! and [`JobClient::list_all`] list jobs, newest first, with filters.
+//! [`JobClient::watch`] streams live events (state changes, progress, final
+//! outcomes) for jobs or a filter, resumable by sequence number.
 //!
 //! This crate's default `cli` feature builds the `jobctl` binary; library
 //! users depend on it with `default-features = false` and pay for none of the
@@ -34,6 +36,7 @@ mod connect;
 mod error;
 mod handle;
 mod sets;
+mod watch;
 
 pub use client::{FunctionInfo, JobClient, RpcClient, Submission};
 pub use connect::{CallCredentials, ConnectOptions};
@@ -41,3 +44,4 @@ pub use error::Error;
 pub use handle::{CancelReport, JobHandle, JobInfo, JobOutcome};
 pub use jobd_proto::{JobId, JobState, pb};
 pub use sets::{JobPage, ListFilter, ReturnWhen, WaitResult};
+pub use watch::{JobEvent, JobEventKind, Progress, ResumePoint, Watch};

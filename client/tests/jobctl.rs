@@ -878,3 +878,86 @@ fn delete_forgets_a_finished_job_and_refuses_a_running_one() {
     assert_eq!(json, json!({"job_id": running, "deleted": true}));
     server.shutdown();
 }
+
+#[test]
+fn watch_prints_json_lines_until_the_watched_jobs_finish() {
+    let server = TestServer::start();
+    let counted = server.submit(&["count", r#"{"steps": 3, "seconds": 0.3}"#]);
+    let failed = server.submit(&["fail"]);
+    // A failed job among the watched ones: exit 1, as `result` does.
+    let run = server
+        .jobctl(&["-o", "json", "watch", &counted, &failed])
+        .code(1);
+    let events: Vec<Value> = run
+        .stdout
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap_or_else(|e| panic!("{line:?}: {e}")))
+        .collect();
+    assert!(events.len() >= 2, "{run:#?}");
+    let seqs: Vec<u64> = events.iter().map(|e| e["seq"].as_u64().unwrap()).collect();
+    assert!(seqs.windows(2).all(|w| w[0] <= w[1]), "{seqs:?}");
+    let last_of = |id: &str| {
+        events
+            .iter()
+            .rev()
+            .find(|e| e["job_id"] == id)
+            .unwrap_or_else(|| panic!("no event for {id} in {run:#?}"))
+    };
+    let count_done = last_of(&counted);
+    assert_eq!(count_done["state"], "succeeded", "{count_done}");
+    assert_eq!(count_done["value"], 3);
+    assert_eq!(count_done["progress"]["fraction"], 1.0);
+    assert_eq!(count_done["progress"]["message"], "3 of 3");
+    let fail_done = last_of(&failed);
+    assert_eq!(fail_done["state"], "failed", "{fail_done}");
+    assert_eq!(fail_done["error"]["message"], "failed on purpose");
+    assert_eq!(
+        run.error_line(),
+        format!("jobctl: job {failed} failed: failed on purpose")
+    );
+
+    // Text, not on a terminal: one plain line per event.
+    let run = server.jobctl(&["watch", &counted]).success();
+    assert_eq!(
+        run.line(),
+        format!("{counted}  succeeded  100%  3 of 3  3"),
+        "{run:#?}"
+    );
+    server.shutdown();
+}
+
+#[test]
+fn watch_by_filter_follows_new_jobs_until_count() {
+    let server = TestServer::start();
+    let watcher = jobctl_std()
+        .args(["--addr", &server.addr, "-o", "json", "watch"])
+        .args([
+            "--function",
+            "hello",
+            "--state",
+            "succeeded",
+            "--count",
+            "1",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("jobctl starts");
+    // Wait (bounded) until its watch stream is open on the server.
+    let deadline = std::time::Instant::now() + START_LIMIT;
+    while server.engine.event_stats().1 < 1 {
+        assert!(std::time::Instant::now() < deadline, "jobctl never watched");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    server
+        .jobctl(&["submit", "--wait", "echo", "not me"])
+        .success();
+    let id = server.submit(&["hello", "Ann"]);
+    let run = finished(watcher.wait_with_output().expect("jobctl ends")).success();
+    let event: Value = serde_json::from_str(&run.line()).expect("one JSON line");
+    assert_eq!(event["job_id"], id.as_str());
+    assert_eq!(event["kind"], "state");
+    assert_eq!(event["function"], "hello");
+    assert_eq!(event["value"], "Hello, Ann!");
+    server.shutdown();
+}

@@ -1,6 +1,7 @@
 //! The job functions the `jobd` binary ships with: a greeting, an echo, the
-//! benchmark no-op, an async sleep, the blocking `return_future` of the
-//! concurrent.futures example, and a CPU-bound hash.
+//! benchmark no-op, an async sleep, a counter that reports progress, the
+//! blocking `return_future` of the concurrent.futures example, and a
+//! CPU-bound hash.
 //!
 //! Embedders may start from [`registry`] and add their own.
 
@@ -49,6 +50,11 @@ pub fn registry() -> Registry {
                 tokio::time::sleep(delay).await;
                 Ok(json!(delay.as_secs_f64()))
             },
+        )
+        .register_async(
+            "count",
+            "Counts to steps over seconds, reporting progress after each step: args {\"steps\": 10, \"seconds\": 2} or a number of steps (defaults: 10 steps, 1 s); returns the steps; cancellable",
+            |ctx, args| async move { count(&ctx, &args).await },
         )
         .register_blocking(
             "return_future",
@@ -104,6 +110,39 @@ fn seconds(args: &Value, field: &str, default: Option<f64>) -> Result<Duration, 
         )));
     }
     Ok(Duration::from_secs_f64(secs))
+}
+
+/// The most steps `count` takes.
+pub const MAX_COUNT_STEPS: u64 = 10_000;
+
+/// Counts to `steps` in even sleeps over `seconds`, reporting progress
+/// ("3 of 10") after each step.
+async fn count(ctx: &Ctx, args: &Value) -> Result<Value, JobError> {
+    const DEFAULT_STEPS: u64 = 10;
+    let steps = match args {
+        Value::Null => DEFAULT_STEPS,
+        Value::Number(n) => n.as_u64().unwrap_or(0),
+        Value::Object(map) => match map.get("steps") {
+            None => DEFAULT_STEPS,
+            Some(v) => v.as_u64().unwrap_or(0),
+        },
+        _ => 0,
+    };
+    if !(1..=MAX_COUNT_STEPS).contains(&steps) {
+        return Err(JobError::bad_args(format!(
+            "steps must be a whole number from 1 to {MAX_COUNT_STEPS}"
+        )));
+    }
+    let total = match args {
+        Value::Object(_) => seconds(args, "seconds", Some(1.0))?,
+        _ => Duration::from_secs(1),
+    };
+    let step = total.div_f64(steps as f64);
+    for done in 1..=steps {
+        tokio::time::sleep(step).await;
+        ctx.set_progress(done as f64 / steps as f64, &format!("{done} of {steps}"));
+    }
+    Ok(json!(steps))
 }
 
 /// The concurrent.futures example: sleep (really blocking the thread, and

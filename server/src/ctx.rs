@@ -1,12 +1,15 @@
-//! The context a running job receives: who it is, and whether someone asked it
-//! to stop.
+//! The context a running job receives: who it is, whether someone asked it
+//! to stop, and where to report its progress.
 
-use std::time::Duration;
+use std::{fmt, sync::Arc, time::Duration};
 
 use jobd_proto::JobId;
 use tokio_util::sync::CancellationToken;
 
-use crate::job::JobError;
+use crate::{
+    job::{JobError, Progress},
+    store::table::JobTable,
+};
 
 /// Passed to every job function.
 ///
@@ -26,13 +29,25 @@ use crate::job::JobError;
 ///     Ok(n.into())
 /// }
 /// ```
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Ctx {
     job_id: JobId,
     attempt: u32,
     cancel: CancellationToken,
     /// Lets blocking jobs wait on the async cancel signal and timers.
     runtime: tokio::runtime::Handle,
+    /// Where progress reports go (the live job table: memory only).
+    progress: Arc<JobTable>,
+}
+
+impl fmt::Debug for Ctx {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Ctx")
+            .field("job_id", &self.job_id)
+            .field("attempt", &self.attempt)
+            .field("cancelled", &self.cancel.is_cancelled())
+            .finish_non_exhaustive()
+    }
 }
 
 impl Ctx {
@@ -41,12 +56,46 @@ impl Ctx {
         attempt: u32,
         cancel: CancellationToken,
         runtime: tokio::runtime::Handle,
+        progress: Arc<JobTable>,
     ) -> Self {
         Self {
             job_id,
             attempt,
             cancel,
             runtime,
+            progress,
+        }
+    }
+
+    /// Reports how far the job is: `fraction` done (clamped into 0..=1; NaN
+    /// counts as 0) and a short `message` (cut to 256 bytes). Cheap enough
+    /// to call in a loop, from async and blocking jobs alike: `GetJob` shows
+    /// the latest report at once, and watchers get at most one progress
+    /// event per job every 100 ms (the latest report always reaches them).
+    /// Progress is kept in memory only; it is not durable.
+    ///
+    /// ```
+    /// use jobd::{Ctx, JobError};
+    /// fn resize_all(ctx: Ctx, args: serde_json::Value) -> Result<serde_json::Value, JobError> {
+    ///     let files = args.as_array().cloned().unwrap_or_default();
+    ///     for (done, _file) in files.iter().enumerate() {
+    ///         // ... resize one file ...
+    ///         ctx.set_progress((done + 1) as f64 / files.len() as f64, &format!("{} of {}", done + 1, files.len()));
+    ///     }
+    ///     Ok(files.len().into())
+    /// }
+    /// ```
+    pub fn set_progress(&self, fraction: f64, message: &str) {
+        let progress = Progress::new(fraction, message);
+        let (id, attempt) = (self.job_id, self.attempt);
+        if let Some(due) = self.progress.set_progress(id, attempt, progress) {
+            // Coalesced: announce the latest report when its window ends.
+            // At most one such timer per job is pending at a time.
+            let table = Arc::clone(&self.progress);
+            self.runtime.spawn(async move {
+                tokio::time::sleep_until(due.into()).await;
+                table.flush_progress(id, attempt);
+            });
         }
     }
 

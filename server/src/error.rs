@@ -71,6 +71,27 @@ pub enum Error {
     /// A wait for a job ended before the job did.
     #[error("job {0} did not finish before the timeout")]
     WaitTimedOut(JobId),
+    /// The server already serves its maximum of `Watch` streams.
+    #[error("too many watch streams open (at most {0}); retry later")]
+    TooManyWatchers(usize),
+    /// A `Watch` resume names another server process's event numbering.
+    #[error(
+        "stream_epoch {asked:?} is not this server's ({current:?}): it restarted and numbers events anew; re-read state with GetJob/ListJobs and watch again without after_seq"
+    )]
+    EpochMismatch {
+        /// The epoch the client resumed with.
+        asked: String,
+        /// This server process's epoch.
+        current: String,
+    },
+    /// A `Watch` resume after an event that was never sent.
+    #[error("after_seq {asked} is ahead of the newest event ({latest})")]
+    ResumeAhead {
+        /// The sequence number asked for.
+        asked: u64,
+        /// The newest one handed out.
+        latest: u64,
+    },
     /// The job store cannot be written (fail-stop) or read.
     #[error(transparent)]
     Store(StoreError),

@@ -117,6 +117,68 @@ pub struct JobRecord {
     pub attempt: u32,
     /// Set once the job is terminal.
     pub outcome: Option<Outcome>,
+    /// The latest progress its current (or last) attempt reported; kept in
+    /// memory only, never written to the durable store.
+    pub progress: Option<Progress>,
+}
+
+/// How far a running job says it is (see [`crate::Ctx::set_progress`]).
+///
+/// ```
+/// let p = jobd::Progress::new(1.5, "almost");
+/// assert_eq!(p.fraction(), 1.0); // clamped into 0..=1
+/// assert_eq!(p.message(), "almost");
+/// ```
+#[derive(Debug, Clone, PartialEq)]
+pub struct Progress {
+    fraction: f64,
+    /// Shared by the job's record and every event that carries it.
+    message: Arc<str>,
+    at: SystemTime,
+}
+
+impl Progress {
+    /// The longest message kept, in bytes; longer ones are cut at a
+    /// character boundary.
+    pub const MAX_MESSAGE_BYTES: usize = 256;
+
+    /// A report of `fraction` done (clamped into 0..=1; NaN counts as 0)
+    /// with a short `message`, stamped now.
+    #[must_use]
+    pub fn new(fraction: f64, message: &str) -> Self {
+        let fraction = if fraction.is_nan() {
+            0.0
+        } else {
+            fraction.clamp(0.0, 1.0)
+        };
+        let mut end = message.len().min(Self::MAX_MESSAGE_BYTES);
+        while !message.is_char_boundary(end) {
+            end -= 1;
+        }
+        Self {
+            fraction,
+            message: Arc::from(&message[..end]),
+            at: SystemTime::now(),
+        }
+    }
+
+    /// Done so far, 0.0 to 1.0.
+    #[must_use]
+    pub fn fraction(&self) -> f64 {
+        self.fraction
+    }
+
+    /// The job's note, at most [`Self::MAX_MESSAGE_BYTES`] bytes.
+    #[must_use]
+    pub fn message(&self) -> &str {
+        &self.message
+    }
+
+    /// When the server took the report.
+    #[must_use]
+    pub fn at(&self) -> SystemTime {
+        self.at
+    }
 }
 
 /// A finished job's answer, as `Result` returns it.
@@ -126,4 +188,22 @@ pub struct Finished {
     pub state: JobState,
     /// The value or the error.
     pub outcome: Outcome,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn progress_is_clamped_and_its_message_cut_at_a_character_boundary() {
+        assert_eq!(Progress::new(f64::NAN, "").fraction(), 0.0);
+        assert_eq!(Progress::new(-3.0, "").fraction(), 0.0);
+        assert_eq!(Progress::new(0.25, "").fraction(), 0.25);
+        // 255 ASCII bytes then a 2-byte character straddling the limit.
+        let long = format!("{}é{}", "a".repeat(255), "b".repeat(100));
+        let cut = Progress::new(0.5, &long);
+        assert_eq!(cut.message(), "a".repeat(255));
+        let exact = "c".repeat(Progress::MAX_MESSAGE_BYTES);
+        assert_eq!(Progress::new(0.5, &exact).message(), exact);
+    }
 }

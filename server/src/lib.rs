@@ -28,9 +28,10 @@
 //!
 //! Module map: [`function`] (the registry), [`ctx`] (what a running job
 //! sees), [`job`] (records and outcomes), `engine` (queues, pools, the job
-//! table), `grpc` (the wire), [`server`] (assembly and shutdown),
-//! [`limits`] (transport limits and load shedding), [`auth`] (bearer
-//! tokens), [`tls`] (certificates), [`builtins`] (the shipped functions).
+//! table, the event hub behind `Watch`), `grpc` (the wire), [`server`]
+//! (assembly and shutdown), [`limits`] (transport limits and load
+//! shedding), [`auth`] (bearer tokens), [`tls`] (certificates),
+//! [`builtins`] (the shipped functions).
 
 pub mod auth;
 pub mod builtins;
@@ -48,11 +49,12 @@ pub mod tls;
 pub use ctx::Ctx;
 pub use engine::{
     CancelOutcome, Engine, EngineConfig, ListFilter, ListPage, ReturnWhen, SubmitSpec, WaitSplit,
+    WatchEvent, WatchEventKind, WatchFilter, WatchSpec,
 };
 pub use error::Error;
 pub use function::{PoolKind, Registry};
 pub use grpc::JobService;
-pub use job::{Finished, JobError, JobRecord, Outcome};
+pub use job::{Finished, JobError, JobRecord, Outcome, Progress};
 pub use limits::ServerLimits;
 pub use server::{Security, ServeError, serve, serve_with_limits, serve_with_security};
 pub use store::{Gone, StoreConfig, StoreError};

@@ -119,9 +119,12 @@ impl Default for ServerLimits {
 /// more is answered `RESOURCE_EXHAUSTED` without reaching the service.
 ///
 /// The permit is held until the response future resolves. For unary calls
-/// (all of `JobService` today) tonic resolves it after the handler has
-/// finished, so the permit covers the whole call; a future server-streaming
-/// method would need the permit moved into the response body.
+/// tonic resolves it after the handler has finished, so the permit covers
+/// the whole call. For the server-streaming `Watch` it resolves once the
+/// stream has started, so an open watch stream holds no permit here: watch
+/// streams are long-lived and have a cap of their own (`--max-watchers`,
+/// enforced by the engine for the stream's whole life), so that idle
+/// watchers can never starve unary calls of in-flight slots.
 #[derive(Debug, Clone)]
 pub(crate) struct InFlightLimit<S> {
     inner: S,

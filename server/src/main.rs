@@ -75,6 +75,18 @@ struct Args {
     #[arg(long, env = "JOBD_PAUSED")]
     paused: bool,
 
+    /// Recent job events (state changes and progress reports of all jobs)
+    /// kept in memory for Watch: how far a slow watcher may fall behind
+    /// before it is told it lagged, and how far back a reconnecting watcher
+    /// can resume (~100 bytes each).
+    #[arg(long, env = "JOBD_EVENT_HISTORY", default_value = "65536")]
+    event_history: std::num::NonZeroUsize,
+
+    /// Watch streams open at once; one more is answered RESOURCE_EXHAUSTED.
+    /// Watch streams do not count against --max-in-flight.
+    #[arg(long, env = "JOBD_MAX_WATCHERS", default_value = "1024")]
+    max_watchers: usize,
+
     /// A function whose interrupted runs must not be repeated: if jobd dies
     /// while it runs, recovery marks the job FAILED instead of running it
     /// again. Repeatable. (Execution is otherwise at-least-once.)
@@ -338,6 +350,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
         retention: args.retention,
         cache_finished: args.cache_finished,
         paused: args.paused,
+        event_history: args.event_history,
+        max_watchers: args.max_watchers,
         unsafe_ack_before_commit: args.unsafe_ack_before_commit,
         unsafe_max_db_pages: args.unsafe_max_db_pages,
     };

@@ -91,6 +91,7 @@ fn list_and_describe_through_reflection() {
         "Cancel",
         "GetJob",
         "ListFunctions",
+        "Watch",
     ] {
         assert!(
             described.contains(&format!("rpc {rpc} (")),
@@ -231,4 +232,69 @@ fn standard_health_check() {
         r#"{"service":"jobd.v1.JobService"}"#,
     );
     assert_eq!(service["status"], "SERVING");
+}
+
+#[test]
+fn watch_streams_a_job_with_progress_to_its_final_event() {
+    if !grpcurl_available() {
+        return;
+    }
+    let server = JobdProcess::start(&[]);
+    let addr = server.addr.to_string();
+    let submitted = call(
+        &server,
+        "jobd.v1.JobService/Submit",
+        r#"{"function":"count","args":{"steps":3,"seconds":0.6}}"#,
+    );
+    let id = submitted["jobId"].as_str().unwrap().to_owned();
+    // A watch of ids is a server stream that ends after the final event,
+    // so grpcurl prints each event and exits.
+    let body = format!(r#"{{"job_ids":["{id}"]}}"#);
+    let out = grpcurl(&["-d", &body, &addr, "jobd.v1.JobService/Watch"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let events: Vec<Value> = serde_json::Deserializer::from_slice(&out.stdout)
+        .into_iter()
+        .collect::<Result<_, _>>()
+        .expect("a sequence of JSON events");
+    assert_eq!(events[0]["kind"], "WATCH_EVENT_KIND_SNAPSHOT", "{events:?}");
+    // uint64 travels as a JSON string, per the protobuf JSON mapping.
+    let seqs: Vec<u64> = events
+        .iter()
+        .map(|e| e["seq"].as_str().unwrap().parse().unwrap())
+        .collect();
+    assert!(seqs.windows(2).all(|w| w[0] <= w[1]), "{seqs:?}");
+    assert!(
+        events
+            .iter()
+            .any(|e| e["kind"] == "WATCH_EVENT_KIND_PROGRESS" && e["progress"]["message"] != ""),
+        "{events:?}"
+    );
+    let last = events.last().unwrap();
+    assert_eq!(last["state"], "JOB_STATE_SUCCEEDED", "{last}");
+    assert_eq!(last["value"], 3, "{last}");
+    assert_eq!(last["jobId"], id.as_str());
+    assert_eq!(last["progress"]["fraction"], 1.0, "{last}");
+
+    // GetJob shows the last progress report.
+    let job = call(
+        &server,
+        "jobd.v1.JobService/GetJob",
+        &format!(r#"{{"job_id":"{id}"}}"#),
+    );
+    assert_eq!(job["job"]["progress"]["message"], "3 of 3", "{job}");
+
+    // Resuming with another process's epoch is refused clearly.
+    let out = grpcurl(&[
+        "-d",
+        r#"{"stream_epoch":"elsewhere","after_seq":"1"}"#,
+        &addr,
+        "jobd.v1.JobService/Watch",
+    ]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("FailedPrecondition"), "{err}");
 }

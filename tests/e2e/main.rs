@@ -16,3 +16,4 @@ mod lifecycle;
 mod options;
 mod pools;
 mod shutdown;
+mod watch;

@@ -9,9 +9,11 @@
 //! the outcome, which wakes every waiter. Cancel and shutdown act on the same
 //! records through the store, which owns every state transition.
 
+mod events;
 mod many;
 mod queue;
 mod schedule;
+mod watcher;
 
 use std::{
     collections::BTreeMap,
@@ -31,11 +33,13 @@ use jobd_proto::{JobId, JobState};
 use tokio::sync::{Semaphore, watch};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
+pub(crate) use self::events::{EventHub, EventKind};
 pub(crate) use self::many::micros;
 pub use self::many::{ListFilter, ListPage, ReturnWhen, WaitSplit};
 pub(crate) use self::queue::QueueKey;
 use self::queue::{JobQueue, Rejected};
 use self::schedule::{Due, Schedule};
+pub use self::watcher::{WatchEvent, WatchEventKind, WatchFilter, WatchSpec};
 use crate::{
     Error,
     ctx::Ctx,
@@ -65,6 +69,13 @@ pub struct EngineConfig {
     pub cache_finished: usize,
     /// Start with both pools paused (see [`Engine::set_paused`]).
     pub paused: bool,
+    /// How many recent job events (state changes and progress reports, of
+    /// all jobs) the server keeps for `Watch`: what a slow watcher may fall
+    /// behind by, and what a reconnecting one can resume from.
+    pub event_history: NonZeroUsize,
+    /// How many `Watch` streams may be open at once; one more is refused
+    /// with `RESOURCE_EXHAUSTED`.
+    pub max_watchers: usize,
     /// Test-only mutation: acknowledge Submit before its commit. Exists so
     /// the crash test can prove it detects lost jobs. Never set it.
     #[doc(hidden)]
@@ -84,6 +95,8 @@ impl Default for EngineConfig {
             retention: Duration::from_secs(7 * 24 * 3600),
             cache_finished: 100_000,
             paused: false,
+            event_history: NonZeroUsize::new(65_536).expect("nonzero"),
+            max_watchers: 1024,
             unsafe_ack_before_commit: false,
             unsafe_max_db_pages: None,
         }
@@ -185,6 +198,9 @@ struct Inner {
     /// engine, nothing holds the store (and a durable store's lock) open.
     background: TaskTracker,
     runtime: tokio::runtime::Handle,
+    /// Every job event, numbered, for `Watch` (shared with the job table,
+    /// which publishes into it).
+    events: Arc<EventHub>,
 }
 
 impl Engine {
@@ -226,7 +242,9 @@ impl Engine {
             ack_before_commit: config.unsafe_ack_before_commit,
             max_db_pages: config.unsafe_max_db_pages,
         };
-        let (store, recovered) = Store::open(store, &registry, retention, testing)?;
+        let events = Arc::new(EventHub::new(config.event_history, config.max_watchers));
+        let (store, recovered) =
+            Store::open(store, &registry, retention, testing, Arc::clone(&events))?;
         let inner = Arc::new(Inner {
             registry,
             store,
@@ -241,6 +259,7 @@ impl Engine {
             workers: TaskTracker::new(),
             background: TaskTracker::new(),
             runtime: tokio::runtime::Handle::current(),
+            events,
         });
         for record in recovered {
             let queue = inner.queue(record.pool);
@@ -517,6 +536,7 @@ impl Inner {
             finished_at: None,
             attempt: 0,
             outcome: None,
+            progress: None,
         };
         Ok((record, key))
     }
@@ -640,6 +660,7 @@ impl Inner {
                     claim.attempt,
                     claim.cancel.clone(),
                     self.runtime.clone(),
+                    Arc::clone(self.store.live_table()),
                 );
                 // Building the future runs user code too, so it is guarded
                 // like the future itself.
@@ -726,7 +747,13 @@ impl Inner {
             });
             let outcome: Outcome = match self.function(&claim.function).map(Function::body) {
                 Some(Body::Blocking(body)) => {
-                    let ctx = Ctx::new(id, claim.attempt, claim.cancel, self.runtime.clone());
+                    let ctx = Ctx::new(
+                        id,
+                        claim.attempt,
+                        claim.cancel,
+                        self.runtime.clone(),
+                        Arc::clone(self.store.live_table()),
+                    );
                     std::panic::catch_unwind(AssertUnwindSafe(|| body(ctx, claim.args)))
                         .unwrap_or_else(|panic| Err(panicked(&*panic)))
                 }

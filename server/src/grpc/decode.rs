@@ -13,7 +13,7 @@ use sha2::{Digest as _, Sha256};
 
 use crate::{
     Error,
-    engine::{ListFilter, ReturnWhen, SubmitSpec},
+    engine::{ListFilter, ReturnWhen, SubmitSpec, WatchFilter, WatchSpec},
     function::{MAX_FUNCTION_NAME_LEN, PoolKind, is_valid_function_name},
 };
 
@@ -274,30 +274,8 @@ impl TryFrom<pb::ListJobsRequest> for ListQuery {
             Ok(0) => DEFAULT_PAGE_SIZE,
             Ok(n) => n.min(MAX_PAGE_SIZE),
         };
-        let mut states = req
-            .states
-            .iter()
-            .map(|&raw| {
-                pb::JobState::try_from(raw)
-                    .ok()
-                    .and_then(|s| JobState::try_from(s).ok())
-                    .ok_or_else(|| Error::invalid("states", format!("{raw} is not a job state")))
-            })
-            .collect::<Result<Vec<_>, _>>()?;
-        // Canonical, so that one set of states written twice or in another
-        // order is the same filter (and the same page-token fingerprint).
-        states.sort_by_key(|&s| state_byte(s));
-        states.dedup();
-        let function = match req.function.as_str() {
-            "" => None,
-            name if is_valid_function_name(name) => Some(req.function),
-            _ => {
-                return Err(Error::invalid(
-                    "function",
-                    format!("must be 1-{MAX_FUNCTION_NAME_LEN} characters of [A-Za-z0-9_.:-]"),
-                ));
-            }
-        };
+        let states = states(&req.states)?;
+        let function = function_filter(req.function)?;
         let time = |field: &'static str, raw: Option<prost_types::Timestamp>| {
             raw.map(|t| {
                 SystemTime::try_from(t)
@@ -320,6 +298,89 @@ impl TryFrom<pb::ListJobsRequest> for ListQuery {
             filter,
             before,
             page_size,
+        })
+    }
+}
+
+/// A state filter: known states only, in a canonical order (so that one set
+/// of states written twice or in another order is the same filter, and the
+/// same page-token fingerprint).
+fn states(raw: &[i32]) -> Result<Vec<JobState>, Error> {
+    let mut states = raw
+        .iter()
+        .map(|&raw| {
+            pb::JobState::try_from(raw)
+                .ok()
+                .and_then(|s| JobState::try_from(s).ok())
+                .ok_or_else(|| Error::invalid("states", format!("{raw} is not a job state")))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    states.sort_by_key(|&s| state_byte(s));
+    states.dedup();
+    Ok(states)
+}
+
+/// A function-name filter; empty means any function.
+fn function_filter(raw: String) -> Result<Option<String>, Error> {
+    match raw.as_str() {
+        "" => Ok(None),
+        name if is_valid_function_name(name) => Ok(Some(raw)),
+        _ => Err(Error::invalid(
+            "function",
+            format!("must be 1-{MAX_FUNCTION_NAME_LEN} characters of [A-Za-z0-9_.:-]"),
+        )),
+    }
+}
+
+/// The most jobs one Watch may name.
+pub(crate) const MAX_WATCH_IDS: usize = 1000;
+
+impl TryFrom<pb::WatchRequest> for WatchSpec {
+    type Error = Error;
+
+    fn try_from(req: pb::WatchRequest) -> Result<Self, Error> {
+        let mut seen = HashSet::new();
+        let mut ids = Vec::new();
+        for raw in &req.job_ids {
+            let id = raw.parse().map_err(|e: jobd_proto::ParseJobIdError| {
+                Error::invalid("job_ids", e.to_string())
+            })?;
+            if seen.insert(id) {
+                ids.push(id);
+            }
+            if ids.len() > MAX_WATCH_IDS {
+                return Err(Error::invalid(
+                    "job_ids",
+                    format!("a Watch names at most {MAX_WATCH_IDS} distinct jobs"),
+                ));
+            }
+        }
+        let filter = WatchFilter {
+            function: function_filter(req.function)?,
+            states: states(&req.states)?,
+            labels: labels(req.labels)?,
+        };
+        if !ids.is_empty() && filter != WatchFilter::default() {
+            return Err(Error::invalid(
+                "job_ids",
+                "watch either job ids or a filter (function, states, labels), not both",
+            ));
+        }
+        let resume = match (req.stream_epoch.as_str(), req.after_seq) {
+            ("", 0) => None,
+            ("", _) => {
+                return Err(Error::invalid(
+                    "stream_epoch",
+                    "required with after_seq: the stream_epoch of the events received",
+                ));
+            }
+            (epoch, after) if epoch.len() <= 64 => Some((req.stream_epoch.clone(), after)),
+            _ => return Err(Error::invalid("stream_epoch", "at most 64 characters")),
+        };
+        Ok(Self {
+            ids,
+            filter,
+            resume,
         })
     }
 }
@@ -579,6 +640,51 @@ mod tests {
             });
             assert!(refused.is_err());
         }
+    }
+
+    #[test]
+    fn watches_take_ids_or_a_filter_and_resume_with_an_epoch() {
+        let id = JobId::new().to_string();
+        let spec = WatchSpec::try_from(pb::WatchRequest {
+            job_ids: vec![id.clone(), id.clone()],
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(spec.ids.len(), 1);
+        assert!(spec.resume.is_none());
+        let field = |req: pb::WatchRequest| match WatchSpec::try_from(req) {
+            Err(Error::InvalidArgument { field, .. }) => field,
+            other => panic!("expected INVALID_ARGUMENT, got {other:?}"),
+        };
+        let both = pb::WatchRequest {
+            job_ids: vec![id],
+            function: "noop".into(),
+            ..Default::default()
+        };
+        assert_eq!(field(both), "job_ids");
+        let no_epoch = pb::WatchRequest {
+            after_seq: 5,
+            ..Default::default()
+        };
+        assert_eq!(field(no_epoch), "stream_epoch");
+        let bad_state = pb::WatchRequest {
+            states: vec![99],
+            ..Default::default()
+        };
+        assert_eq!(field(bad_state), "states");
+        let too_many = pb::WatchRequest {
+            job_ids: (0..=MAX_WATCH_IDS)
+                .map(|_| JobId::new().to_string())
+                .collect(),
+            ..Default::default()
+        };
+        assert_eq!(field(too_many), "job_ids");
+        let resume = WatchSpec::try_from(pb::WatchRequest {
+            stream_epoch: "e".into(),
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(resume.resume, Some(("e".to_owned(), 0)));
     }
 
     #[test]

@@ -8,14 +8,15 @@ mod status;
 
 use std::time::Duration;
 
+use futures::{StreamExt as _, stream::BoxStream};
 use jobd_proto::{JobState, pb, value};
 use tonic::{Request, Response, Status};
 
 use crate::{
     Error,
-    engine::{CancelOutcome, Engine, SubmitSpec},
+    engine::{CancelOutcome, Engine, SubmitSpec, WatchEvent, WatchEventKind, WatchSpec},
     function::PoolKind,
-    job::{JobError, JobRecord, Outcome},
+    job::{JobError, JobRecord, Outcome, Progress},
 };
 
 /// Implements `jobd.v1.JobService` over an [`Engine`].
@@ -207,6 +208,26 @@ impl pb::job_service_server::JobService for JobService {
         Ok(Response::new(pb::DeleteJobResponse {}))
     }
 
+    type WatchStream = BoxStream<'static, Result<pb::WatchEvent, Status>>;
+
+    async fn watch(
+        &self,
+        request: Request<pb::WatchRequest>,
+    ) -> Result<Response<Self::WatchStream>, Status> {
+        let spec = WatchSpec::try_from(request.into_inner())?;
+        let events = self.engine.watch(spec).await?;
+        let epoch = self.engine.stream_epoch().to_owned();
+        Ok(Response::new(
+            events
+                .map(move |event| {
+                    event
+                        .map(|event| wire_event(event, &epoch))
+                        .map_err(Status::from)
+                })
+                .boxed(),
+        ))
+    }
+
     async fn list_functions(
         &self,
         _request: Request<pb::ListFunctionsRequest>,
@@ -301,5 +322,37 @@ fn wire_job(record: JobRecord) -> pb::Job {
             .timeout
             .and_then(|t| prost_types::Duration::try_from(t).ok()),
         max_attempts: record.max_attempts,
+        progress: record.progress.as_ref().map(wire_progress),
+    }
+}
+
+fn wire_progress(progress: &Progress) -> pb::Progress {
+    pb::Progress {
+        fraction: progress.fraction(),
+        message: progress.message().to_owned(),
+        update_time: Some(progress.at().into()),
+    }
+}
+
+fn wire_event(event: WatchEvent, epoch: &str) -> pb::WatchEvent {
+    let (value, error) = event.outcome.map_or((None, None), wire_outcome);
+    let kind = match event.kind {
+        WatchEventKind::State => pb::WatchEventKind::State,
+        WatchEventKind::Progress => pb::WatchEventKind::Progress,
+        WatchEventKind::Snapshot => pb::WatchEventKind::Snapshot,
+        WatchEventKind::Lagged => pb::WatchEventKind::Lagged,
+    };
+    pb::WatchEvent {
+        seq: event.seq,
+        stream_epoch: epoch.to_owned(),
+        kind: kind.into(),
+        job_id: event.job.map(|id| id.to_string()).unwrap_or_default(),
+        function: event.function.as_deref().unwrap_or_default().to_owned(),
+        state: event.state.map_or(0, wire_state),
+        attempt: event.attempt,
+        progress: event.progress.as_ref().map(wire_progress),
+        value,
+        error,
+        missed: event.missed,
     }
 }

@@ -12,7 +12,9 @@ impl From<Error> for Status {
                 Code::NotFound
             }
             Error::DuplicateRequest { .. } => Code::AlreadyExists,
-            Error::JobNotFinished { .. } => Code::FailedPrecondition,
+            Error::JobNotFinished { .. } | Error::EpochMismatch { .. } => Code::FailedPrecondition,
+            Error::TooManyWatchers(_) => Code::ResourceExhausted,
+            Error::ResumeAhead { .. } => Code::OutOfRange,
             Error::InvalidArgument { .. } => Code::InvalidArgument,
             Error::QueueFull { .. } => Code::ResourceExhausted,
             Error::ShuttingDown => Code::Unavailable,
@@ -67,6 +69,21 @@ mod tests {
                 Code::FailedPrecondition,
             ),
             (Error::WaitTimedOut(JobId::new()), Code::DeadlineExceeded),
+            (Error::TooManyWatchers(1), Code::ResourceExhausted),
+            (
+                Error::EpochMismatch {
+                    asked: "a".into(),
+                    current: "b".into(),
+                },
+                Code::FailedPrecondition,
+            ),
+            (
+                Error::ResumeAhead {
+                    asked: 9,
+                    latest: 1,
+                },
+                Code::OutOfRange,
+            ),
             (
                 Error::JobGone {
                     id: JobId::new(),

@@ -30,7 +30,7 @@ use self::{
 };
 use crate::{
     Error,
-    engine::{ListFilter, ListPage, QueueKey},
+    engine::{EventHub, ListFilter, ListPage, QueueKey},
     function::Registry,
     job::{Finished, JobError, JobRecord, Outcome},
 };
@@ -144,8 +144,9 @@ impl Store {
         registry: &Registry,
         retention: Retention,
         testing: TestKnobs,
+        events: Arc<EventHub>,
     ) -> Result<(Self, Vec<JobRecord>), StoreError> {
-        let table = Arc::new(JobTable::default());
+        let table = Arc::new(JobTable::new(events));
         let (durable, pending) = match config {
             StoreConfig::Memory => (None, Vec::new()),
             StoreConfig::Sqlite { dir } => {
@@ -245,7 +246,45 @@ impl Store {
 
     /// Puts recovered jobs back in the live table.
     pub(crate) fn restore(&self, record: JobRecord, key: QueueKey) {
-        self.table.insert_unchecked(record, Some(key));
+        self.table.restore(record, Some(key));
+    }
+
+    /// The live table, for a running job's context to report progress to
+    /// (progress lives in memory only, never on disk).
+    pub(crate) fn live_table(&self) -> &Arc<JobTable> {
+        &self.table
+    }
+
+    /// A finished job's outcome, from memory or disk; `None` if the job is
+    /// unfinished or gone.
+    pub(crate) async fn finished(&self, id: JobId) -> Option<Finished> {
+        if let Some(found) = self.table.view(id, table::finished) {
+            return found;
+        }
+        self.lookup(id)
+            .await
+            .ok()
+            .flatten()
+            .and_then(|record| table::finished(&record))
+    }
+
+    /// Whether the job carries every one of `labels` (false if it is gone).
+    pub(crate) async fn has_labels(
+        &self,
+        id: JobId,
+        labels: &std::collections::BTreeMap<String, String>,
+    ) -> bool {
+        if labels.is_empty() {
+            return true;
+        }
+        if let Some(found) = self.table.has_labels(id, labels) {
+            return found;
+        }
+        self.lookup(id).await.ok().flatten().is_some_and(|record| {
+            labels
+                .iter()
+                .all(|(key, value)| record.labels.get(key) == Some(value))
+        })
     }
 
     /// Pending -> running; the durable claim rides in the next batch.

@@ -10,13 +10,17 @@
 //! Invariants kept here, under each job's shard lock:
 //! - a terminal state never changes again;
 //! - a completion carrying a stale attempt number is ignored;
-//! - waiters are woken after the terminal state is written, never before.
+//! - waiters are woken after the terminal state is written, never before;
+//! - every visible change (a new pending job, a claim, a retry, a terminal
+//!   state, a progress report) is published to the event hub after it is
+//!   written and before the shard lock is released, so one job's events are
+//!   numbered in the order of its changes.
 
 use std::{
     cmp::Reverse,
     collections::{BTreeMap, BinaryHeap, VecDeque},
     sync::{Arc, Mutex, PoisonError},
-    time::SystemTime,
+    time::{Duration, Instant, SystemTime},
 };
 
 use dashmap::{DashMap, mapref::entry::Entry};
@@ -25,9 +29,9 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    engine::{ListFilter, QueueKey},
+    engine::{EventHub, EventKind, ListFilter, QueueKey},
     function::PoolKind,
-    job::{Finished, JobError, JobRecord, Outcome},
+    job::{Finished, JobError, JobRecord, Outcome, Progress},
 };
 
 struct Slot {
@@ -40,7 +44,16 @@ struct Slot {
     waiters: Option<Arc<Notify>>,
     /// A terminal transition is being made durable; the job is frozen.
     committing: bool,
+    /// When the job's last progress event was published.
+    progress_announced: Option<Instant>,
+    /// A progress report is recorded but not announced yet (a flush is
+    /// due).
+    progress_unannounced: bool,
 }
+
+/// At most one progress event per job per this interval: a job reporting in
+/// a tight loop cannot flood watchers or the event history.
+pub(crate) const PROGRESS_INTERVAL: Duration = Duration::from_millis(100);
 
 /// What a worker needs to run an attempt it has claimed.
 pub(crate) struct Claim {
@@ -76,7 +89,6 @@ pub(crate) struct RequestEntry {
     pub(crate) fingerprint: [u8; 16],
 }
 
-#[derive(Default)]
 pub(crate) struct JobTable {
     jobs: DashMap<JobId, Slot>,
     /// Request ids of the jobs in memory (used for idempotency when there is
@@ -85,9 +97,20 @@ pub(crate) struct JobTable {
     /// Terminal jobs in the order they finished: what retention and the
     /// finished-job cache evict from.
     finished: Mutex<VecDeque<(SystemTime, JobId)>>,
+    /// Where visible changes are announced to watchers.
+    events: Arc<EventHub>,
 }
 
 impl JobTable {
+    pub(crate) fn new(events: Arc<EventHub>) -> Self {
+        Self {
+            jobs: DashMap::new(),
+            requests: DashMap::new(),
+            finished: Mutex::new(VecDeque::new()),
+            events,
+        }
+    }
+
     /// Records a new job, unless its request id is already taken; then the
     /// existing entry is returned and nothing is recorded.
     pub(crate) fn insert(
@@ -114,20 +137,32 @@ impl JobTable {
     /// Records a job whose request id was already checked (by a durable
     /// store), or that was recovered from one.
     pub(crate) fn insert_unchecked(&self, record: JobRecord, queue_key: Option<QueueKey>) {
+        self.put(record, queue_key, true);
+    }
+
+    /// Puts back a job recovered at start. Not announced: it is not a
+    /// change, and no watcher can be connected yet.
+    pub(crate) fn restore(&self, record: JobRecord, queue_key: Option<QueueKey>) {
+        self.put(record, queue_key, false);
+    }
+
+    fn put(&self, record: JobRecord, queue_key: Option<QueueKey>, announce: bool) {
         let id = record.id;
         if let Some(finished_at) = record.finished_at.filter(|_| record.state.is_terminal()) {
             self.lock_finished().push_back((finished_at, id));
         }
-        self.jobs.insert(
-            id,
-            Slot {
-                record,
-                queue_key,
-                cancel: None,
-                waiters: None,
-                committing: false,
-            },
-        );
+        let slot = self.jobs.entry(id).insert(Slot {
+            record,
+            queue_key,
+            cancel: None,
+            waiters: None,
+            committing: false,
+            progress_announced: None,
+            progress_unannounced: false,
+        });
+        if announce {
+            self.events.publish(&slot.record, EventKind::State);
+        }
     }
 
     /// Reads a job without cloning more than `read` takes.
@@ -150,6 +185,9 @@ impl JobTable {
         record.state = JobState::Running;
         record.attempt += 1;
         record.started_at = Some(started_at);
+        // Progress belongs to an attempt.
+        record.progress = None;
+        self.events.publish(record, EventKind::State);
         Some(Claim {
             function: Arc::clone(&record.function),
             args: record.args.clone(),
@@ -179,7 +217,73 @@ impl JobTable {
         slot.record.started_at = None;
         slot.cancel = None;
         slot.queue_key = Some(key);
+        self.events.publish(&slot.record, EventKind::State);
         true
+    }
+
+    /// Records a running attempt's progress report (a stale attempt's, or
+    /// one for a job no longer running, is dropped). Announced at once
+    /// unless the job's last progress event is less than
+    /// [`PROGRESS_INTERVAL`] old; then it is coalesced, and when this
+    /// returns a time the caller must call [`Self::flush_progress`] then
+    /// (one pending flush per job at most).
+    pub(crate) fn set_progress(
+        &self,
+        id: JobId,
+        attempt: u32,
+        progress: Progress,
+    ) -> Option<Instant> {
+        let mut slot = self.jobs.get_mut(&id)?;
+        if slot.record.state != JobState::Running
+            || slot.committing
+            || slot.record.attempt != attempt
+        {
+            return None;
+        }
+        slot.record.progress = Some(progress);
+        let now = Instant::now();
+        match slot.progress_announced {
+            Some(last) if now.duration_since(last) < PROGRESS_INTERVAL => {
+                if slot.progress_unannounced {
+                    return None;
+                }
+                slot.progress_unannounced = true;
+                Some(last + PROGRESS_INTERVAL)
+            }
+            _ => {
+                slot.progress_announced = Some(now);
+                self.events.publish(&slot.record, EventKind::Progress);
+                None
+            }
+        }
+    }
+
+    /// Announces a coalesced progress report, if the attempt still runs.
+    pub(crate) fn flush_progress(&self, id: JobId, attempt: u32) {
+        let Some(mut slot) = self.jobs.get_mut(&id) else {
+            return;
+        };
+        if !slot.progress_unannounced {
+            return;
+        }
+        slot.progress_unannounced = false;
+        if slot.record.state == JobState::Running
+            && !slot.committing
+            && slot.record.attempt == attempt
+        {
+            slot.progress_announced = Some(Instant::now());
+            self.events.publish(&slot.record, EventKind::Progress);
+        }
+    }
+
+    /// Whether the job carries every one of `labels`; `None` if it is not in
+    /// memory.
+    pub(crate) fn has_labels(&self, id: JobId, labels: &BTreeMap<String, String>) -> Option<bool> {
+        self.view(id, |record| {
+            labels
+                .iter()
+                .all(|(key, value)| record.labels.get(key) == Some(value))
+        })
     }
 
     /// Starts the terminal transition of `attempt`. False when the job is
@@ -230,6 +334,7 @@ impl JobTable {
             return;
         };
         let waiters = terminate(&mut slot, outcome, finished_at);
+        self.events.publish(&slot.record, EventKind::State);
         drop(slot);
         self.lock_finished().push_back((finished_at, id));
         wake(waiters);

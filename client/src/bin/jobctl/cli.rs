@@ -206,6 +206,19 @@ pub(crate) enum Command {
         id: JobId,
     },
 
+    /// Follow jobs live: state changes, progress and final results.
+    ///
+    /// With ids: each job's current state first (a finished job's result at
+    /// once), then every change, until all have finished; exit 1 if one
+    /// failed or was cancelled. Without ids: the events of every job matching
+    /// --function/--state/--label from now on, until Ctrl-C or --count.
+    /// A line per event (`ID STATE [PERCENT MESSAGE] [RESULT]`); progress
+    /// bars instead on a terminal; one JSON object per event with -o json
+    /// (seq, epoch, kind, job_id, function, state, attempt, progress, value,
+    /// error, missed). A "lagged" line or event means this watcher read too
+    /// slowly and the server skipped `missed` events.
+    Watch(crate::watch::Watch),
+
     /// Load a server with jobs and measure jobs/s and latency, next to the
     /// gRPC floor (health checks) measured in the same run.
     #[command(long_about = BENCH_LONG_ABOUT, after_long_help = BENCH_AFTER_LONG_HELP)]

@@ -13,7 +13,7 @@ use crate::{
     bench,
     cli::{Cli, Command, Format, Submit},
     failure::{Failure, root_cause},
-    output, sets, waiting,
+    output, sets, waiting, watch,
 };
 
 /// How long to try to connect before saying the server is unreachable: long
@@ -40,7 +40,7 @@ async fn execute(
     match command {
         Command::Submit(args) => submit(client, format, &args).await,
         Command::Result { id, timeout } => {
-            let outcome = wait(&client.job(id), timeout).await?;
+            let outcome = wait(client, &client.job(id), timeout).await?;
             finish(format, id, outcome)
         }
         Command::Done { id } => {
@@ -63,6 +63,7 @@ async fn execute(
         Command::Wait(args) => sets::wait(client, format, &args).await,
         Command::List(args) => sets::list(client, format, &args).await,
         Command::Delete { id } => sets::delete(client, format, id).await,
+        Command::Watch(args) => watch::watch(client, format, &args).await,
         Command::Bench(args) => {
             let report = bench::run(client, addr, options, &args).await?;
             print(&bench::render(format, &report))
@@ -141,15 +142,19 @@ async fn submit(client: &JobClient, format: Format, args: &Submit) -> Result<(),
     if !args.wait {
         return print(&output::submitted(format, job.id(), state));
     }
-    let outcome = wait(&job, args.timeout).await?;
+    let outcome = wait(client, &job, args.timeout).await?;
     finish(format, job.id(), outcome)
 }
 
 /// Waits for `job` to finish, at most `timeout` if given, on the server (no
-/// polling).
-async fn wait(job: &JobHandle, timeout: Option<Duration>) -> Result<JobOutcome, Failure> {
+/// polling), showing its progress on a terminal.
+async fn wait(
+    client: &JobClient,
+    job: &JobHandle,
+    timeout: Option<Duration>,
+) -> Result<JobOutcome, Failure> {
     let id = job.id();
-    waiting::wait_for(id, async {
+    waiting::wait_for(client, id, async {
         job.outcome(timeout)
             .await
             .map_err(|error| match (error, timeout) {
@@ -178,7 +183,7 @@ fn finish(format: Format, id: JobId, outcome: JobOutcome) -> Result<(), Failure>
 
 /// Writes one answer. Not `println!`, which panics when stdout is a closed
 /// pipe.
-fn print(text: &str) -> Result<(), Failure> {
+pub(crate) fn print(text: &str) -> Result<(), Failure> {
     let mut stdout = io::stdout().lock();
     writeln!(stdout, "{text}")?;
     stdout.flush()?;

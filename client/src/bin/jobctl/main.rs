@@ -3,7 +3,8 @@
 //!
 //! Module map: `cli` (the command line and what its words mean), `commands`
 //! (one server call per command), `output` (text and JSON answers), `waiting`
-//! (spinner and Ctrl-C while blocked on a job), `sets` (wait, list and
+//! (spinner or progress bar, and Ctrl-C, while blocked on a job), `watch`
+//! (live events of jobs), `sets` (wait, list and
 //! delete: the commands about many jobs), `bench` (load and
 //! measurement), `failure` (exit codes and one-line error messages).
 //!
@@ -18,6 +19,7 @@ mod failure;
 mod output;
 mod sets;
 mod waiting;
+mod watch;
 
 use std::{
     io::{IsTerminal as _, Write as _},

@@ -115,6 +115,10 @@ pub(crate) fn status(format: Format, job: &JobInfo) -> String {
             if job.priority != 0 {
                 rows.push(("priority", job.priority.to_string()));
             }
+            if let Some(progress) = &job.progress {
+                let percent = format!("{:.0}%", progress.fraction * 100.0);
+                rows.push(("progress", format!("{percent} {}", progress.message)));
+            }
             match job.outcome.as_ref().map(|o| &o.result) {
                 Some(Ok(value)) => rows.push(("value", value.to_string())),
                 Some(Err((kind, message))) => {
@@ -141,6 +145,10 @@ pub(crate) fn status(format: Format, job: &JobInfo) -> String {
                 "not_before": time(job.not_before),
                 "value": null,
                 "error": null,
+                "progress": job.progress.as_ref().map(|p| json!({
+                    "fraction": p.fraction,
+                    "message": p.message,
+                })),
             });
             match job.outcome.as_ref().map(|o| &o.result) {
                 Some(Ok(value)) => object["value"] = value.clone(),
@@ -193,7 +201,7 @@ fn raw(value: &Value) -> String {
     }
 }
 
-fn error(kind: pb::ErrorKind, message: &str) -> Value {
+pub(crate) fn error(kind: pb::ErrorKind, message: &str) -> Value {
     json!({"kind": error_kind_name(kind), "message": message})
 }
 
@@ -301,6 +309,7 @@ mod tests {
             timeout: None,
             max_attempts: 1,
             outcome: None,
+            progress: None,
         };
         let text = status(Format::Text, &job);
         let lines: Vec<&str> = text.lines().collect();

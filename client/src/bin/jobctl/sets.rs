@@ -257,6 +257,7 @@ mod tests {
             timeout: None,
             max_attempts: 1,
             outcome: None,
+            progress: None,
         };
         let jobs = [
             job("hello", &[("b", "2"), ("a", "1")]),

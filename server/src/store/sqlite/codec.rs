@@ -152,6 +152,8 @@ pub(crate) fn record_from_row(row: &Row<'_>) -> rusqlite::Result<JobRecord> {
             .get::<_, Option<i64>>(16)?
             .map(|us| Duration::from_micros(u64::try_from(us).unwrap_or(0))),
         max_attempts: row.get::<_, Option<u32>>(17)?.unwrap_or(1).max(1),
+        // Progress is never written to disk.
+        progress: None,
     })
 }
 
