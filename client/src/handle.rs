@@ -276,7 +276,7 @@ pub(crate) fn wire_duration(d: Duration) -> prost_types::Duration {
 }
 
 /// The outcome of a terminal job; `None` if the state is not terminal.
-fn outcome(
+pub(crate) fn outcome(
     state: JobState,
     value: Option<prost_types::Value>,
     error: Option<pb::JobError>,

@@ -21,6 +21,8 @@
 //! Many jobs at once: [`JobClient::wait`] and [`JobClient::as_completed`]
 //! are `concurrent.futures.wait` and `as_completed`; [`JobClient::list_jobs`]
 //! and [`JobClient::list_all`] list jobs, newest first, with filters.
+//! [`JobClient::map`] is `Executor.map`: one function over many arguments,
+//! results in order (or as completed), with bounded jobs in flight.
 //!
 //! This crate's default `cli` feature builds the `jobctl` binary; library
 //! users depend on it with `default-features = false` and pay for none of the
@@ -29,10 +31,12 @@
 mod client;
 mod error;
 mod handle;
+mod map;
 mod sets;
 
 pub use client::{FunctionInfo, JobClient, Submission};
 pub use error::Error;
 pub use handle::{CancelReport, JobHandle, JobInfo, JobOutcome};
 pub use jobd_proto::{JobId, JobState, pb};
+pub use map::{MapItem, MapOptions, MapResults};
 pub use sets::{JobPage, ListFilter, ReturnWhen, WaitResult};

@@ -119,9 +119,11 @@ impl Default for ServerLimits {
 /// more is answered `RESOURCE_EXHAUSTED` without reaching the service.
 ///
 /// The permit is held until the response future resolves. For unary calls
-/// (all of `JobService` today) tonic resolves it after the handler has
-/// finished, so the permit covers the whole call; a future server-streaming
-/// method would need the permit moved into the response body.
+/// tonic resolves it after the handler has finished, so the permit covers
+/// the whole call. A streaming handler returns as soon as its stream is set
+/// up, so the permit also rides in the request's extensions as an
+/// [`InFlightPermit`]: a streaming method (`Map`) keeps that clone for the
+/// life of its stream, and the slot is freed when the last clone drops.
 #[derive(Debug, Clone)]
 pub(crate) struct InFlightLimit<S> {
     inner: S,
@@ -156,9 +158,13 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, request: http::Request<B>) -> Self::Future {
+    fn call(&mut self, mut request: http::Request<B>) -> Self::Future {
         match Arc::clone(&self.permits).try_acquire_owned() {
             Ok(permit) => {
+                let permit = InFlightPermit {
+                    _slot: Arc::new(permit),
+                };
+                request.extensions_mut().insert(permit.clone());
                 let call = self.inner.call(request);
                 Box::pin(async move {
                     let response = call.await;
@@ -179,6 +185,15 @@ where
             }
         }
     }
+}
+
+/// A share of one call's in-flight slot. Streaming handlers hold it (from
+/// the request's extensions) until their stream ends, so a long stream
+/// counts against `max_in_flight` for as long as it is open.
+#[derive(Debug, Clone)]
+pub(crate) struct InFlightPermit {
+    // Held, never read: the last clone dropped frees the slot.
+    _slot: Arc<OwnedSemaphorePermit>,
 }
 
 impl<S: NamedService> NamedService for InFlightLimit<S> {

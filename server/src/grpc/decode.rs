@@ -190,6 +190,67 @@ impl TryFrom<pb::SubmitRequest> for SubmitSpec {
     }
 }
 
+/// Map's `max_in_flight` when the request leaves it at 0.
+pub(crate) const DEFAULT_MAP_IN_FLIGHT: usize = 64;
+/// Map's `max_in_flight` values above this are coerced down to it: each
+/// in-flight argument may be a running job and a buffered result.
+pub(crate) const MAX_MAP_IN_FLIGHT: usize = 1024;
+
+/// A validated Map stream's first request: what each job is submitted as,
+/// and how results come back.
+#[derive(Debug)]
+pub(crate) struct MapPlan {
+    /// Every job's submission, with `args` left null.
+    pub(crate) template: SubmitSpec,
+    pub(crate) ordered: bool,
+    pub(crate) max_in_flight: usize,
+}
+
+impl TryFrom<Option<pb::MapStart>> for MapPlan {
+    type Error = Error;
+
+    fn try_from(start: Option<pb::MapStart>) -> Result<Self, Error> {
+        let start = start.ok_or_else(|| {
+            Error::invalid(
+                "start",
+                "the first MapRequest must set start (the function and options)",
+            )
+        })?;
+        // The options mean what they mean in Submit, so they are checked by
+        // Submit's own rules.
+        let template = SubmitSpec::try_from(pb::SubmitRequest {
+            function: start.function,
+            pool: start.pool,
+            labels: start.labels,
+            priority: start.priority,
+            timeout: start.timeout,
+            max_attempts: start.max_attempts,
+            ..pb::SubmitRequest::default()
+        })?;
+        let max_in_flight = match usize::try_from(start.max_in_flight) {
+            Ok(0) => DEFAULT_MAP_IN_FLIGHT,
+            Ok(n) => n.min(MAX_MAP_IN_FLIGHT),
+            Err(_) => MAX_MAP_IN_FLIGHT,
+        };
+        Ok(Self {
+            template,
+            ordered: start.ordered,
+            max_in_flight,
+        })
+    }
+}
+
+/// A Map request after the first: it must not set `start` again.
+pub(crate) fn map_args(req: pb::MapRequest) -> Result<Vec<prost_types::Value>, Error> {
+    if req.start.is_some() {
+        return Err(Error::invalid(
+            "start",
+            "only the first MapRequest may set start",
+        ));
+    }
+    Ok(req.args)
+}
+
 /// The most jobs one Wait may name.
 pub(crate) const MAX_WAIT_IDS: usize = 1000;
 /// ListJobs page size when the request leaves it at 0.
