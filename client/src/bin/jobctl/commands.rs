@@ -13,7 +13,7 @@ use crate::{
     bench,
     cli::{Cli, Command, Format, Submit},
     failure::{Failure, root_cause},
-    output, sets, waiting,
+    map, output, sets, waiting,
 };
 
 /// How long to try to connect before saying the server is unreachable: long
@@ -61,6 +61,7 @@ async fn execute(
         Command::Wait(args) => sets::wait(client, format, &args).await,
         Command::List(args) => sets::list(client, format, &args).await,
         Command::Delete { id } => sets::delete(client, format, id).await,
+        Command::Map(args) => map::run(client, format, &args).await,
         Command::Bench(args) => {
             let report = bench::run(client, addr, &args).await?;
             print(&bench::render(format, &report))

@@ -6,7 +6,10 @@
 
 use std::{collections::BTreeMap, time::SystemTime};
 
-use jobd_client::{CancelReport, FunctionInfo, JobId, JobInfo, JobOutcome, JobState, pb};
+use jobd_client::{
+    CancelReport, Error as ClientError, FunctionInfo, JobId, JobInfo, JobOutcome, JobState,
+    MapItem, pb,
+};
 use serde_json::{Value, json};
 
 use crate::cli::Format;
@@ -35,6 +38,46 @@ pub(crate) fn outcome(format: Format, id: JobId, outcome: &JobOutcome) -> Option
             Some(object.to_string())
         }
     }
+}
+
+/// What `map` prints for one argument: the value (text: raw, as `result`
+/// prints it) or why there is none, one line either way.
+pub(crate) fn map_item(format: Format, item: &MapItem) -> String {
+    if format == Format::Text {
+        return match &item.result {
+            Ok(value) => raw(value),
+            Err(failure) => format!("error: {}", failure.to_string().replace('\n', " ")),
+        };
+    }
+    let mut object = json!({
+        "index": item.index,
+        "job_id": item.job.map(|id| id.to_string()),
+    });
+    let (state, detail) = match &item.result {
+        Ok(value) => (JobState::Succeeded.as_str(), ("value", value.clone())),
+        Err(ClientError::JobFailed { kind, message, .. }) => {
+            (JobState::Failed.as_str(), ("error", error(*kind, message)))
+        }
+        Err(ClientError::Cancelled { .. }) => (
+            JobState::Cancelled.as_str(),
+            ("error", error(pb::ErrorKind::Cancelled, "cancelled")),
+        ),
+        // No job was made: the server refused the argument.
+        Err(refused) => (
+            "rejected",
+            (
+                "error",
+                json!({
+                    "kind": "rejected",
+                    "code": refused.code().map(i32::from),
+                    "message": refused.to_string(),
+                }),
+            ),
+        ),
+    };
+    object["state"] = json!(state);
+    object[detail.0] = detail.1;
+    object.to_string()
 }
 
 /// What `done` prints.
