@@ -161,6 +161,16 @@ pub struct MapItem {
 #[derive(Debug)]
 pub struct MapResults {
     responses: tonic::Streaming<pb::MapResponse>,
+    /// Ends the request stream. The transport resets the call only once
+    /// both directions are let go of, so dropping the responses alone would
+    /// leave a map whose arguments are still coming (or never end) running.
+    requests: futures::stream::AbortHandle,
+}
+
+impl Drop for MapResults {
+    fn drop(&mut self) {
+        self.requests.abort();
+    }
 }
 
 impl Stream for MapResults {
@@ -242,8 +252,18 @@ impl JobClient {
                     args: chunk.into_iter().map(value::from_json).collect(),
                 }),
         );
-        let responses = self.rpc().map(requests).await?.into_inner();
-        Ok(MapResults { responses })
+        let (requests, abort) = futures::stream::abortable(requests);
+        let responses = match self.rpc().map(requests).await {
+            Ok(response) => response.into_inner(),
+            Err(status) => {
+                abort.abort();
+                return Err(status.into());
+            }
+        };
+        Ok(MapResults {
+            responses,
+            requests: abort,
+        })
     }
 }
 

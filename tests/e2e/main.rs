@@ -7,6 +7,7 @@
 //! provides their paths.
 
 mod aging;
+mod attempts;
 mod batch;
 mod cancel;
 mod durable;

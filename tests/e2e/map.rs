@@ -279,3 +279,52 @@ async fn an_empty_map_ends_at_once() {
     assert_eq!(server.engine.job_count(), 0);
     server.shutdown().await;
 }
+
+#[tokio::test]
+async fn an_open_map_holds_an_in_flight_slot_until_it_ends() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let (registry, _fx) = registry();
+    let engine = jobd::Engine::start(registry, config(64, 1, 100));
+    let stop = tokio_util::sync::CancellationToken::new();
+    let limits = jobd::ServerLimits {
+        max_in_flight: 1,
+        ..jobd::ServerLimits::default()
+    };
+    let serving = tokio::spawn(jobd::serve_with_limits(
+        listener,
+        engine,
+        stop.clone().cancelled_owned(),
+        Duration::from_secs(1),
+        limits,
+    ));
+    let client = jobd_client::JobClient::connect(&url).await.unwrap();
+    // A map whose arguments never come: its handler has long returned.
+    let open = client
+        .map_with(MapOptions::new("echo"), futures::stream::pending())
+        .await
+        .unwrap();
+    let refused = client.submit("echo", json!(1)).await.unwrap_err();
+    assert_eq!(refused.code(), Some(Code::ResourceExhausted), "{refused}");
+
+    drop(open);
+    // The slot comes back once the server has seen the map go; poll for
+    // that exact condition, bounded.
+    let mut accepted = None;
+    for _ in 0..200 {
+        match client.submit("echo", json!(2)).await {
+            Ok(job) => {
+                accepted = Some(job);
+                break;
+            }
+            Err(err) if err.code() == Some(Code::ResourceExhausted) => {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            Err(err) => panic!("{err}"),
+        }
+    }
+    let job = accepted.expect("the map's slot was never given back");
+    assert_eq!(job.result().await.unwrap(), json!(2));
+    stop.cancel();
+    serving.await.unwrap().unwrap();
+}

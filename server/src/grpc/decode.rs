@@ -510,6 +510,49 @@ mod tests {
     }
 
     #[test]
+    fn a_map_start_is_checked_as_submit_and_its_bound_coerced() {
+        let plan = |f: fn(&mut pb::MapStart)| {
+            let mut start = pb::MapStart {
+                function: "hello".into(),
+                ..Default::default()
+            };
+            f(&mut start);
+            MapPlan::try_from(Some(start))
+        };
+        let default = plan(|_| {}).unwrap();
+        assert_eq!(default.max_in_flight, DEFAULT_MAP_IN_FLIGHT);
+        assert!(!default.ordered);
+        let coerced = plan(|s| s.max_in_flight = u32::MAX).unwrap();
+        assert_eq!(coerced.max_in_flight, MAX_MAP_IN_FLIGHT);
+        assert_eq!(plan(|s| s.max_in_flight = 7).unwrap().max_in_flight, 7);
+        let template = plan(|s| {
+            s.priority = -3;
+            s.max_attempts = 2;
+            s.labels.insert("k".into(), "v".into());
+        })
+        .unwrap()
+        .template;
+        assert_eq!((template.priority, template.max_attempts), (-3, 2));
+        assert_eq!(template.labels.get("k").map(String::as_str), Some("v"));
+        assert!(matches!(
+            plan(|s| s.priority = 1001),
+            Err(Error::InvalidArgument {
+                field: "priority",
+                ..
+            })
+        ));
+        assert!(matches!(
+            MapPlan::try_from(None),
+            Err(Error::InvalidArgument { field: "start", .. })
+        ));
+        let again = pb::MapRequest {
+            start: Some(pb::MapStart::default()),
+            args: Vec::new(),
+        };
+        assert!(map_args(again).is_err());
+    }
+
+    #[test]
     fn accepts_a_minimal_submit() {
         let spec = submit(|_| {}).unwrap();
         assert_eq!(spec.function, "hello");
