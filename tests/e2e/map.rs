@@ -328,3 +328,35 @@ async fn an_open_map_holds_an_in_flight_slot_until_it_ends() {
     stop.cancel();
     serving.await.unwrap().unwrap();
 }
+
+#[tokio::test]
+async fn a_server_shutdown_ends_the_stream_with_unavailable() {
+    let (registry, _fx) = registry();
+    let server =
+        TestServer::start_with_grace(registry, config(64, 1, 100), Duration::from_millis(100))
+            .await;
+    let client = server.client().await;
+    // Two hang (interrupted at the end of the grace), the rest never start.
+    let options = MapOptions::new("sleep").max_in_flight(2);
+    let mut results = client
+        .map_with(options, futures::stream::iter((0..10).map(|_| json!(60))))
+        .await
+        .unwrap();
+    server.until_waiters(2).await;
+    server.begin_shutdown();
+    let mut answered = Vec::new();
+    let end = loop {
+        match results.next().await {
+            Some(Ok(item)) => answered.push(item),
+            Some(Err(err)) => break err,
+            None => panic!("the stream ended cleanly after {} answers", answered.len()),
+        }
+    };
+    assert_eq!(end.code(), Some(Code::Unavailable), "{end}");
+    // What was answered is the truth: jobs interrupted by the shutdown.
+    for item in &answered {
+        let failure = item.result.as_ref().unwrap_err();
+        assert!(failure.to_string().contains("shut down"), "{failure}");
+    }
+    server.join().await;
+}

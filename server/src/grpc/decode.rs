@@ -27,7 +27,8 @@ pub(crate) const MAX_LABEL_VALUE_LEN: usize = 255;
 pub(crate) const MAX_REQUEST_ID_LEN: usize = 128;
 
 /// Job priorities: bounded so that no client can pick a priority no other
-/// can outrank, and so that a later aging scheme has headroom in an `i32`.
+/// can outrank, and so that aging's bound is finite: a job of priority p is
+/// overtaken only by jobs arriving within (1000 - p) aging intervals.
 pub(crate) const PRIORITY_RANGE: std::ops::RangeInclusive<i32> = -1000..=1000;
 
 /// How far ahead a job may be scheduled (`delay` / `not_before`): far

@@ -85,8 +85,8 @@ enum Answer {
         index: u64,
         err: Error,
     },
-    /// The job was accepted but its outcome cannot be learnt (the server is
-    /// shutting down): the stream ends with this error.
+    /// The server is shutting down: the job's outcome cannot be learnt, or
+    /// the argument cannot be accepted. The stream ends with this error.
     Lost(Error),
     /// The client went away; the job was cancelled.
     Abandoned,
@@ -230,6 +230,9 @@ impl Map {
         Box::pin(async move {
             let id = match admission.await {
                 Ok((id, _)) => id,
+                // Draining: no later argument can be accepted either, so the
+                // stream ends instead of refusing each in turn.
+                Err(Error::ShuttingDown) => return Answer::Lost(Error::ShuttingDown),
                 Err(err) => return Answer::Rejected { index, err },
             };
             tokio::select! {
