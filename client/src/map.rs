@@ -27,6 +27,11 @@ use crate::{
 /// framing, small enough that a slow argument source is not held back.
 const ARGS_PER_MESSAGE: usize = 64;
 
+/// Encoded argument bytes per request message at most, well under the
+/// server's default 4 MiB message limit: large arguments go in messages of
+/// their own instead of sinking the whole map with `OUT_OF_RANGE`.
+const BYTES_PER_MESSAGE: usize = 1024 * 1024;
+
 /// What to map and how: the function, the options every job shares, and
 /// how results come back. [`JobClient::map`] covers the common case.
 ///
@@ -247,10 +252,7 @@ impl JobClient {
         };
         let requests = futures::stream::once(std::future::ready(start)).chain(
             args.ready_chunks(ARGS_PER_MESSAGE)
-                .map(|chunk| pb::MapRequest {
-                    start: None,
-                    args: chunk.into_iter().map(value::from_json).collect(),
-                }),
+                .flat_map(|chunk| futures::stream::iter(messages(chunk))),
         );
         let (requests, abort) = futures::stream::abortable(requests);
         let responses = match self.rpc().map(requests).await {
@@ -265,6 +267,31 @@ impl JobClient {
             requests: abort,
         })
     }
+}
+
+/// Arguments that were ready together, as request messages of at most
+/// [`BYTES_PER_MESSAGE`] each (or one argument, if it alone is larger).
+fn messages(chunk: Vec<serde_json::Value>) -> Vec<pb::MapRequest> {
+    use prost::Message as _;
+    let mut messages = Vec::new();
+    let (mut args, mut bytes) = (Vec::new(), 0);
+    for arg in chunk {
+        let arg = value::from_json(arg);
+        let len = arg.encoded_len();
+        if !args.is_empty() && bytes + len > BYTES_PER_MESSAGE {
+            messages.push(pb::MapRequest {
+                start: None,
+                args: std::mem::take(&mut args),
+            });
+            bytes = 0;
+        }
+        bytes += len;
+        args.push(arg);
+    }
+    if !args.is_empty() {
+        messages.push(pb::MapRequest { start: None, args });
+    }
+    messages
 }
 
 fn map_item(response: pb::MapResponse) -> Result<MapItem, Error> {
@@ -288,4 +315,25 @@ fn map_item(response: pb::MapResponse) -> Result<MapItem, Error> {
         job: Some(id),
         result: outcome.into_value(id),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn large_arguments_are_split_across_messages() {
+        let small: Vec<_> = (0..10).map(serde_json::Value::from).collect();
+        let one = messages(small);
+        assert_eq!(one.len(), 1);
+        assert_eq!(one[0].args.len(), 10);
+
+        let big = serde_json::Value::String("x".repeat(BYTES_PER_MESSAGE / 2));
+        let split = messages(vec![big.clone(), big.clone(), big, 1.into()]);
+        let sizes: Vec<usize> = split.iter().map(|m| m.args.len()).collect();
+        // Two halves never share a message with a third; nothing is lost.
+        assert_eq!(sizes, [1, 1, 2]);
+        assert!(split.iter().all(|m| m.start.is_none()));
+        assert!(messages(Vec::new()).is_empty());
+    }
 }
