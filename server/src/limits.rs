@@ -57,7 +57,8 @@ pub struct ServerLimits {
     /// `jobd.v1.JobService` calls being handled at once, over all
     /// connections. Past it a call is answered `RESOURCE_EXHAUSTED` at once:
     /// shedding keeps latency bounded where queueing would hide overload.
-    /// Blocked `Result` and `Wait` calls count too.
+    /// Blocked `Result` and `Wait` calls count too, and so does an open
+    /// `Map` stream, for as long as it is open.
     pub max_in_flight: usize,
     /// HTTP/2 streams a client may open on one connection (the
     /// `SETTINGS_MAX_CONCURRENT_STREAMS` the server announces; hyper's

@@ -92,7 +92,7 @@ struct Args {
     max_connections: NonZeroUsize,
 
     /// JobService calls handled at once over all connections (blocked Result
-    /// and Wait calls count). Past it calls are answered RESOURCE_EXHAUSTED
+    /// and Wait calls count, and open Map streams). Past it calls are answered RESOURCE_EXHAUSTED
     /// at once, not queued. Health checks and reflection are not limited.
     #[arg(long, env = "JOBD_MAX_IN_FLIGHT", default_value = "4096")]
     max_in_flight: NonZeroUsize,
