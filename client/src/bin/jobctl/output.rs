@@ -288,6 +288,55 @@ mod tests {
     }
 
     #[test]
+    fn map_items_are_one_line_each_in_both_formats() {
+        let id = JobId::new();
+        let item = |result| MapItem {
+            index: 7,
+            job: Some(id),
+            result,
+        };
+        let ok = item(Ok(json!("hi")));
+        assert_eq!(map_item(Format::Text, &ok), "hi");
+        let json_ok: Value = serde_json::from_str(&map_item(Format::Json, &ok)).unwrap();
+        assert_eq!(
+            json_ok,
+            json!({"index": 7, "job_id": id.to_string(), "state": "succeeded", "value": "hi"})
+        );
+
+        let failed = item(Err(ClientError::JobFailed {
+            id,
+            kind: pb::ErrorKind::Panicked,
+            message: "boom\nline two".into(),
+        }));
+        let text = map_item(Format::Text, &failed);
+        assert!(
+            text.starts_with("error: job ") && !text.contains('\n'),
+            "{text}"
+        );
+        let json_failed: Value = serde_json::from_str(&map_item(Format::Json, &failed)).unwrap();
+        assert_eq!(json_failed["state"], "failed");
+        assert_eq!(json_failed["error"]["kind"], "panicked");
+
+        let cancelled = item(Err(ClientError::Cancelled { id }));
+        let json_cancelled: Value =
+            serde_json::from_str(&map_item(Format::Json, &cancelled)).unwrap();
+        assert_eq!(json_cancelled["state"], "cancelled");
+
+        let refused = MapItem {
+            index: 8,
+            job: None,
+            result: Err(ClientError::Rpc(tonic::Status::resource_exhausted(
+                "queue full",
+            ))),
+        };
+        let json_refused: Value = serde_json::from_str(&map_item(Format::Json, &refused)).unwrap();
+        assert_eq!(json_refused["state"], "rejected");
+        assert_eq!(json_refused["job_id"], Value::Null);
+        assert_eq!(json_refused["error"]["code"], 8);
+        assert!(map_item(Format::Text, &refused).contains("queue full"));
+    }
+
+    #[test]
     fn text_results_print_strings_raw_and_the_rest_as_json() {
         let id = JobId::new();
         let text = |v| outcome(Format::Text, id, &succeeded(v)).unwrap();
