@@ -26,6 +26,8 @@
 //! and [`JobClient::list_all`] list jobs, newest first, with filters.
 //! [`JobClient::watch`] streams live events (state changes, progress, final
 //! outcomes) for jobs or a filter, resumable by sequence number.
+//! [`JobClient::map`] is `Executor.map`: one function over many arguments,
+//! results in order (or as completed), with bounded jobs in flight.
 //!
 //! This crate's default `cli` feature builds the `jobctl` binary; library
 //! users depend on it with `default-features = false` and pay for none of the
@@ -35,6 +37,7 @@ mod client;
 mod connect;
 mod error;
 mod handle;
+mod map;
 mod sets;
 mod watch;
 
@@ -43,5 +46,6 @@ pub use connect::{CallCredentials, ConnectOptions};
 pub use error::Error;
 pub use handle::{CancelReport, JobHandle, JobInfo, JobOutcome};
 pub use jobd_proto::{JobId, JobState, pb};
+pub use map::{MapItem, MapOptions, MapResults};
 pub use sets::{JobPage, ListFilter, ReturnWhen, WaitResult};
 pub use watch::{JobEvent, JobEventKind, Progress, ResumePoint, Watch};

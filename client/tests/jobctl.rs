@@ -961,3 +961,115 @@ fn watch_by_filter_follows_new_jobs_until_count() {
     assert_eq!(event["value"], "Hello, Ann!");
     server.shutdown();
 }
+
+impl TestServer {
+    /// Runs jobctl against this server with `stdin` as its input.
+    fn jobctl_with_stdin(&self, args: &[&str], stdin: &str) -> Run {
+        let run = execute(
+            jobctl()
+                .arg("--addr")
+                .arg(&self.addr)
+                .args(args)
+                .write_stdin(stdin),
+        );
+        for text in [&run.stdout, &run.stderr] {
+            assert!(!text.contains("panicked"), "\"panicked\" in {run:#?}");
+        }
+        run
+    }
+}
+
+#[test]
+fn map_prints_one_result_per_input_line_in_order() {
+    let server = TestServer::start();
+    let run = server
+        .jobctl_with_stdin(&["map", "hello"], "Ann\n\n\"Bob\"\n{\"name\": \"Cy\"}\n")
+        .success();
+    assert_eq!(run.stdout, "Hello, Ann!\nHello, Bob!\nHello, Cy!\n");
+
+    let input: String = (0..300).map(|n| format!("{n}\n")).collect();
+    let run = server
+        .jobctl_with_stdin(&["map", "echo", "--max-in-flight", "8"], &input)
+        .success();
+    assert_eq!(run.stdout, input);
+    // Each line was a real job.
+    assert_eq!(server.engine.job_count(), 303);
+
+    let run = server
+        .jobctl_with_stdin(&["map", "--unordered", "echo", "--priority", "5"], &input)
+        .success();
+    let mut got: Vec<u32> = run.stdout.lines().map(|l| l.parse().unwrap()).collect();
+    got.sort_unstable();
+    assert_eq!(got, (0..300).collect::<Vec<_>>());
+    server.shutdown();
+}
+
+#[test]
+fn map_answers_failures_per_line_and_exits_1() {
+    let server = TestServer::start();
+    let run = server
+        .jobctl_with_stdin(&["-o", "json", "map", "sleep"], "0\noops\n0.01\n")
+        .code(1);
+    let lines: Vec<Value> = run
+        .stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 3, "{run:#?}");
+    for (n, line) in lines.iter().enumerate() {
+        assert_eq!(line["index"], json!(n));
+        assert!(line["job_id"].is_string(), "{line}");
+    }
+    assert_eq!(lines[0]["state"], json!("succeeded"));
+    assert_eq!(lines[0]["value"], json!(0));
+    assert_eq!(lines[1]["state"], json!("failed"));
+    assert_eq!(lines[1]["error"]["kind"], json!("failed"));
+    assert_eq!(lines[2]["state"], json!("succeeded"));
+    assert_eq!(run.error_line(), "jobctl: 1 of 3 map jobs did not succeed");
+
+    // Text: the failed input's line says why, in its place.
+    let run = server
+        .jobctl_with_stdin(&["map", "sleep"], "0\noops\n")
+        .code(1);
+    let lines: Vec<&str> = run.stdout.lines().collect();
+    assert_eq!(lines[0], "0");
+    assert!(lines[1].starts_with("error: job "), "{run:#?}");
+
+    let run = server
+        .jobctl_with_stdin(&["map", "no_such_function"], "1\n")
+        .code(3);
+    assert!(run.error_line().contains("no_such_function"), "{run:#?}");
+    server
+        .jobctl(&["map", "echo", "--max-in-flight", "0"])
+        .code(2);
+    server.shutdown();
+}
+
+#[test]
+fn list_filters_by_submission_time() {
+    let server = TestServer::start();
+    let id = server.submit(&["hello"]);
+    server.jobctl(&["result", &id]).success();
+    let listed = |args: &[&str]| {
+        let list: Vec<&str> = ["list"].into_iter().chain(args.iter().copied()).collect();
+        server.jobctl(&list).success().stdout.lines().count()
+    };
+    assert_eq!(listed(&["--submitted-after", "1h"]), 1);
+    assert_eq!(listed(&["--submitted-before", "1h"]), 0);
+    assert_eq!(listed(&["--submitted-after", "2000-01-01T00:00:00Z"]), 1);
+    assert_eq!(listed(&["--submitted-after", "2999-01-01T00:00:00Z"]), 0);
+    assert_eq!(
+        listed(&[
+            "--submitted-after",
+            "10m",
+            "--submitted-before",
+            "2999-01-01T00:00:00+02:00"
+        ]),
+        1
+    );
+    let run = server
+        .jobctl(&["list", "--submitted-after", "yesterday"])
+        .code(2);
+    assert!(run.error_line().contains("RFC 3339"), "{run:#?}");
+    server.shutdown();
+}

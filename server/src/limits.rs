@@ -57,7 +57,8 @@ pub struct ServerLimits {
     /// `jobd.v1.JobService` calls being handled at once, over all
     /// connections. Past it a call is answered `RESOURCE_EXHAUSTED` at once:
     /// shedding keeps latency bounded where queueing would hide overload.
-    /// Blocked `Result` and `Wait` calls count too.
+    /// Blocked `Result` and `Wait` calls count too, and so does an open
+    /// `Map` stream, for as long as it is open.
     pub max_in_flight: usize,
     /// HTTP/2 streams a client may open on one connection (the
     /// `SETTINGS_MAX_CONCURRENT_STREAMS` the server announces; hyper's
@@ -120,11 +121,14 @@ impl Default for ServerLimits {
 ///
 /// The permit is held until the response future resolves. For unary calls
 /// tonic resolves it after the handler has finished, so the permit covers
-/// the whole call. For the server-streaming `Watch` it resolves once the
-/// stream has started, so an open watch stream holds no permit here: watch
-/// streams are long-lived and have a cap of their own (`--max-watchers`,
-/// enforced by the engine for the stream's whole life), so that idle
-/// watchers can never starve unary calls of in-flight slots.
+/// the whole call. A streaming handler returns as soon as its stream is set
+/// up, so the permit also rides in the request's extensions as an
+/// [`InFlightPermit`]: `Map`, whose stream submits and runs jobs, keeps that
+/// clone for the life of its stream, and the slot is freed when the last
+/// clone drops. `Watch` does not: watch streams are long-lived and mostly
+/// idle, and have a cap of their own (`--max-watchers`, enforced by the
+/// engine for the stream's whole life), so that idle watchers can never
+/// starve unary calls of in-flight slots.
 #[derive(Debug, Clone)]
 pub(crate) struct InFlightLimit<S> {
     inner: S,
@@ -159,9 +163,13 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, request: http::Request<B>) -> Self::Future {
+    fn call(&mut self, mut request: http::Request<B>) -> Self::Future {
         match Arc::clone(&self.permits).try_acquire_owned() {
             Ok(permit) => {
+                let permit = InFlightPermit {
+                    _slot: Arc::new(permit),
+                };
+                request.extensions_mut().insert(permit.clone());
                 let call = self.inner.call(request);
                 Box::pin(async move {
                     let response = call.await;
@@ -182,6 +190,15 @@ where
             }
         }
     }
+}
+
+/// A share of one call's in-flight slot. Streaming handlers hold it (from
+/// the request's extensions) until their stream ends, so a long stream
+/// counts against `max_in_flight` for as long as it is open.
+#[derive(Debug, Clone)]
+pub(crate) struct InFlightPermit {
+    // Held, never read: the last clone dropped frees the slot.
+    _slot: Arc<OwnedSemaphorePermit>,
 }
 
 impl<S: NamedService> NamedService for InFlightLimit<S> {

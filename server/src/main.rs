@@ -50,6 +50,14 @@ struct Args {
     #[arg(long, env = "JOBD_SHUTDOWN_GRACE", default_value = "30s", value_parser = parse_duration)]
     shutdown_grace: Duration,
 
+    /// Priority aging: each such interval a pending job waits counts as one
+    /// more step of priority, so a flood of higher-priority jobs cannot hold
+    /// a lower one back for ever: a job of priority p is overtaken only by
+    /// jobs queued less than (q - p) intervals after it (q their priority).
+    /// "0" turns aging off (priority alone decides).
+    #[arg(long, env = "JOBD_PRIORITY_AGING", default_value = "1s", value_parser = parse_duration)]
+    priority_aging: Duration,
+
     /// Where job state lives: "sqlite" (durable: an acknowledged job survives
     /// crashes and restarts) or "memory" (ephemeral, lost on exit).
     #[arg(long, env = "JOBD_STORE", value_enum, default_value = "sqlite")]
@@ -100,7 +108,7 @@ struct Args {
     max_connections: NonZeroUsize,
 
     /// JobService calls handled at once over all connections (blocked Result
-    /// and Wait calls count). Past it calls are answered RESOURCE_EXHAUSTED
+    /// and Wait calls count, and open Map streams). Past it calls are answered RESOURCE_EXHAUSTED
     /// at once, not queued. Health checks and reflection are not limited.
     #[arg(long, env = "JOBD_MAX_IN_FLIGHT", default_value = "4096")]
     max_in_flight: NonZeroUsize,
@@ -352,6 +360,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         paused: args.paused,
         event_history: args.event_history,
         max_watchers: args.max_watchers,
+        priority_aging: args.priority_aging,
         unsafe_ack_before_commit: args.unsafe_ack_before_commit,
         unsafe_max_db_pages: args.unsafe_max_db_pages,
     };

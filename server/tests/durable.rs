@@ -244,3 +244,28 @@ fn an_unwritable_data_dir_is_refused() {
     assert!(err.contains("data directory"), "{err}");
     assert!(err.contains("cannot create it"), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_killed_mid_attempt_keeps_its_attempt_count_across_the_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let listen = free_listen();
+    let mut server = JobdProcess::start_in(dir.path(), &listen, &[]);
+    let client = JobClient::connect(server.url()).await.unwrap();
+    let job = client
+        .submit_with(jobd_client::Submission::new("sleep", json!(2)).max_attempts(3))
+        .await
+        .unwrap();
+    until_running(dir.path(), &job).await;
+    let client = restart(&mut server, dir.path(), &listen, &[]).await;
+    let job = client.job(job.id());
+    assert_eq!(
+        job.result_timeout(Duration::from_secs(30)).await.unwrap(),
+        json!(2)
+    );
+    let info = job.status().await.unwrap();
+    // The killed start was attempt 1; the run after the restart is 2.
+    assert_eq!(
+        (info.state, info.attempt, info.max_attempts),
+        (JobState::Succeeded, 2, 3)
+    );
+}

@@ -92,6 +92,7 @@ fn list_and_describe_through_reflection() {
         "GetJob",
         "ListFunctions",
         "Watch",
+        "Map",
     ] {
         assert!(
             described.contains(&format!("rpc {rpc} (")),
@@ -297,4 +298,41 @@ fn watch_streams_a_job_with_progress_to_its_final_event() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("FailedPrecondition"), "{err}");
+}
+
+#[test]
+fn map_streams_one_answer_per_argument() {
+    if !grpcurl_available() {
+        return;
+    }
+    let server = JobdProcess::start(&["--store", "memory"]);
+    let addr = server.addr.to_string();
+    // Two request messages: the start with two arguments, then one more.
+    let body = r#"{"start": {"function": "echo", "ordered": true}, "args": [1, "a"]}
+                  {"args": [{"x": 2}]}"#;
+    let out = grpcurl(&["-d", body, &addr, "jobd.v1.JobService/Map"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let answers: Vec<Value> = serde_json::Deserializer::from_slice(&out.stdout)
+        .into_iter()
+        .collect::<Result<_, _>>()
+        .expect("a stream of JSON objects");
+    let values: Vec<&Value> = answers.iter().map(|a| &a["value"]).collect();
+    assert_eq!(
+        values,
+        [
+            &serde_json::json!(1),
+            &serde_json::json!("a"),
+            &serde_json::json!({"x": 2})
+        ]
+    );
+    for (n, answer) in answers.iter().enumerate() {
+        // proto3 JSON leaves the default (0) out and writes uint64 as a string.
+        let index = answer.get("index").and_then(Value::as_str).unwrap_or("0");
+        assert_eq!(index, n.to_string());
+        assert_eq!(answer["state"], "JOB_STATE_SUCCEEDED");
+    }
 }

@@ -6,6 +6,8 @@
 //! processes live in `server/tests/` and `client/tests/`, where Cargo
 //! provides their paths.
 
+mod aging;
+mod attempts;
 mod batch;
 mod cancel;
 mod durable;
@@ -13,6 +15,7 @@ mod errors;
 mod futures;
 mod harness;
 mod lifecycle;
+mod map;
 mod options;
 mod pools;
 mod shutdown;

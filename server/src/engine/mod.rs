@@ -76,6 +76,11 @@ pub struct EngineConfig {
     /// How many `Watch` streams may be open at once; one more is refused
     /// with `RESOURCE_EXHAUSTED`.
     pub max_watchers: usize,
+    /// Priority aging: each interval a pending job has waited counts as one
+    /// more step of priority, so a flood of higher-priority jobs cannot hold
+    /// it back for ever (see the queue's guarantee in the README). Zero turns
+    /// aging off: priority alone decides.
+    pub priority_aging: Duration,
     /// Test-only mutation: acknowledge Submit before its commit. Exists so
     /// the crash test can prove it detects lost jobs. Never set it.
     #[doc(hidden)]
@@ -97,6 +102,7 @@ impl Default for EngineConfig {
             paused: false,
             event_history: NonZeroUsize::new(65_536).expect("nonzero"),
             max_watchers: 1024,
+            priority_aging: Duration::from_secs(1),
             unsafe_ack_before_commit: false,
             unsafe_max_db_pages: None,
         }
@@ -248,8 +254,8 @@ impl Engine {
         let inner = Arc::new(Inner {
             registry,
             store,
-            async_queue: JobQueue::new(config.max_queued.get()),
-            blocking_queue: JobQueue::new(config.max_queued.get()),
+            async_queue: JobQueue::new(config.max_queued.get(), config.priority_aging),
+            blocking_queue: JobQueue::new(config.max_queued.get(), config.priority_aging),
             async_slots: Arc::new(Semaphore::new(config.async_concurrency.get())),
             schedule: Schedule::default(),
             accepting: AtomicBool::new(true),
@@ -264,10 +270,12 @@ impl Engine {
         for record in recovered {
             let queue = inner.queue(record.pool);
             let (id, pool, not_before) = (record.id, record.pool, record.not_before);
-            let key = queue.reserve_recovered(record.priority);
             // A job interrupted while running was due already, so only
             // never-started delayed jobs wait again.
             let not_before = not_before.filter(|_| record.attempt == 0);
+            // Aging counts from when the job was due, across the restart.
+            let ready_at = not_before.map_or(record.submitted_at, |at| at.max(record.submitted_at));
+            let key = queue.reserve_recovered(record.priority, ready_at);
             inner.store.restore(record, key);
             inner.enqueue(Due { id, pool, key }, not_before);
         }
@@ -316,6 +324,32 @@ impl Engine {
         // the job it queues it itself (with a durable store, on the writer
         // thread right after the commit), whoever still waits.
         self.inner.admit(record, key).await
+    }
+
+    /// As [`Engine::submit`], but the job is checked and takes its place in
+    /// its pool's queue before this returns; the future only records it. So
+    /// a caller that submits several jobs this way and awaits the futures
+    /// concurrently (sharing commits) still has them start in call order.
+    pub fn submit_in_order(
+        &self,
+        spec: SubmitSpec,
+    ) -> impl Future<Output = Result<(JobId, JobState), Error>> + Send + 'static {
+        let prepared = self.inner.prepare(spec);
+        let inner = Arc::clone(&self.inner);
+        async move {
+            let (record, key) = prepared?;
+            inner.admit(record, key).await
+        }
+    }
+
+    /// Checks what `submit` would check of `spec` before taking a queue
+    /// slot: the function exists and runs on the pool asked for.
+    ///
+    /// # Errors
+    ///
+    /// `UnknownFunction`, `InvalidArgument` (pool mismatch).
+    pub fn check(&self, spec: &SubmitSpec) -> Result<(), Error> {
+        self.inner.function_for(spec).map(drop)
     }
 
     /// Submits many jobs; each is accepted or refused on its own, and the
@@ -493,32 +527,19 @@ impl Inner {
             // Fail-stop: refuse at once, for the same reason as the first time.
             return Err(Error::Store(failure));
         }
-        let function = self
-            .registry
-            .get(&spec.function)
-            .ok_or_else(|| Error::UnknownFunction(spec.function.clone()))?;
+        let function = self.function_for(&spec)?;
         let pool = function.pool();
-        if let Some(requested) = spec.pool
-            && requested != pool
-        {
-            return Err(Error::invalid(
-                "pool",
-                format!(
-                    "function {:?} runs on the {pool} pool, not the {requested} pool",
-                    spec.function
-                ),
-            ));
-        }
         let queue = self.queue(pool);
-        let key = queue
-            .reserve(spec.priority)
-            .map_err(|rejected| match rejected {
-                Rejected::Full => Error::QueueFull {
-                    pool,
-                    capacity: queue.capacity(),
-                },
-                Rejected::Closed => Error::ShuttingDown,
-            })?;
+        let key =
+            queue
+                .reserve(spec.priority, spec.not_before)
+                .map_err(|rejected| match rejected {
+                    Rejected::Full => Error::QueueFull {
+                        pool,
+                        capacity: queue.capacity(),
+                    },
+                    Rejected::Closed => Error::ShuttingDown,
+                })?;
         let record = JobRecord {
             id: JobId::new(),
             function: Arc::clone(function.name()),
@@ -539,6 +560,27 @@ impl Inner {
             progress: None,
         };
         Ok((record, key))
+    }
+
+    /// The function `spec` names, if it exists and runs on the pool asked for.
+    fn function_for(&self, spec: &SubmitSpec) -> Result<&Function, Error> {
+        let function = self
+            .registry
+            .get(&spec.function)
+            .ok_or_else(|| Error::UnknownFunction(spec.function.clone()))?;
+        let pool = function.pool();
+        if let Some(requested) = spec.pool
+            && requested != pool
+        {
+            return Err(Error::invalid(
+                "pool",
+                format!(
+                    "function {:?} runs on the {pool} pool, not the {requested} pool",
+                    spec.function
+                ),
+            ));
+        }
+        Ok(function)
     }
 
     /// Records a reserved job and queues it, or gives the reservation back.
@@ -701,12 +743,12 @@ impl Inner {
             && attempt < max_attempts
         {
             let queue = self.queue(pool);
-            let key = queue.reserve_recovered(priority);
+            let wait = backoff(id, attempt);
+            let due = SystemTime::now() + wait;
+            let key = queue.reserve_recovered(priority, due);
             if self.store.retry(id, attempt, key).await {
-                let wait = backoff(id, attempt);
                 tracing::debug!(%id, attempt, ?wait, %reason, "retrying");
-                self.schedule
-                    .add(SystemTime::now() + wait, Due { id, pool, key });
+                self.schedule.add(due, Due { id, pool, key });
                 return;
             }
             queue.release(key);

@@ -99,13 +99,13 @@ mod tests {
 
     #[test]
     fn due_in_time_order_and_removable() {
-        let q = JobQueue::new(10);
+        let q = JobQueue::new(10, std::time::Duration::ZERO);
         let t0 = SystemTime::UNIX_EPOCH + Duration::from_secs(100);
         let schedule = Schedule::default();
         let due = |id| Due {
             id,
             pool: PoolKind::Async,
-            key: q.reserve(0).unwrap(),
+            key: q.reserve(0, None).unwrap(),
         };
         let (a, b, c) = (JobId::new(), JobId::new(), JobId::new());
         schedule.add(t0 + Duration::from_secs(2), due(a));

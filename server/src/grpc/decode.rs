@@ -27,7 +27,8 @@ pub(crate) const MAX_LABEL_VALUE_LEN: usize = 255;
 pub(crate) const MAX_REQUEST_ID_LEN: usize = 128;
 
 /// Job priorities: bounded so that no client can pick a priority no other
-/// can outrank, and so that a later aging scheme has headroom in an `i32`.
+/// can outrank, and so that aging's bound is finite: a job of priority p is
+/// overtaken only by jobs arriving within (1000 - p) aging intervals.
 pub(crate) const PRIORITY_RANGE: std::ops::RangeInclusive<i32> = -1000..=1000;
 
 /// How far ahead a job may be scheduled (`delay` / `not_before`): far
@@ -188,6 +189,67 @@ impl TryFrom<pb::SubmitRequest> for SubmitSpec {
             },
         })
     }
+}
+
+/// Map's `max_in_flight` when the request leaves it at 0.
+pub(crate) const DEFAULT_MAP_IN_FLIGHT: usize = 64;
+/// Map's `max_in_flight` values above this are coerced down to it: each
+/// in-flight argument may be a running job and a buffered result.
+pub(crate) const MAX_MAP_IN_FLIGHT: usize = 1024;
+
+/// A validated Map stream's first request: what each job is submitted as,
+/// and how results come back.
+#[derive(Debug)]
+pub(crate) struct MapPlan {
+    /// Every job's submission, with `args` left null.
+    pub(crate) template: SubmitSpec,
+    pub(crate) ordered: bool,
+    pub(crate) max_in_flight: usize,
+}
+
+impl TryFrom<Option<pb::MapStart>> for MapPlan {
+    type Error = Error;
+
+    fn try_from(start: Option<pb::MapStart>) -> Result<Self, Error> {
+        let start = start.ok_or_else(|| {
+            Error::invalid(
+                "start",
+                "the first MapRequest must set start (the function and options)",
+            )
+        })?;
+        // The options mean what they mean in Submit, so they are checked by
+        // Submit's own rules.
+        let template = SubmitSpec::try_from(pb::SubmitRequest {
+            function: start.function,
+            pool: start.pool,
+            labels: start.labels,
+            priority: start.priority,
+            timeout: start.timeout,
+            max_attempts: start.max_attempts,
+            ..pb::SubmitRequest::default()
+        })?;
+        let max_in_flight = match usize::try_from(start.max_in_flight) {
+            Ok(0) => DEFAULT_MAP_IN_FLIGHT,
+            Ok(n) => n.min(MAX_MAP_IN_FLIGHT),
+            Err(_) => MAX_MAP_IN_FLIGHT,
+        };
+        Ok(Self {
+            template,
+            ordered: start.ordered,
+            max_in_flight,
+        })
+    }
+}
+
+/// A Map request after the first: it must not set `start` again.
+pub(crate) fn map_args(req: pb::MapRequest) -> Result<Vec<prost_types::Value>, Error> {
+    if req.start.is_some() {
+        return Err(Error::invalid(
+            "start",
+            "only the first MapRequest may set start",
+        ));
+    }
+    Ok(req.args)
 }
 
 /// The most jobs one Wait may name.
@@ -507,6 +569,49 @@ mod tests {
             Err(Error::InvalidArgument { field, .. }) => field,
             other => panic!("expected InvalidArgument, got {other:?}"),
         }
+    }
+
+    #[test]
+    fn a_map_start_is_checked_as_submit_and_its_bound_coerced() {
+        let plan = |f: fn(&mut pb::MapStart)| {
+            let mut start = pb::MapStart {
+                function: "hello".into(),
+                ..Default::default()
+            };
+            f(&mut start);
+            MapPlan::try_from(Some(start))
+        };
+        let default = plan(|_| {}).unwrap();
+        assert_eq!(default.max_in_flight, DEFAULT_MAP_IN_FLIGHT);
+        assert!(!default.ordered);
+        let coerced = plan(|s| s.max_in_flight = u32::MAX).unwrap();
+        assert_eq!(coerced.max_in_flight, MAX_MAP_IN_FLIGHT);
+        assert_eq!(plan(|s| s.max_in_flight = 7).unwrap().max_in_flight, 7);
+        let template = plan(|s| {
+            s.priority = -3;
+            s.max_attempts = 2;
+            s.labels.insert("k".into(), "v".into());
+        })
+        .unwrap()
+        .template;
+        assert_eq!((template.priority, template.max_attempts), (-3, 2));
+        assert_eq!(template.labels.get("k").map(String::as_str), Some("v"));
+        assert!(matches!(
+            plan(|s| s.priority = 1001),
+            Err(Error::InvalidArgument {
+                field: "priority",
+                ..
+            })
+        ));
+        assert!(matches!(
+            MapPlan::try_from(None),
+            Err(Error::InvalidArgument { field: "start", .. })
+        ));
+        let again = pb::MapRequest {
+            start: Some(pb::MapStart::default()),
+            args: Vec::new(),
+        };
+        assert!(map_args(again).is_err());
     }
 
     #[test]

@@ -4,6 +4,7 @@
 
 mod deadline;
 pub(crate) mod decode;
+mod map;
 mod status;
 
 use std::time::Duration;
@@ -83,16 +84,10 @@ impl pb::job_service_server::JobService for JobService {
                         }),
                         error: None,
                     },
-                    Err(err) => {
-                        let status = Status::from(err);
-                        pb::SubmitBatchResult {
-                            job: None,
-                            error: Some(pb::BatchItemError {
-                                code: status.code().into(),
-                                message: status.message().to_owned(),
-                            }),
-                        }
-                    }
+                    Err(err) => pb::SubmitBatchResult {
+                        job: None,
+                        error: Some(item_error(err)),
+                    },
                 }
             })
             .collect();
@@ -228,6 +223,20 @@ impl pb::job_service_server::JobService for JobService {
         ))
     }
 
+    type MapStream = map::MapStream;
+
+    async fn map(
+        &self,
+        request: Request<tonic::Streaming<pb::MapRequest>>,
+    ) -> Result<Response<Self::MapStream>, Status> {
+        let permit = request
+            .extensions()
+            .get::<crate::limits::InFlightPermit>()
+            .cloned();
+        let stream = map::start(self.engine.clone(), permit, request.into_inner()).await?;
+        Ok(Response::new(stream))
+    }
+
     async fn list_functions(
         &self,
         _request: Request<pb::ListFunctionsRequest>,
@@ -252,6 +261,16 @@ fn earliest(a: Option<Duration>, b: Option<Duration>) -> Option<Duration> {
     match (a, b) {
         (Some(a), Some(b)) => Some(a.min(b)),
         (a, b) => a.or(b),
+    }
+}
+
+/// A refused submission as one item's answer (SubmitBatch, Map): the status
+/// Submit would have failed with.
+fn item_error(err: Error) -> pb::BatchItemError {
+    let status = Status::from(err);
+    pb::BatchItemError {
+        code: status.code().into(),
+        message: status.message().to_owned(),
     }
 }
 

@@ -33,6 +33,7 @@ Examples:
   jobctl wait <id> <id> --return-when first    which finished first
   jobctl list --state failed --limit 20
   jobctl delete <id>                   forget a finished job
+  seq 1000 | jobctl map echo           one job per line, results in order
   jobctl -o json status <id>           the whole job as one JSON object
   jobctl bench --mode roundtrip        jobs/s and latency, next to the gRPC floor
   JOBD_ADDR=http://10.0.0.7:50051 jobctl functions
@@ -43,8 +44,10 @@ const AFTER_LONG_HELP: &str = "\
 Exit codes:
     0  success
     1  the job failed or was cancelled (the reason is on stderr), or the
-       answer could not be written
-    2  usage error: bad flags, a malformed job id or label, a bad --addr
+       answer could not be written; for `map`: any input's job failed, was
+       cancelled or was refused
+    2  usage error: bad flags, a malformed job id or label, a bad --addr,
+       stdin of `map` that is not text
     3  the request failed: jobd unreachable, unknown job or function, timeout
   130  interrupted by Ctrl-C while waiting (the job keeps running)
 
@@ -218,6 +221,19 @@ pub(crate) enum Command {
     /// error, missed). A "lagged" line or event means this watcher read too
     /// slowly and the server skipped `missed` events.
     Watch(crate::watch::Watch),
+    /// Run a function on every line of stdin, one job per line, and print
+    /// one result per line, in input order.
+    ///
+    /// Like Python's Executor.map: each non-empty line is one job's argument
+    /// (JSON if the line parses as JSON, else the line as a string, as
+    /// `submit` treats its ARGs), at most --max-in-flight jobs run at once,
+    /// and results are printed in input order (or as they finish with
+    /// --unordered). A string result is printed raw, any other value as
+    /// compact JSON, and an input without a value as `error: REASON`; with
+    /// -o json each line is {"index", "job_id", "state", "value" or
+    /// "error"}. Exit code 1 if any job failed, was cancelled or was
+    /// refused by the server. Ctrl-C cancels the jobs not yet finished.
+    Map(crate::map::Map),
 
     /// Load a server with jobs and measure jobs/s and latency, next to the
     /// gRPC floor (health checks) measured in the same run.
@@ -434,14 +450,17 @@ impl Submit {
 /// Turns command-line words into the job's one JSON argument, so that the
 /// common cases need no JSON quoting in the shell.
 fn json_args(words: &[String]) -> serde_json::Value {
-    let value = |word: &String| {
-        serde_json::from_str(word).unwrap_or_else(|_| serde_json::Value::String(word.clone()))
-    };
     match words {
         [] => serde_json::Value::Null,
-        [one] => value(one),
-        many => many.iter().map(value).collect(),
+        [one] => json_arg(one),
+        many => many.iter().map(|word| json_arg(word)).collect(),
     }
+}
+
+/// One word (or `map` input line) as a JSON value: JSON if it parses, else
+/// the word as a string.
+pub(crate) fn json_arg(word: &str) -> serde_json::Value {
+    serde_json::from_str(word).unwrap_or_else(|_| serde_json::Value::String(word.to_owned()))
 }
 
 pub(crate) fn parse_seconds(raw: &str) -> Result<Duration, String> {

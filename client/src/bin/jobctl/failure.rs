@@ -83,6 +83,17 @@ pub(crate) enum Failure {
         /// Why, in a few words.
         reason: String,
     },
+    /// `map`: some inputs got no value (their lines say why).
+    #[error("{failed} of {total} map jobs did not succeed")]
+    MapUnsuccessful {
+        /// Inputs whose job failed, was cancelled or was refused.
+        failed: u64,
+        /// Inputs answered.
+        total: u64,
+    },
+    /// `map`: stdin could not be read (e.g. it is not UTF-8 text).
+    #[error("cannot read stdin: {0}")]
+    Stdin(io::Error),
     /// Any other failure reported by the client library.
     #[error(transparent)]
     Client(#[from] ClientError),
@@ -136,9 +147,11 @@ impl Failure {
             | Self::ConnectionLost { .. }
             | Self::TimedOut { .. }
             | Self::NothingSucceeded { .. } => Exit::Rpc,
-            Self::ServerMemory { .. } | Self::File { .. } => Exit::Usage,
+            Self::ServerMemory { .. } | Self::File { .. } | Self::Stdin(_) => Exit::Usage,
             Self::Interrupted { .. } => Exit::Interrupted,
-            Self::Job { .. } | Self::Output(_) => Exit::JobUnsuccessful,
+            Self::Job { .. } | Self::MapUnsuccessful { .. } | Self::Output(_) => {
+                Exit::JobUnsuccessful
+            }
             Self::Client(error) => match error {
                 ClientError::InvalidAddress { .. } | ClientError::InvalidOptions(_) => Exit::Usage,
                 ClientError::JobFailed { .. } | ClientError::Cancelled { .. } => {

@@ -4,8 +4,8 @@
 //! Module map: `cli` (the command line and what its words mean), `commands`
 //! (one server call per command), `output` (text and JSON answers), `waiting`
 //! (spinner or progress bar, and Ctrl-C, while blocked on a job), `watch`
-//! (live events of jobs), `sets` (wait, list and
-//! delete: the commands about many jobs), `bench` (load and
+//! (live events of jobs), `sets` (wait, list and delete: the commands about
+//! many jobs), `map` (stdin lines through one Map stream), `bench` (load and
 //! measurement), `failure` (exit codes and one-line error messages).
 //!
 //! Errors are a typed [`failure::Failure`] rather than `anyhow::Error`: the
@@ -16,6 +16,7 @@ mod bench;
 mod cli;
 mod commands;
 mod failure;
+mod map;
 mod output;
 mod sets;
 mod waiting;

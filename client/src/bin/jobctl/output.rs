@@ -6,7 +6,10 @@
 
 use std::{collections::BTreeMap, time::SystemTime};
 
-use jobd_client::{CancelReport, FunctionInfo, JobId, JobInfo, JobOutcome, JobState, pb};
+use jobd_client::{
+    CancelReport, Error as ClientError, FunctionInfo, JobId, JobInfo, JobOutcome, JobState,
+    MapItem, pb,
+};
 use serde_json::{Value, json};
 
 use crate::cli::Format;
@@ -35,6 +38,46 @@ pub(crate) fn outcome(format: Format, id: JobId, outcome: &JobOutcome) -> Option
             Some(object.to_string())
         }
     }
+}
+
+/// What `map` prints for one argument: the value (text: raw, as `result`
+/// prints it) or why there is none, one line either way.
+pub(crate) fn map_item(format: Format, item: &MapItem) -> String {
+    if format == Format::Text {
+        return match &item.result {
+            Ok(value) => raw(value),
+            Err(failure) => format!("error: {}", failure.to_string().replace('\n', " ")),
+        };
+    }
+    let mut object = json!({
+        "index": item.index,
+        "job_id": item.job.map(|id| id.to_string()),
+    });
+    let (state, detail) = match &item.result {
+        Ok(value) => (JobState::Succeeded.as_str(), ("value", value.clone())),
+        Err(ClientError::JobFailed { kind, message, .. }) => {
+            (JobState::Failed.as_str(), ("error", error(*kind, message)))
+        }
+        Err(ClientError::Cancelled { .. }) => (
+            JobState::Cancelled.as_str(),
+            ("error", error(pb::ErrorKind::Cancelled, "cancelled")),
+        ),
+        // No job was made: the server refused the argument.
+        Err(refused) => (
+            "rejected",
+            (
+                "error",
+                json!({
+                    "kind": "rejected",
+                    "code": refused.code().map(i32::from),
+                    "message": refused.to_string(),
+                }),
+            ),
+        ),
+    };
+    object["state"] = json!(state);
+    object[detail.0] = detail.1;
+    object.to_string()
 }
 
 /// What `done` prints.
@@ -250,6 +293,55 @@ mod tests {
             state: JobState::Succeeded,
             result: Ok(value),
         }
+    }
+
+    #[test]
+    fn map_items_are_one_line_each_in_both_formats() {
+        let id = JobId::new();
+        let item = |result| MapItem {
+            index: 7,
+            job: Some(id),
+            result,
+        };
+        let ok = item(Ok(json!("hi")));
+        assert_eq!(map_item(Format::Text, &ok), "hi");
+        let json_ok: Value = serde_json::from_str(&map_item(Format::Json, &ok)).unwrap();
+        assert_eq!(
+            json_ok,
+            json!({"index": 7, "job_id": id.to_string(), "state": "succeeded", "value": "hi"})
+        );
+
+        let failed = item(Err(ClientError::JobFailed {
+            id,
+            kind: pb::ErrorKind::Panicked,
+            message: "boom\nline two".into(),
+        }));
+        let text = map_item(Format::Text, &failed);
+        assert!(
+            text.starts_with("error: job ") && !text.contains('\n'),
+            "{text}"
+        );
+        let json_failed: Value = serde_json::from_str(&map_item(Format::Json, &failed)).unwrap();
+        assert_eq!(json_failed["state"], "failed");
+        assert_eq!(json_failed["error"]["kind"], "panicked");
+
+        let cancelled = item(Err(ClientError::Cancelled { id }));
+        let json_cancelled: Value =
+            serde_json::from_str(&map_item(Format::Json, &cancelled)).unwrap();
+        assert_eq!(json_cancelled["state"], "cancelled");
+
+        let refused = MapItem {
+            index: 8,
+            job: None,
+            result: Err(ClientError::Rpc(tonic::Status::resource_exhausted(
+                "queue full",
+            ))),
+        };
+        let json_refused: Value = serde_json::from_str(&map_item(Format::Json, &refused)).unwrap();
+        assert_eq!(json_refused["state"], "rejected");
+        assert_eq!(json_refused["job_id"], Value::Null);
+        assert_eq!(json_refused["error"]["code"], 8);
+        assert!(map_item(Format::Text, &refused).contains("queue full"));
     }
 
     #[test]

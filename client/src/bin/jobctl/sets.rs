@@ -69,6 +69,16 @@ pub(crate) struct List {
     #[arg(long = "label", value_name = "KEY=VALUE", value_parser = parse_label)]
     pub(crate) labels: Vec<(String, String)>,
 
+    /// Only jobs submitted after this time: an RFC 3339 timestamp such as
+    /// 2026-11-24T18:00:00Z, or a time ago such as 90s, 10m, 2h or 7d.
+    #[arg(long, value_name = "TIME", value_parser = parse_time)]
+    pub(crate) submitted_after: Option<SystemTime>,
+
+    /// Only jobs submitted before this time: an RFC 3339 timestamp, or a
+    /// time ago such as 10m (as --submitted-after).
+    #[arg(long, value_name = "TIME", value_parser = parse_time)]
+    pub(crate) submitted_before: Option<SystemTime>,
+
     /// Print at most this many jobs (newest first).
     #[arg(long, value_name = "N", default_value = "100")]
     pub(crate) limit: usize,
@@ -133,7 +143,8 @@ pub(crate) async fn list(client: &JobClient, format: Format, args: &List) -> Res
         states: args.states.iter().map(|&s| s.into()).collect(),
         function: args.function.clone(),
         labels: args.labels.iter().cloned().collect(),
-        ..ListFilter::default()
+        submitted_after: args.submitted_after,
+        submitted_before: args.submitted_before,
     };
     let mut jobs = Vec::new();
     let mut token = None;
@@ -229,11 +240,78 @@ fn print(text: &str) -> Result<(), Failure> {
     Ok(())
 }
 
+/// A point in time for `list`'s time filters: an RFC 3339 timestamp, or a
+/// duration with a unit (s, m, h, d; fractions allowed) meaning that long
+/// ago.
+fn parse_time(raw: &str) -> Result<SystemTime, String> {
+    parse_time_at(raw, SystemTime::now())
+}
+
+fn parse_time_at(raw: &str, now: SystemTime) -> Result<SystemTime, String> {
+    let raw = raw.trim();
+    if let Ok(at) = raw.parse::<prost_types::Timestamp>() {
+        return SystemTime::try_from(at).map_err(|e| format!("{raw:?} is not a usable time: {e}"));
+    }
+    let usage = || {
+        format!(
+            "{raw:?} is neither an RFC 3339 time (2026-11-24T18:00:00Z) nor a time ago \
+             (90s, 10m, 2h, 7d)"
+        )
+    };
+    let split = raw
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .ok_or_else(usage)?;
+    let (number, unit) = raw.split_at(split);
+    let n: f64 = number.parse().map_err(|_| usage())?;
+    let unit_secs = match unit {
+        "s" => 1.0,
+        "m" => 60.0,
+        "h" => 3600.0,
+        "d" => 86_400.0,
+        _ => return Err(usage()),
+    };
+    let ago = Duration::try_from_secs_f64(n * unit_secs).map_err(|_| usage())?;
+    now.checked_sub(ago)
+        .ok_or_else(|| format!("{raw:?} ago is before the clock's beginning"))
+}
+
 #[cfg(test)]
 mod tests {
     use std::collections::HashMap;
 
     use super::*;
+
+    #[test]
+    fn times_are_rfc3339_or_a_duration_ago() {
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000);
+        assert_eq!(
+            parse_time_at("2026-11-24T18:00:00Z", now),
+            Ok(SystemTime::UNIX_EPOCH + Duration::from_secs(1795543200))
+        );
+        assert_eq!(
+            parse_time_at("1970-01-01T00:01:00+00:00", now),
+            Ok(SystemTime::UNIX_EPOCH + Duration::from_secs(60))
+        );
+        assert_eq!(
+            parse_time_at("10m", now),
+            Ok(now - Duration::from_secs(600))
+        );
+        assert_eq!(
+            parse_time_at("1.5h", now),
+            Ok(now - Duration::from_secs(5400))
+        );
+        assert_eq!(
+            parse_time_at("7d", now),
+            Ok(now - Duration::from_secs(7 * 86_400))
+        );
+        assert_eq!(
+            parse_time_at(" 90s ", now),
+            Ok(now - Duration::from_secs(90))
+        );
+        for bad in ["10", "10w", "yesterday", "-5m", "", "2026-13-01T00:00:00Z"] {
+            assert!(parse_time_at(bad, now).is_err(), "{bad:?} was accepted");
+        }
+    }
 
     #[test]
     fn the_table_lines_up() {
