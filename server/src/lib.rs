@@ -48,7 +48,7 @@ pub use engine::{
     CancelOutcome, Engine, EngineConfig, ListFilter, ListPage, ReturnWhen, SubmitSpec, WaitSplit,
 };
 pub use error::Error;
-pub use function::{PoolKind, Registry};
+pub use function::{ArgsViolation, InvalidSchema, PoolKind, Registry};
 pub use grpc::JobService;
 pub use job::{Finished, JobError, JobRecord, Outcome};
 pub use limits::ServerLimits;

@@ -94,6 +94,17 @@ pub struct ServerLimits {
     /// default is unlimited). Bounds what one large job result can make the
     /// server allocate per answer.
     pub max_encoding_message_size: usize,
+    /// The longest one `Result` or `Wait` call waits, whatever timeout it
+    /// asks for (or none): then `Result` answers `DEADLINE_EXCEEDED` and
+    /// `Wait` its done/not-done split, and the client asks again (the Rust
+    /// client does so by itself). Bounds how long a call holds its
+    /// in-flight slot and stream, and lets proxies with idle timeouts
+    /// sit in between.
+    pub max_wait: Duration,
+    /// `Result` and `Wait` calls in progress at once; one more is answered
+    /// `RESOURCE_EXHAUSTED` at once. Kept below `max_in_flight`, so that
+    /// blocked waiters cannot take every slot from Submit and the rest.
+    pub max_waiters: usize,
 }
 
 impl Default for ServerLimits {
@@ -111,6 +122,8 @@ impl Default for ServerLimits {
             tcp_keepalive: Duration::from_secs(60),
             max_decoding_message_size: 4 * 1024 * 1024,
             max_encoding_message_size: 16 * 1024 * 1024,
+            max_wait: Duration::from_secs(60),
+            max_waiters: 3072,
         }
     }
 }

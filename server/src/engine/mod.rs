@@ -65,6 +65,12 @@ pub struct EngineConfig {
     pub cache_finished: usize,
     /// Start with both pools paused (see [`Engine::set_paused`]).
     pub paused: bool,
+    /// The largest argument a job may be submitted with, in bytes of JSON
+    /// text; a larger one is refused with `InvalidArgument` (field `args`).
+    pub max_args_bytes: usize,
+    /// The largest value a job may return, in bytes of JSON text; a job
+    /// returning more ends `FAILED` with [`JobError::ResultTooLarge`].
+    pub max_result_bytes: usize,
     /// Test-only mutation: acknowledge Submit before its commit. Exists so
     /// the crash test can prove it detects lost jobs. Never set it.
     #[doc(hidden)]
@@ -84,6 +90,8 @@ impl Default for EngineConfig {
             retention: Duration::from_secs(7 * 24 * 3600),
             cache_finished: 100_000,
             paused: false,
+            max_args_bytes: 1024 * 1024,
+            max_result_bytes: 1024 * 1024,
             unsafe_ack_before_commit: false,
             unsafe_max_db_pages: None,
         }
@@ -178,6 +186,9 @@ struct Inner {
     waiters: AtomicUsize,
     /// While true, workers take no job from the queues.
     paused: watch::Sender<bool>,
+    /// `EngineConfig::max_args_bytes` and `max_result_bytes`.
+    max_args_bytes: usize,
+    max_result_bytes: usize,
     /// Running async jobs, the dispatcher, and one token per blocking thread.
     workers: TaskTracker,
     /// The schedule and retention tasks. They end with `stopped`; shutdown
@@ -238,6 +249,8 @@ impl Engine {
             stopped: CancellationToken::new(),
             waiters: AtomicUsize::new(0),
             paused: watch::Sender::new(config.paused),
+            max_args_bytes: config.max_args_bytes,
+            max_result_bytes: config.max_result_bytes,
             workers: TaskTracker::new(),
             background: TaskTracker::new(),
             runtime: tokio::runtime::Handle::current(),
@@ -478,6 +491,23 @@ impl Inner {
             .registry
             .get(&spec.function)
             .ok_or_else(|| Error::UnknownFunction(spec.function.clone()))?;
+        let args_bytes = json_len(&spec.args);
+        if args_bytes > self.max_args_bytes {
+            return Err(Error::invalid(
+                "args",
+                format!(
+                    "is {args_bytes} bytes of JSON; the server takes at most {} (--max-args-bytes)",
+                    self.max_args_bytes
+                ),
+            ));
+        }
+        let violations = function.check_args(&spec.args);
+        if !violations.is_empty() {
+            return Err(Error::ArgsRejected {
+                function: spec.function,
+                violations,
+            });
+        }
         let pool = function.pool();
         if let Some(requested) = spec.pool
             && requested != pool
@@ -676,6 +706,15 @@ impl Inner {
             max_attempts,
             priority,
         } = attempt;
+        // A result too large to store and send fails the job (as data);
+        // the caller learns why instead of the answer failing in transit.
+        let outcome = outcome.and_then(|value| match json_len(&value) {
+            len if len > self.max_result_bytes => Err(JobError::ResultTooLarge(format!(
+                "the function returned {len} bytes of JSON; the server keeps at most {} (--max-result-bytes)",
+                self.max_result_bytes
+            ))),
+            _ => Ok(value),
+        });
         if let Err(JobError::Retryable(reason)) = &outcome
             && attempt < max_attempts
         {
@@ -791,6 +830,24 @@ where
             "internal error".into(),
         )))
     })
+}
+
+/// The length of `value` as compact JSON text, without building the text.
+fn json_len(value: &serde_json::Value) -> usize {
+    struct Counter(usize);
+    impl std::io::Write for Counter {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0 += buf.len();
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut counter = Counter(0);
+    // Writing a `Value` into a sink that never fails cannot fail.
+    let _ = serde_json::to_writer(&mut counter, value);
+    counter.0
 }
 
 /// Counts a caller inside `wait` for as long as its future lives, including

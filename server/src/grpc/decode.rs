@@ -89,7 +89,9 @@ fn not_before(
             ));
         }
         (None, None) => return Ok(None),
-        (Some(delay), None) => ("delay", now + delay),
+        // Capped before adding: a huge delay must be refused below as too
+        // far ahead, not overflow the clock here.
+        (Some(delay), None) => ("delay", now + delay.min(MAX_DELAY + Duration::from_secs(1))),
         (None, Some(at)) => (
             "not_before",
             SystemTime::try_from(at)
@@ -482,6 +484,10 @@ mod tests {
                 .unwrap()
                 .not_before
                 .is_some()
+        );
+        assert_eq!(
+            field_of(submit(|r| r.delay = Some(secs(i64::MAX)))),
+            "delay"
         );
         assert_eq!(field_of(submit(|r| r.max_attempts = 101)), "max_attempts");
         assert_eq!(
