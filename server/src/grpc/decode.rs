@@ -64,6 +64,14 @@ pub(crate) fn timeout(
     raw: Option<prost_types::Duration>,
 ) -> Result<Option<Duration>, Error> {
     raw.map(|d| {
+        // Refused before converting: prost's conversion negates negative
+        // values, which overflows (and panics in debug builds) at i64::MIN.
+        if d.seconds < 0 || d.nanos < 0 {
+            return Err(Error::invalid(
+                field,
+                format!("{}s {}ns is negative", d.seconds, d.nanos),
+            ));
+        }
         Duration::try_from(d).map_err(|_| {
             Error::invalid(
                 field,
@@ -519,6 +527,10 @@ mod tests {
             nanos: 0,
         };
         assert!(timeout("timeout", Some(neg)).is_err());
+        for (seconds, nanos) in [(i64::MIN, 0), (0, i32::MIN), (i64::MIN, i32::MIN)] {
+            let d = prost_types::Duration { seconds, nanos };
+            assert!(timeout("timeout", Some(d)).is_err());
+        }
         let half = prost_types::Duration {
             seconds: 0,
             nanos: 500_000_000,
