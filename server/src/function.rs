@@ -486,6 +486,14 @@ mod tests {
     }
 
     #[test]
+    #[should_panic(expected = "invalid argument schema for job function \"x\"")]
+    fn an_invalid_schema_is_refused_at_registration() {
+        Registry::new()
+            .register_blocking("x", "", |_, v| Ok(v))
+            .with_args_schema(serde_json::json!({"minimum": "not a number"}));
+    }
+
+    #[test]
     #[should_panic(expected = "registered twice")]
     fn duplicate_registration_is_refused() {
         let mut r = Registry::new();

@@ -371,6 +371,10 @@ mod tests {
         let args = Args::try_parse_from(["jobd"]).unwrap();
         let from_flags = format!("{:?}", args.limits());
         assert_eq!(from_flags, format!("{:?}", ServerLimits::default()));
+        let engine = EngineConfig::default();
+        assert_eq!(args.max_args_bytes.get(), engine.max_args_bytes);
+        assert_eq!(args.max_result_bytes.get(), engine.max_result_bytes);
+        assert!(Args::try_parse_from(["jobd", "--max-wait", "50ms"]).is_err());
     }
 
     #[test]
