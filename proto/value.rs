@@ -97,3 +97,61 @@ mod tests {
         assert_eq!(to_json(nan), json!(null));
     }
 }
+
+/// Property tests: any JSON a client can send survives the trip through
+/// `google.protobuf.Value` and its wire encoding. Cases: `PROPTEST_CASES`
+/// (default 256).
+#[cfg(test)]
+mod properties {
+    use proptest::prelude::*;
+    use prost::Message as _;
+
+    use super::*;
+
+    /// JSON whose numbers the wire carries exactly: integers within 2^53
+    /// and finite non-integral doubles.
+    fn exact_json() -> impl Strategy<Value = serde_json::Value> {
+        let leaf = prop_oneof![
+            Just(serde_json::Value::Null),
+            any::<bool>().prop_map(serde_json::Value::from),
+            (-(1i64 << 53)..=(1i64 << 53)).prop_map(serde_json::Value::from),
+            any::<f64>()
+                .prop_filter("finite, non-integral", |f| f.is_finite()
+                    && f.fract() != 0.0)
+                .prop_map(serde_json::Value::from),
+            any::<String>().prop_map(serde_json::Value::from),
+        ];
+        leaf.prop_recursive(4, 64, 8, |inner| {
+            prop_oneof![
+                prop::collection::vec(inner.clone(), 0..8).prop_map(serde_json::Value::from),
+                prop::collection::btree_map(any::<String>(), inner, 0..8)
+                    .prop_map(|map| serde_json::Value::Object(map.into_iter().collect())),
+            ]
+        })
+    }
+
+    /// Any number a JSON parser produces, including u64 and huge integers.
+    fn any_number() -> impl Strategy<Value = serde_json::Value> {
+        prop_oneof![
+            any::<u64>().prop_map(serde_json::Value::from),
+            any::<i64>().prop_map(serde_json::Value::from),
+            any::<f64>().prop_map(serde_json::Value::from),
+        ]
+    }
+
+    proptest! {
+        #[test]
+        fn exact_json_round_trips_through_the_wire(json in exact_json()) {
+            let wire = from_json(json.clone()).encode_to_vec();
+            let decoded = Value::decode(wire.as_slice()).expect("decodes");
+            prop_assert_eq!(to_json(decoded), json);
+        }
+
+        #[test]
+        fn any_number_converts_stably(json in any_number()) {
+            // Precision may go (as in JSON itself), but one trip settles it.
+            let once = to_json(from_json(json));
+            prop_assert_eq!(to_json(from_json(once.clone())), once);
+        }
+    }
+}

@@ -146,6 +146,11 @@ pub struct FunctionInfo {
     pub pool: String,
     /// What it does and how to call it.
     pub description: String,
+    /// The JSON Schema its argument must match, if it declared one; the
+    /// server refuses a submission that does not match it.
+    pub args_schema: Option<serde_json::Value>,
+    /// What it returns, in words, if it said.
+    pub returns: Option<String>,
 }
 
 impl JobClient {
@@ -384,6 +389,8 @@ impl JobClient {
                 name: f.name,
                 pool: f.pool,
                 description: f.description,
+                args_schema: f.args_schema.map(jobd_proto::value::to_json),
+                returns: Some(f.returns).filter(|r| !r.is_empty()),
             })
             .collect())
     }

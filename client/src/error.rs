@@ -78,15 +78,61 @@ impl Error {
     }
 }
 
+/// The status message, followed by every field violation of its
+/// `google.rpc.BadRequest` detail that the message does not name already,
+/// so that one line says everything the server refused.
+fn with_violations(status: &tonic::Status) -> String {
+    use tonic_types::StatusExt as _;
+    let mut message = status.message().to_owned();
+    if let Some(bad_request) = status.get_details_bad_request() {
+        for violation in bad_request.field_violations {
+            let named = format!("{}: ", violation.field);
+            if !message.contains(&named)
+                && !message.contains(&format!("invalid {}", violation.field))
+            {
+                message.push_str(&format!("; {named}{}", violation.description));
+            }
+        }
+    }
+    message
+}
+
 impl From<tonic::Status> for Error {
     fn from(status: tonic::Status) -> Self {
         match status.code() {
             tonic::Code::NotFound => Self::NotFound(status.message().to_owned()),
-            tonic::Code::InvalidArgument => Self::InvalidArgument(status.message().to_owned()),
+            tonic::Code::InvalidArgument => Self::InvalidArgument(with_violations(&status)),
             tonic::Code::DeadlineExceeded => Self::Timeout,
             // tonic's client reports a transport failure as UNAVAILABLE or
             // UNKNOWN with the source attached; keep the status as it is.
             _ => Self::Rpc(status),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tonic_types::{ErrorDetails, StatusExt as _};
+
+    use super::*;
+
+    #[test]
+    fn invalid_argument_lists_field_violations_the_message_does_not_name() {
+        let mut details = ErrorDetails::new();
+        details
+            .add_bad_request_violation("args.name", "5 is not of type \"string\"")
+            .add_bad_request_violation("args.age", "-1 is less than 0");
+        let status = tonic::Status::with_error_details(
+            tonic::Code::InvalidArgument,
+            "args do not match: args.name: 5 is not of type \"string\"",
+            details,
+        );
+        let err = Error::from(status);
+        assert_eq!(
+            err.to_string(),
+            "invalid request: args do not match: args.name: 5 is not of type \"string\"; \
+             args.age: -1 is less than 0"
+        );
+        assert_eq!(err.code(), Some(tonic::Code::InvalidArgument));
     }
 }

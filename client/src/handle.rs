@@ -4,7 +4,7 @@ use std::{
     collections::HashMap,
     future::{Future, IntoFuture},
     pin::Pin,
-    time::{Duration, SystemTime},
+    time::{Duration, Instant, SystemTime},
 };
 
 use jobd_proto::{JobId, JobState, pb, value};
@@ -200,16 +200,31 @@ impl JobHandle {
     /// # Errors
     ///
     /// [`Error::Timeout`], [`Error::NotFound`], transport errors.
+    ///
+    /// The server caps how long one `Result` call waits (`jobd
+    /// --max-wait`, 60 s by default); when it cuts a call short of
+    /// `timeout` (or of forever), this asks again, so the cap never shows.
     pub async fn outcome(&self, timeout: Option<Duration>) -> Result<JobOutcome, Error> {
-        let answer = self
-            .client
-            .rpc()
-            .result(pb::ResultRequest {
-                job_id: self.id.to_string(),
-                timeout: timeout.map(wire_duration),
-            })
-            .await?
-            .into_inner();
+        let deadline = timeout.map(|t| Instant::now() + t);
+        let answer = loop {
+            let asked = Instant::now();
+            let call = self
+                .client
+                .rpc()
+                .result(pb::ResultRequest {
+                    job_id: self.id.to_string(),
+                    timeout: deadline
+                        .map(|d| wire_duration(d.saturating_duration_since(Instant::now()))),
+                })
+                .await;
+            match call {
+                Ok(answer) => break answer.into_inner(),
+                Err(status)
+                    if status.code() == tonic::Code::DeadlineExceeded
+                        && cut_short(asked, deadline) => {}
+                Err(status) => return Err(status.into()),
+            }
+        };
         let state = parse_state(answer.state)?;
         outcome(state, answer.value, answer.error)
             .ok_or_else(|| Error::Protocol(format!("Result answered in state {state}")))
@@ -288,6 +303,18 @@ impl IntoFuture for JobHandle {
     fn into_future(self) -> Self::IntoFuture {
         Box::pin(async move { self.result().await })
     }
+}
+
+/// The shortest wait cap a jobd allows (`--max-wait` is at least 100 ms):
+/// a wait that ended sooner was not cut by the cap.
+const MIN_SERVER_CAP: Duration = Duration::from_millis(100);
+
+/// True when a wait that began at `asked` ended (with DEADLINE_EXCEEDED or
+/// an unfinished split) before the caller's own `deadline`, after long
+/// enough to be the server's cap on one wait: then the caller asks again.
+pub(crate) fn cut_short(asked: Instant, deadline: Option<Instant>) -> bool {
+    let now = Instant::now();
+    now.duration_since(asked) >= MIN_SERVER_CAP && deadline.is_none_or(|d| now < d)
 }
 
 pub(crate) fn wire_duration(d: Duration) -> prost_types::Duration {

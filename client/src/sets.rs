@@ -6,7 +6,10 @@
 //! `as_completed` keeps one `Result` call open per unfinished job, so
 //! neither polls.
 
-use std::{collections::HashMap, time::Duration, time::SystemTime};
+use std::{
+    collections::HashMap,
+    time::{Duration, Instant, SystemTime},
+};
 
 use futures::{Stream, TryStreamExt as _, stream::FuturesUnordered};
 use jobd_proto::{JobId, JobState, pb};
@@ -14,7 +17,7 @@ use jobd_proto::{JobId, JobState, pb};
 use crate::{
     Error, JobClient, JobHandle,
     client::parse_id,
-    handle::{JobInfo, job_info, wire_duration},
+    handle::{JobInfo, cut_short, job_info, wire_duration},
 };
 
 /// When [`JobClient::wait`] answers, as `concurrent.futures.wait`'s
@@ -168,12 +171,30 @@ impl JobClient {
         I: IntoIterator,
         I::Item: Into<JobId>,
     {
-        let request = pb::WaitRequest {
-            job_ids: jobs.into_iter().map(|job| job.into().to_string()).collect(),
-            return_when: pb::ReturnWhen::from(return_when).into(),
-            timeout: timeout.map(wire_duration),
+        let job_ids: Vec<String> = jobs.into_iter().map(|job| job.into().to_string()).collect();
+        let deadline = timeout.map(|t| Instant::now() + t);
+        // The server caps one Wait (`jobd --max-wait`) and then answers its
+        // split; while that split does not satisfy `return_when` and time
+        // remains, ask again. A FIRST_EXCEPTION split with jobs left cannot
+        // tell a failure from the cap, so it is asked once more: a failure
+        // is then answered at once, which ends the loop.
+        let answer = loop {
+            let asked = Instant::now();
+            let request = pb::WaitRequest {
+                job_ids: job_ids.clone(),
+                return_when: pb::ReturnWhen::from(return_when).into(),
+                timeout: deadline
+                    .map(|d| wire_duration(d.saturating_duration_since(Instant::now()))),
+            };
+            let answer = self.rpc().wait(request).await?.into_inner();
+            let satisfied = match return_when {
+                ReturnWhen::FirstCompleted => !answer.done.is_empty(),
+                ReturnWhen::FirstException | ReturnWhen::AllCompleted => answer.not_done.is_empty(),
+            };
+            if satisfied || !cut_short(asked, deadline) {
+                break answer;
+            }
         };
-        let answer = self.rpc().wait(request).await?.into_inner();
         let handles = |ids: Vec<String>| -> Result<Vec<JobHandle>, Error> {
             ids.iter().map(|id| Ok(self.job(parse_id(id)?))).collect()
         };

@@ -469,12 +469,12 @@ fn cancel_of_a_finished_job_says_already_done() {
 #[test]
 fn a_failed_job_exits_1_with_its_reason_on_one_line() {
     let server = TestServer::start();
-    let id = server.submit(&["hello", "42"]);
+    let id = server.submit(&["fail"]);
     let run = server.jobctl(&["result", &id]).code(1);
     assert_eq!(run.stdout, "");
     let error = run.error_line();
     assert!(
-        error.starts_with(&format!("jobctl: job {id} failed: invalid arguments")),
+        error.starts_with(&format!("jobctl: job {id} failed: failed on purpose")),
         "{error}"
     );
 
@@ -485,7 +485,7 @@ fn a_failed_job_exits_1_with_its_reason_on_one_line() {
         json["error"]["message"]
             .as_str()
             .unwrap_or("")
-            .contains("invalid arguments")
+            .contains("failed on purpose")
     );
 
     let run = server.jobctl(&["submit", "--wait", "fail"]).code(1);
@@ -501,6 +501,21 @@ fn a_failed_job_exits_1_with_its_reason_on_one_line() {
     let error = run.error_line();
     assert!(
         error.contains(" failed: ") && error.contains("panicked: boom on purpose"),
+        "{error}"
+    );
+    server.shutdown();
+}
+
+#[test]
+fn schema_violations_exit_3_naming_every_field_on_one_line() {
+    let server = TestServer::start();
+    let run = server
+        .jobctl(&["submit", "return_future", r#"{"message": 1, "delay": -1}"#])
+        .code(3);
+    let error = run.error_line();
+    assert!(error.starts_with("jobctl: invalid request: "), "{error}");
+    assert!(
+        error.contains("args.message") && error.contains("args.delay"),
         "{error}"
     );
     server.shutdown();
@@ -591,6 +606,20 @@ fn functions_lists_names_pools_and_descriptions() {
         .find(|l| l.starts_with("hello "))
         .and_then(column);
     assert_eq!(header, hello, "{text}");
+    // Under hello: its argument schema and what it returns, in the same column.
+    let below: Vec<&str> = text
+        .lines()
+        .skip_while(|l| !l.starts_with("hello "))
+        .skip(1)
+        .take(2)
+        .collect();
+    assert!(below[0].trim_start().starts_with("args: {"), "{text}");
+    assert!(below[1].trim_start().starts_with("returns: "), "{text}");
+    assert_eq!(
+        column(&below[0].replace("args:", "Greets")),
+        header,
+        "{text}"
+    );
 
     let json = server
         .jobctl(&["functions", "--output", "json"])
@@ -608,6 +637,14 @@ fn functions_lists_names_pools_and_descriptions() {
     };
     assert_eq!(pool("hello"), Some(json!("async")));
     assert_eq!(pool("return_future"), Some(json!("blocking")));
+    let hello = functions.iter().find(|f| f["name"] == "hello").unwrap();
+    assert_eq!(
+        hello["args_schema"]["properties"]["name"]["type"],
+        json!(["string", "null"])
+    );
+    assert!(hello["returns"].as_str().unwrap().contains("greeting"));
+    let fail = functions.iter().find(|f| f["name"] == "fail").unwrap();
+    assert_eq!(fail["args_schema"], Value::Null);
     server.shutdown();
 }
 

@@ -28,20 +28,35 @@ pub const MAX_SHA256_ROUNDS: u64 = 100_000_000;
 #[must_use]
 pub fn registry() -> Registry {
     let mut registry = Registry::new();
+    let max_delay = MAX_BUILTIN_DELAY.as_secs();
+    let delay = json!({"type": "number", "minimum": 0, "maximum": max_delay});
     registry
         .register_async(
             "hello",
             "Greets someone: args \"Ann\", [\"Ann\"], {\"name\": \"Ann\"} or none; returns \"Hello, Ann!\"",
             |_ctx, args| async move { hello(&args) },
         )
+        .with_args_schema(json!({
+            "description": "who to greet: a name, [name], {\"name\": name}, or null for the world",
+            "type": ["null", "string", "array", "object"],
+            "items": {"type": "string"},
+            "maxItems": 1,
+            "properties": {"name": {"type": ["string", "null"]}},
+            "additionalProperties": false
+        }))
+        .returns("the greeting, a string: \"Hello, Ann!\"")
         .register_async("echo", "Returns its arguments unchanged", |_ctx, args| async move {
             Ok(args)
         })
+        .with_args_schema(json!({"description": "any JSON value"}))
+        .returns("its argument, unchanged")
         .register_async(
             "noop",
             "Returns its argument at once: the benchmark workload",
             |_ctx, args| std::future::ready(Ok(args)),
         )
+        .with_args_schema(json!({"description": "any JSON value"}))
+        .returns("its argument, unchanged")
         .register_async(
             "sleep",
             "Sleeps asynchronously: args seconds (e.g. 5 or 0.5, or {\"seconds\": 5}); returns the seconds; cancellable mid-sleep",
@@ -51,21 +66,64 @@ pub fn registry() -> Registry {
                 Ok(json!(delay.as_secs_f64()))
             },
         )
+        .with_args_schema(json!({
+            "description": "how long to sleep: seconds, or {\"seconds\": seconds}",
+            "type": ["number", "object"],
+            "minimum": 0,
+            "maximum": max_delay,
+            "properties": {"seconds": delay},
+            "required": ["seconds"],
+            "additionalProperties": false
+        }))
+        .returns("the seconds slept, a number")
         .register_async(
             "count",
             "Counts to steps over seconds, reporting progress after each step: args {\"steps\": 10, \"seconds\": 2} or a number of steps (defaults: 10 steps, 1 s); returns the steps; cancellable",
             |ctx, args| async move { count(&ctx, &args).await },
         )
+        .with_args_schema(json!({
+            "description": "how many steps over how long: a number of steps, or {\"steps\": 10, \"seconds\": 2} (defaults: 10 steps, 1 s)",
+            "type": ["null", "integer", "object"],
+            "minimum": 1,
+            "maximum": MAX_COUNT_STEPS,
+            "properties": {
+                "steps": {"type": "integer", "minimum": 1, "maximum": MAX_COUNT_STEPS},
+                "seconds": delay
+            },
+            "additionalProperties": false
+        }))
+        .returns("the number of steps, once all are done")
         .register_blocking(
             "return_future",
             "Blocks a pool thread for a delay, then returns the message: args \"msg\", [\"msg\", 3] or {\"message\": \"msg\", \"delay\": 3}; delay defaults to 3 s",
             return_future,
         )
+        .with_args_schema(json!({
+            "description": "the message and the delay in seconds (default 3): \"msg\", [\"msg\", 3] or {\"message\": \"msg\", \"delay\": 3}",
+            "type": ["string", "array", "object"],
+            "prefixItems": [{"type": "string"}, delay],
+            "minItems": 1,
+            "maxItems": 2,
+            "properties": {"message": {"type": "string"}, "delay": delay},
+            "required": ["message"],
+            "additionalProperties": false
+        }))
+        .returns("the message, a string")
         .register_blocking(
             "sha256",
             "CPU-bound: hashes the text repeatedly: args {\"text\": \"abc\", \"rounds\": 100000} or \"abc\"; returns the hex digest; honours cancel",
             sha256,
-        );
+        )
+        .with_args_schema(json!({
+            "description": "the text to hash once, or {\"text\": text, \"rounds\": n}",
+            "type": ["string", "object"],
+            "properties": {
+                "text": {"type": "string"},
+                "rounds": {"type": "integer", "minimum": 0, "maximum": MAX_SHA256_ROUNDS}
+            },
+            "additionalProperties": false
+        }))
+        .returns("the hex digest after the last round, a string");
     registry
 }
 
@@ -235,6 +293,63 @@ mod tests {
         );
         assert!(hello(&json!(42)).is_err());
         assert!(hello(&json!(["a", "b"])).is_err());
+    }
+
+    #[test]
+    fn every_builtin_declares_a_schema_that_matches_its_documented_arguments() {
+        let registry = registry();
+        let accepts = |name: &str, args: Value| registry.get(name).unwrap().check_args(&args);
+        for (name, good) in [
+            (
+                "hello",
+                vec![
+                    Value::Null,
+                    json!("Ann"),
+                    json!(["Ann"]),
+                    json!({"name": "Ann"}),
+                ],
+            ),
+            ("echo", vec![Value::Null, json!({"any": [1, 2]})]),
+            ("noop", vec![json!(1)]),
+            ("sleep", vec![json!(0.5), json!({"seconds": 2})]),
+            (
+                "return_future",
+                vec![
+                    json!("m"),
+                    json!(["m"]),
+                    json!(["m", 0]),
+                    json!({"message": "m", "delay": 1}),
+                ],
+            ),
+            (
+                "sha256",
+                vec![json!("abc"), json!({"text": "abc", "rounds": 3})],
+            ),
+        ] {
+            assert!(
+                registry.get(name).unwrap().args_schema().is_some(),
+                "{name}"
+            );
+            assert!(registry.get(name).unwrap().returns().is_some(), "{name}");
+            for args in good {
+                assert_eq!(accepts(name, args.clone()), vec![], "{name} {args}");
+            }
+        }
+        for (name, bad, field) in [
+            ("hello", json!(42), "args"),
+            ("hello", json!({"name": 5}), "args.name"),
+            ("hello", json!({"nmae": "Ann"}), "args"),
+            ("hello", json!(["a", "b"]), "args"),
+            ("sleep", json!(-1), "args"),
+            ("sleep", json!({"seconds": "x"}), "args.seconds"),
+            ("return_future", json!(["m", -1]), "args[1]"),
+            ("return_future", json!({"delay": 1}), "args"),
+            ("sha256", json!({"rounds": 1.5}), "args.rounds"),
+        ] {
+            let violations = accepts(name, bad.clone());
+            assert!(!violations.is_empty(), "{name} {bad}");
+            assert_eq!(violations[0].field, field, "{name} {bad}: {violations:?}");
+        }
     }
 
     #[test]

@@ -4,7 +4,7 @@
 use jobd_proto::JobId;
 
 use crate::{
-    function::PoolKind,
+    function::{ArgsViolation, PoolKind},
     store::{Gone, StoreError},
 };
 
@@ -23,6 +23,22 @@ pub enum Error {
         field: &'static str,
         /// What is wrong with it.
         reason: String,
+    },
+    /// The argument does not match the function's declared schema.
+    #[error("args do not match the schema of {function:?}: {}{}", first_violations(violations), if violations.len() > MAX_LISTED { " ..." } else { "" })]
+    ArgsRejected {
+        /// The function submitted.
+        function: String,
+        /// Every violation, each naming the part of `args` at fault.
+        violations: Vec<ArgsViolation>,
+    },
+    /// As many `Result`/`Wait` calls as allowed are blocked already.
+    #[error(
+        "server busy: {max} Result/Wait calls are waiting already (--max-waiters); retry later"
+    )]
+    TooManyWaiters {
+        /// The cap (`--max-waiters`).
+        max: usize,
     },
     /// No job with that id exists, and none ever did as far as the server
     /// remembers.
@@ -68,8 +84,12 @@ pub enum Error {
     /// The server is draining for shutdown and takes no new work.
     #[error("the server is shutting down")]
     ShuttingDown,
-    /// A wait for a job ended before the job did.
-    #[error("job {0} did not finish before the timeout")]
+    /// A wait for a job ended before the job did: the request's timeout,
+    /// the caller's deadline, or the server's cap on one wait
+    /// (`--max-wait`), after which the caller asks again.
+    #[error(
+        "job {0} did not finish before the timeout (one Result call waits at most the server's --max-wait; call again to keep waiting)"
+    )]
     WaitTimedOut(JobId),
     /// The server already serves its maximum of `Watch` streams.
     #[error("too many watch streams open (at most {0}); retry later")]
@@ -95,6 +115,19 @@ pub enum Error {
     /// The job store cannot be written (fail-stop) or read.
     #[error(transparent)]
     Store(StoreError),
+}
+
+/// How many schema violations an error message lists (the status's
+/// BadRequest details carry them all).
+const MAX_LISTED: usize = 3;
+
+fn first_violations(violations: &[ArgsViolation]) -> String {
+    violations
+        .iter()
+        .take(MAX_LISTED)
+        .map(|v| format!("{}: {}", v.field, v.description))
+        .collect::<Vec<_>>()
+        .join("; ")
 }
 
 impl Error {

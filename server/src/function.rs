@@ -4,6 +4,13 @@
 //! Embedders build a [`Registry`], register their own async or blocking
 //! functions next to (or instead of) the [built-ins](crate::builtins), and
 //! hand it to the [`Engine`](crate::Engine).
+//!
+//! A function may also declare the JSON Schema its argument must match and a
+//! description of its result ([`Registry::with_args_schema`],
+//! [`Registry::returns`]): `ListFunctions` shows both, so a client can learn
+//! how to call a function without reading its code, and Submit checks the
+//! argument against the schema before it accepts the job. Schemas are
+//! compiled once, here, at registration.
 
 use std::{collections::BTreeMap, fmt, future::Future, pin::Pin, sync::Arc};
 
@@ -66,6 +73,38 @@ pub struct Function {
     body: Body,
     /// False for functions whose interrupted runs must not be repeated.
     retry_safe: bool,
+    /// The schema its argument must match, if it declared one.
+    args_schema: Option<ArgsSchema>,
+    /// What it returns, in words, if it said.
+    returns: Option<String>,
+}
+
+/// A function's argument schema: the JSON Schema as written, and the
+/// validator compiled from it once at registration.
+#[derive(Clone)]
+struct ArgsSchema {
+    source: serde_json::Value,
+    validator: Arc<jsonschema::Validator>,
+}
+
+/// A registered function's schema is not a valid JSON Schema.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid argument schema for job function {function:?}: {reason}")]
+pub struct InvalidSchema {
+    /// The function the schema was given for.
+    pub function: String,
+    /// What the JSON Schema meta-schema (or the compiler) said.
+    pub reason: String,
+}
+
+/// One way an argument breaks its function's schema.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ArgsViolation {
+    /// Where in the request: `args` itself, or a path below it such as
+    /// `args.name` or `args[0]`.
+    pub field: String,
+    /// What is wrong there, as the schema validator says it.
+    pub description: String,
 }
 
 impl Function {
@@ -97,9 +136,76 @@ impl Function {
         self.retry_safe
     }
 
+    /// The JSON Schema its argument must match, if it declared one.
+    #[must_use]
+    pub fn args_schema(&self) -> Option<&serde_json::Value> {
+        self.args_schema.as_ref().map(|schema| &schema.source)
+    }
+
+    /// What it returns, in words, if it said (see [`Registry::returns`]).
+    #[must_use]
+    pub fn returns(&self) -> Option<&str> {
+        self.returns.as_deref()
+    }
+
+    /// Checks `args` against the function's schema: every violation, each
+    /// with the path of the offending part (`args.name`, `args[2]`); empty
+    /// when the argument fits or the function declared no schema.
+    ///
+    /// ```
+    /// use serde_json::json;
+    ///
+    /// let registry = jobd::builtins::registry();
+    /// let hello = registry.get("hello").unwrap();
+    /// assert!(hello.check_args(&json!({"name": "Ann"})).is_empty());
+    /// let violations = hello.check_args(&json!({"name": 5}));
+    /// assert_eq!(violations[0].field, "args.name");
+    /// ```
+    #[must_use]
+    pub fn check_args(&self, args: &serde_json::Value) -> Vec<ArgsViolation> {
+        let Some(schema) = &self.args_schema else {
+            return Vec::new();
+        };
+        schema
+            .validator
+            .iter_errors(args)
+            .map(|error| ArgsViolation {
+                field: field_path(error.instance_path()),
+                description: error.to_string(),
+            })
+            .collect()
+    }
+
     pub(crate) fn body(&self) -> &Body {
         &self.body
     }
+}
+
+/// A JSON pointer into `args` as a request field path: `args`, then `.key`
+/// for object members (`["key"]` when the key is not a plain identifier)
+/// and `[n]` for array elements, as AIP-193 field violations name fields.
+fn field_path(pointer: &jsonschema::paths::Location) -> String {
+    use jsonschema::paths::LocationSegment;
+    let mut path = String::from("args");
+    for segment in pointer.segments() {
+        match segment {
+            LocationSegment::Index(i) => path.push_str(&format!("[{i}]")),
+            LocationSegment::Property(key) => {
+                let plain = key
+                    .chars()
+                    .next()
+                    .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+                    && key.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+                if plain {
+                    path.push('.');
+                    path.push_str(&key);
+                } else {
+                    path.push_str(&format!("[{key:?}]"));
+                }
+            }
+        }
+    }
+    path
 }
 
 impl fmt::Debug for Function {
@@ -146,6 +252,8 @@ pub fn is_valid_function_name(name: &str) -> bool {
 #[derive(Clone, Default)]
 pub struct Registry {
     functions: BTreeMap<Arc<str>, Function>,
+    /// What `with_args_schema` and `returns` apply to.
+    last: Option<Arc<str>>,
 }
 
 impl Registry {
@@ -196,12 +304,114 @@ impl Registry {
             description: description.to_owned(),
             body,
             retry_safe: true,
+            args_schema: None,
+            returns: None,
         };
         let previous = self.functions.insert(Arc::clone(&name), function);
         assert!(
             previous.is_none(),
             "job function {name:?} is registered twice"
         );
+        self.last = Some(name);
+        self
+    }
+
+    /// The function registered last, which the builder-style methods below
+    /// describe.
+    fn last_mut(&mut self, what: &str) -> &mut Function {
+        let name = self
+            .last
+            .clone()
+            .unwrap_or_else(|| panic!("{what} needs a function registered before it"));
+        self.functions
+            .get_mut(&name)
+            .expect("the last registered function is registered")
+    }
+
+    /// Declares the JSON Schema the argument of the function registered
+    /// last must match. Submit then refuses a non-matching argument with
+    /// `INVALID_ARGUMENT`, one field violation per problem, before the job
+    /// is accepted; `ListFunctions` shows the schema. Any draft the
+    /// `jsonschema` crate knows (2020-12 by default, or as `$schema` says);
+    /// remote `$ref`s are not fetched.
+    ///
+    /// ```
+    /// use jobd::Registry;
+    /// use serde_json::json;
+    ///
+    /// let mut registry = Registry::new();
+    /// registry
+    ///     .register_blocking("add", "Adds two numbers", |_ctx, args| {
+    ///         let (a, b): (f64, f64) = serde_json::from_value(args)?;
+    ///         Ok(json!(a + b))
+    ///     })
+    ///     .with_args_schema(json!({
+    ///         "type": "array",
+    ///         "items": {"type": "number"},
+    ///         "minItems": 2,
+    ///         "maxItems": 2
+    ///     }))
+    ///     .returns("the sum, a number");
+    /// let add = registry.get("add").unwrap();
+    /// assert!(add.check_args(&json!([1, 2])).is_empty());
+    /// assert_eq!(add.check_args(&json!([1, "two"]))[0].field, "args[1]");
+    /// ```
+    ///
+    /// # Panics
+    ///
+    /// If no function was registered yet, or `schema` is not a valid JSON
+    /// Schema (a programming error caught at start-up, like a duplicate
+    /// name); [`Registry::try_with_args_schema`] returns the error instead.
+    pub fn with_args_schema(&mut self, schema: serde_json::Value) -> &mut Self {
+        match self.try_with_args_schema(schema) {
+            Ok(registry) => registry,
+            Err(err) => panic!("{err}"),
+        }
+    }
+
+    /// As [`Registry::with_args_schema`], returning an invalid schema as an
+    /// error instead of panicking.
+    ///
+    /// ```
+    /// let mut registry = jobd::Registry::new();
+    /// registry.register_async("f", "", |_ctx, args| async move { Ok(args) });
+    /// let err = registry
+    ///     .try_with_args_schema(serde_json::json!({"type": "no-such-type"}))
+    ///     .unwrap_err();
+    /// assert_eq!(err.function, "f");
+    /// ```
+    ///
+    /// # Errors
+    ///
+    /// [`InvalidSchema`] when `schema` does not compile.
+    ///
+    /// # Panics
+    ///
+    /// If no function was registered yet.
+    pub fn try_with_args_schema(
+        &mut self,
+        schema: serde_json::Value,
+    ) -> Result<&mut Self, InvalidSchema> {
+        let function = self.last_mut("with_args_schema");
+        let validator = jsonschema::validator_for(&schema).map_err(|err| InvalidSchema {
+            function: function.name.to_string(),
+            reason: err.to_string(),
+        })?;
+        function.args_schema = Some(ArgsSchema {
+            source: schema,
+            validator: Arc::new(validator),
+        });
+        Ok(self)
+    }
+
+    /// Describes, in words, what the function registered last returns;
+    /// `ListFunctions` shows it.
+    ///
+    /// # Panics
+    ///
+    /// If no function was registered yet.
+    pub fn returns(&mut self, description: &str) -> &mut Self {
+        self.last_mut("returns").returns = Some(description.to_owned());
         self
     }
 
@@ -273,6 +483,14 @@ mod tests {
         assert!(!is_valid_function_name(
             &"a".repeat(MAX_FUNCTION_NAME_LEN + 1)
         ));
+    }
+
+    #[test]
+    #[should_panic(expected = "invalid argument schema for job function \"x\"")]
+    fn an_invalid_schema_is_refused_at_registration() {
+        Registry::new()
+            .register_blocking("x", "", |_, v| Ok(v))
+            .with_args_schema(serde_json::json!({"minimum": "not a number"}));
     }
 
     #[test]

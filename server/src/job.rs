@@ -45,6 +45,10 @@ pub enum JobError {
     /// `max_attempts`), and otherwise fails with this message.
     #[error("{0}")]
     Retryable(String),
+    /// The function's value was larger than the server's result cap
+    /// (`--max-result-bytes`); the value was dropped, the job failed.
+    #[error("result too large: {0}")]
+    ResultTooLarge(String),
 }
 
 impl JobError {
@@ -67,7 +71,8 @@ impl JobError {
             | Self::Panicked(_)
             | Self::Interrupted(_)
             | Self::TimedOut(_)
-            | Self::Retryable(_) => JobState::Failed,
+            | Self::Retryable(_)
+            | Self::ResultTooLarge(_) => JobState::Failed,
         }
     }
 }

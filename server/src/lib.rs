@@ -52,7 +52,7 @@ pub use engine::{
     WatchEvent, WatchEventKind, WatchFilter, WatchSpec,
 };
 pub use error::Error;
-pub use function::{PoolKind, Registry};
+pub use function::{ArgsViolation, InvalidSchema, PoolKind, Registry};
 pub use grpc::JobService;
 pub use job::{Finished, JobError, JobRecord, Outcome, Progress};
 pub use limits::ServerLimits;

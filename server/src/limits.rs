@@ -20,13 +20,14 @@
 use std::{
     convert::Infallible,
     io,
+    panic::AssertUnwindSafe,
     pin::Pin,
     sync::Arc,
     task::{Context, Poll},
     time::Duration,
 };
 
-use futures::{Stream, StreamExt as _, future::BoxFuture};
+use futures::{FutureExt as _, Stream, StreamExt as _, future::BoxFuture};
 use tokio::{
     io::{AsyncRead, AsyncWrite, ReadBuf},
     net::TcpStream,
@@ -95,6 +96,17 @@ pub struct ServerLimits {
     /// default is unlimited). Bounds what one large job result can make the
     /// server allocate per answer.
     pub max_encoding_message_size: usize,
+    /// The longest one `Result` or `Wait` call waits, whatever timeout it
+    /// asks for (or none): then `Result` answers `DEADLINE_EXCEEDED` and
+    /// `Wait` its done/not-done split, and the client asks again (the Rust
+    /// client does so by itself). Bounds how long a call holds its
+    /// in-flight slot and stream, and lets proxies with idle timeouts
+    /// sit in between.
+    pub max_wait: Duration,
+    /// `Result` and `Wait` calls in progress at once; one more is answered
+    /// `RESOURCE_EXHAUSTED` at once. Kept below `max_in_flight`, so that
+    /// blocked waiters cannot take every slot from Submit and the rest.
+    pub max_waiters: usize,
 }
 
 impl Default for ServerLimits {
@@ -112,6 +124,8 @@ impl Default for ServerLimits {
             tcp_keepalive: Duration::from_secs(60),
             max_decoding_message_size: 4 * 1024 * 1024,
             max_encoding_message_size: 16 * 1024 * 1024,
+            max_wait: Duration::from_secs(60),
+            max_waiters: 3072,
         }
     }
 }
@@ -172,9 +186,21 @@ where
                 request.extensions_mut().insert(permit.clone());
                 let call = self.inner.call(request);
                 Box::pin(async move {
-                    let response = call.await;
+                    // A handler that panics must not take its message (which
+                    // may name paths or internals) to the client, nor end as
+                    // a bare stream reset: it is answered INTERNAL, and the
+                    // panic is logged here.
+                    let response = AssertUnwindSafe(call).catch_unwind().await;
                     drop(permit);
-                    response
+                    response.unwrap_or_else(|panic| {
+                        let message = panic
+                            .downcast_ref::<&str>()
+                            .map(|s| (*s).to_owned())
+                            .or_else(|| panic.downcast_ref::<String>().cloned())
+                            .unwrap_or_default();
+                        tracing::error!(%message, "a JobService handler panicked; answered INTERNAL");
+                        Ok(Status::internal("internal error (see the server log)").into_http())
+                    })
                 })
             }
             Err(_) => {
@@ -295,5 +321,45 @@ impl AsyncWrite for LimitedConnection {
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.stream).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{convert::Infallible, future::Future, pin::Pin};
+
+    use tower::Service as _;
+
+    use super::*;
+
+    /// A service whose handler panics with an internal detail.
+    #[derive(Clone)]
+    struct Panics;
+
+    impl tower::Service<http::Request<()>> for Panics {
+        type Response = http::Response<tonic::body::Body>;
+        type Error = Infallible;
+        type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Infallible>> + Send>>;
+
+        fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+            Poll::Ready(Ok(()))
+        }
+
+        fn call(&mut self, _request: http::Request<()>) -> Self::Future {
+            Box::pin(async { panic!("cannot open /var/lib/jobd/secret.db") })
+        }
+    }
+
+    #[tokio::test]
+    async fn a_panicking_handler_is_answered_internal_without_its_message() {
+        let mut limited = InFlightLimit::new(Panics, 1);
+        let response = limited.call(http::Request::new(())).await.unwrap();
+        let status = Status::from_header_map(response.headers()).expect("a gRPC status");
+        assert_eq!(status.code(), tonic::Code::Internal);
+        assert!(!status.message().contains("/var/lib"), "{status:?}");
+        // The permit came back: the next call is not shed.
+        let again = limited.call(http::Request::new(())).await.unwrap();
+        let status = Status::from_header_map(again.headers()).unwrap();
+        assert_eq!(status.code(), tonic::Code::Internal);
     }
 }

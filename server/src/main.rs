@@ -209,6 +209,30 @@ struct Args {
     /// every result.
     #[arg(long, env = "JOBD_INSECURE_LISTEN")]
     insecure_listen: bool,
+    /// Largest argument one job may be submitted with, in bytes of JSON text
+    /// (Submit and each SubmitBatch item). A larger one is refused with
+    /// INVALID_ARGUMENT (field "args") and creates no job.
+    #[arg(long, env = "JOBD_MAX_ARGS_BYTES", default_value = "1048576")]
+    max_args_bytes: NonZeroUsize,
+
+    /// Largest value one job may return, in bytes of JSON text. A job that
+    /// returns more ends FAILED with error kind RESULT_TOO_LARGE (the value
+    /// is dropped). Keep it well below --max-response-bytes.
+    #[arg(long, env = "JOBD_MAX_RESULT_BYTES", default_value = "1048576")]
+    max_result_bytes: NonZeroUsize,
+
+    /// The longest one Result or Wait call waits, whatever timeout it asks
+    /// for (at least 100ms). Past it Result answers DEADLINE_EXCEEDED and
+    /// Wait its done/not-done split; clients call again to keep waiting
+    /// (jobd-client and jobctl do so by themselves).
+    #[arg(long, env = "JOBD_MAX_WAIT", default_value = "60s", value_parser = parse_max_wait)]
+    max_wait: Duration,
+
+    /// Result and Wait calls in progress at once (over all connections);
+    /// one more is answered RESOURCE_EXHAUSTED at once. Keep it below
+    /// --max-in-flight so waiters leave room for other calls.
+    #[arg(long, env = "JOBD_MAX_WAITERS", default_value = "3072")]
+    max_waiters: NonZeroUsize,
 
     /// TEST ONLY: cap the database at this many pages, to make "disk full"
     /// happen on demand in tests.
@@ -244,6 +268,8 @@ impl Args {
             tcp_keepalive: self.tcp_keepalive,
             max_decoding_message_size: self.max_message_bytes.get(),
             max_encoding_message_size: self.max_response_bytes.get(),
+            max_wait: self.max_wait,
+            max_waiters: self.max_waiters.get(),
         }
     }
 }
@@ -322,6 +348,16 @@ fn parse_duration(raw: &str) -> Result<Duration, String> {
     Duration::try_from_secs_f64(secs).map_err(|e| format!("{raw:?}: {e}"))
 }
 
+/// `--max-wait`: a duration of at least 100 ms, so that a client asking
+/// again after each cut-off cannot turn into a busy loop.
+fn parse_max_wait(raw: &str) -> Result<Duration, String> {
+    let wait = parse_duration(raw)?;
+    if wait < Duration::from_millis(100) {
+        return Err(format!("{raw:?} is too short: at least 100ms"));
+    }
+    Ok(wait)
+}
+
 fn main() -> std::process::ExitCode {
     let args = Args::parse();
     let runtime = match tokio::runtime::Runtime::new() {
@@ -361,6 +397,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
         event_history: args.event_history,
         max_watchers: args.max_watchers,
         priority_aging: args.priority_aging,
+        max_args_bytes: args.max_args_bytes.get(),
+        max_result_bytes: args.max_result_bytes.get(),
         unsafe_ack_before_commit: args.unsafe_ack_before_commit,
         unsafe_max_db_pages: args.unsafe_max_db_pages,
     };
@@ -505,6 +543,10 @@ mod tests {
         let args = Args::try_parse_from(["jobd"]).unwrap();
         let from_flags = format!("{:?}", args.limits());
         assert_eq!(from_flags, format!("{:?}", ServerLimits::default()));
+        let engine = EngineConfig::default();
+        assert_eq!(args.max_args_bytes.get(), engine.max_args_bytes);
+        assert_eq!(args.max_result_bytes.get(), engine.max_result_bytes);
+        assert!(Args::try_parse_from(["jobd", "--max-wait", "50ms"]).is_err());
     }
 
     #[test]

@@ -176,6 +176,7 @@ pub async fn serve_with_security(
         .with_keepalive(Some(limits.tcp_keepalive));
     let incoming = limited_incoming(incoming, limits.max_connections);
     let job_service = JobService::new(engine.clone())
+        .with_wait_limits(limits.max_wait, limits.max_waiters)
         .into_server()
         .max_decoding_message_size(limits.max_decoding_message_size)
         .max_encoding_message_size(limits.max_encoding_message_size);

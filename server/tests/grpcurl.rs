@@ -114,6 +114,32 @@ fn list_and_describe_through_reflection() {
 }
 
 #[test]
+fn list_functions_shows_argument_schemas_as_json() {
+    if !grpcurl_available() {
+        return;
+    }
+    let server = JobdProcess::start(&[]);
+    let listed = call(&server, "jobd.v1.JobService/ListFunctions", "{}");
+    let hello = listed["functions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|f| f["name"] == "hello")
+        .unwrap()
+        .clone();
+    // The schema reads as JSON, not as an escaped string.
+    assert_eq!(
+        hello["argsSchema"]["properties"]["name"]["type"],
+        serde_json::json!(["string", "null"]),
+        "{hello}"
+    );
+    assert!(
+        hello["returns"].as_str().unwrap().contains("greeting"),
+        "{hello}"
+    );
+}
+
+#[test]
 fn submit_done_result_get_job_in_json() {
     if !grpcurl_available() {
         return;
@@ -173,12 +199,24 @@ fn failed_jobs_are_answers_and_bad_requests_are_status_codes() {
     let failing = call(
         &server,
         "jobd.v1.JobService/Submit",
-        r#"{"function":"hello","args":42}"#,
+        r#"{"function":"sleep","args":5,"timeout":"0.05s"}"#,
     );
     let body = format!(r#"{{"job_id":"{}"}}"#, failing["jobId"].as_str().unwrap());
     let result = call(&server, "jobd.v1.JobService/Result", &body);
     assert_eq!(result["state"], "JOB_STATE_FAILED", "{result}");
-    assert_eq!(result["error"]["kind"], "ERROR_KIND_FAILED", "{result}");
+    assert_eq!(result["error"]["kind"], "ERROR_KIND_TIMED_OUT", "{result}");
+
+    // Arguments that break the function's schema: refused, naming the field.
+    let out = grpcurl(&[
+        "-d",
+        r#"{"function":"hello","args":{"name":42}}"#,
+        &addr,
+        "jobd.v1.JobService/Submit",
+    ]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("InvalidArgument"), "{err}");
+    assert!(err.contains("args.name"), "{err}");
 
     let out = grpcurl(&[
         "-d",

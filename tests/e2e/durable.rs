@@ -64,7 +64,7 @@ async fn a_reused_request_id_with_other_content_is_already_exists() {
         assert_eq!(err.code(), Some(Code::AlreadyExists), "{err}");
         assert!(err.to_string().contains(&first.id().to_string()), "{err}");
         let err = client
-            .submit_with(Submission::new("hello", json!(1)).request_id("r-1"))
+            .submit_with(Submission::new("hello", json!("Ann")).request_id("r-1"))
             .await
             .unwrap_err();
         assert_eq!(err.code(), Some(Code::AlreadyExists), "{err}");

@@ -249,14 +249,8 @@ async fn failed_and_panicked_jobs_are_data_not_rpc_errors() {
         ("fail", pb::ErrorKind::Failed, "failed on purpose"),
         ("panic_async", pb::ErrorKind::Panicked, "async boom"),
         ("panic_blocking", pb::ErrorKind::Panicked, "blocking boom"),
-        ("hello", pb::ErrorKind::Failed, "invalid arguments"),
     ] {
-        let args = if function == "hello" {
-            json!(42)
-        } else {
-            json!(1)
-        };
-        let job = client.submit(function, args).await.unwrap();
+        let job = client.submit(function, json!(1)).await.unwrap();
         let outcome = job.outcome(None).await.unwrap();
         assert_eq!(outcome.state, JobState::Failed, "{function}");
         let (got_kind, message) = outcome.result.unwrap_err();
@@ -266,6 +260,14 @@ async fn failed_and_panicked_jobs_are_data_not_rpc_errors() {
             Err(jobd_client::Error::JobFailed { message, .. }) => assert!(message.contains(needle)),
             other => panic!("{function}: expected JobFailed, got {other:?}"),
         }
+    }
+    // Arguments that break the function's declared schema are a bad
+    // request, refused before any job exists, naming the field.
+    match client.submit("hello", json!({"name": 42})).await {
+        Err(jobd_client::Error::InvalidArgument(message)) => {
+            assert!(message.contains("args.name"), "{message}");
+        }
+        other => panic!("expected InvalidArgument, got {other:?}"),
     }
     // The lone blocking worker survived its panic.
     let after = client

@@ -81,6 +81,12 @@ pub struct EngineConfig {
     /// it back for ever (see the queue's guarantee in the README). Zero turns
     /// aging off: priority alone decides.
     pub priority_aging: Duration,
+    /// The largest argument a job may be submitted with, in bytes of JSON
+    /// text; a larger one is refused with `InvalidArgument` (field `args`).
+    pub max_args_bytes: usize,
+    /// The largest value a job may return, in bytes of JSON text; a job
+    /// returning more ends `FAILED` with [`JobError::ResultTooLarge`].
+    pub max_result_bytes: usize,
     /// Test-only mutation: acknowledge Submit before its commit. Exists so
     /// the crash test can prove it detects lost jobs. Never set it.
     #[doc(hidden)]
@@ -103,6 +109,8 @@ impl Default for EngineConfig {
             event_history: NonZeroUsize::new(65_536).expect("nonzero"),
             max_watchers: 1024,
             priority_aging: Duration::from_secs(1),
+            max_args_bytes: 1024 * 1024,
+            max_result_bytes: 1024 * 1024,
             unsafe_ack_before_commit: false,
             unsafe_max_db_pages: None,
         }
@@ -197,6 +205,9 @@ struct Inner {
     waiters: AtomicUsize,
     /// While true, workers take no job from the queues.
     paused: watch::Sender<bool>,
+    /// `EngineConfig::max_args_bytes` and `max_result_bytes`.
+    max_args_bytes: usize,
+    max_result_bytes: usize,
     /// Running async jobs, the dispatcher, and one token per blocking thread.
     workers: TaskTracker,
     /// The schedule and retention tasks. They end with `stopped`; shutdown
@@ -262,6 +273,8 @@ impl Engine {
             stopped: CancellationToken::new(),
             waiters: AtomicUsize::new(0),
             paused: watch::Sender::new(config.paused),
+            max_args_bytes: config.max_args_bytes,
+            max_result_bytes: config.max_result_bytes,
             workers: TaskTracker::new(),
             background: TaskTracker::new(),
             runtime: tokio::runtime::Handle::current(),
@@ -528,6 +541,23 @@ impl Inner {
             return Err(Error::Store(failure));
         }
         let function = self.function_for(&spec)?;
+        let args_bytes = json_len(&spec.args);
+        if args_bytes > self.max_args_bytes {
+            return Err(Error::invalid(
+                "args",
+                format!(
+                    "is {args_bytes} bytes of JSON; the server takes at most {} (--max-args-bytes)",
+                    self.max_args_bytes
+                ),
+            ));
+        }
+        let violations = function.check_args(&spec.args);
+        if !violations.is_empty() {
+            return Err(Error::ArgsRejected {
+                function: spec.function,
+                violations,
+            });
+        }
         let pool = function.pool();
         let queue = self.queue(pool);
         let key =
@@ -739,6 +769,15 @@ impl Inner {
             max_attempts,
             priority,
         } = attempt;
+        // A result too large to store and send fails the job (as data);
+        // the caller learns why instead of the answer failing in transit.
+        let outcome = outcome.and_then(|value| match json_len(&value) {
+            len if len > self.max_result_bytes => Err(JobError::ResultTooLarge(format!(
+                "the function returned {len} bytes of JSON; the server keeps at most {} (--max-result-bytes)",
+                self.max_result_bytes
+            ))),
+            _ => Ok(value),
+        });
         if let Err(JobError::Retryable(reason)) = &outcome
             && attempt < max_attempts
         {
@@ -860,6 +899,24 @@ where
             "internal error".into(),
         )))
     })
+}
+
+/// The length of `value` as compact JSON text, without building the text.
+fn json_len(value: &serde_json::Value) -> usize {
+    struct Counter(usize);
+    impl std::io::Write for Counter {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0 += buf.len();
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut counter = Counter(0);
+    // Writing a `Value` into a sink that never fails cannot fail.
+    let _ = serde_json::to_writer(&mut counter, value);
+    counter.0
 }
 
 /// Counts a caller inside `wait` for as long as its future lives, including

@@ -37,6 +37,17 @@ pub(crate) struct QueueKey {
     seq: u64,
 }
 
+#[cfg(test)]
+impl QueueKey {
+    /// A key for tests that need one without a queue.
+    pub(crate) fn for_tests(seq: u64) -> Self {
+        Self {
+            rank: Reverse(0),
+            seq,
+        }
+    }
+}
+
 /// Why a job could not be queued.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Rejected {

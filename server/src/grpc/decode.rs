@@ -65,6 +65,14 @@ pub(crate) fn timeout(
     raw: Option<prost_types::Duration>,
 ) -> Result<Option<Duration>, Error> {
     raw.map(|d| {
+        // Refused before converting: prost's conversion negates negative
+        // values, which overflows (and panics in debug builds) at i64::MIN.
+        if d.seconds < 0 || d.nanos < 0 {
+            return Err(Error::invalid(
+                field,
+                format!("{}s {}ns is negative", d.seconds, d.nanos),
+            ));
+        }
         Duration::try_from(d).map_err(|_| {
             Error::invalid(
                 field,
@@ -90,7 +98,9 @@ fn not_before(
             ));
         }
         (None, None) => return Ok(None),
-        (Some(delay), None) => ("delay", now + delay),
+        // Capped before adding: a huge delay must be refused below as too
+        // far ahead, not overflow the clock here.
+        (Some(delay), None) => ("delay", now + delay.min(MAX_DELAY + Duration::from_secs(1))),
         (None, Some(at)) => (
             "not_before",
             SystemTime::try_from(at)
@@ -649,6 +659,10 @@ mod tests {
                 .not_before
                 .is_some()
         );
+        assert_eq!(
+            field_of(submit(|r| r.delay = Some(secs(i64::MAX)))),
+            "delay"
+        );
         assert_eq!(field_of(submit(|r| r.max_attempts = 101)), "max_attempts");
         assert_eq!(
             field_of(submit(|r| r.request_id = "x".repeat(129))),
@@ -679,6 +693,10 @@ mod tests {
             nanos: 0,
         };
         assert!(timeout("timeout", Some(neg)).is_err());
+        for (seconds, nanos) in [(i64::MIN, 0), (0, i32::MIN), (i64::MIN, i32::MIN)] {
+            let d = prost_types::Duration { seconds, nanos };
+            assert!(timeout("timeout", Some(d)).is_err());
+        }
         let half = prost_types::Duration {
             seconds: 0,
             nanos: 500_000_000,
@@ -802,5 +820,176 @@ mod tests {
                 ..
             })
         ));
+    }
+}
+
+/// Property tests: request decoding never panics, whatever the wire holds,
+/// and every refusal is `InvalidArgument` naming a field of the request;
+/// what it accepts satisfies the rules. Cases: `PROPTEST_CASES` (default
+/// 256).
+#[cfg(test)]
+mod properties {
+    use std::collections::HashMap;
+
+    use proptest::prelude::*;
+
+    use super::*;
+
+    /// Strings that are often almost valid: near the length limits, with
+    /// the allowed characters and a few hostile ones.
+    fn text() -> impl Strategy<Value = String> {
+        prop_oneof![
+            any::<String>(),
+            "[A-Za-z0-9_.:/-]{0,130}",
+            "[a-z\\x00\\t\\n é😀-]{0,20}",
+            "[0-9a-f]{46,50}",
+        ]
+    }
+
+    fn duration() -> impl Strategy<Value = Option<prost_types::Duration>> {
+        prop::option::of(
+            prop_oneof![
+                (any::<i64>(), any::<i32>()),
+                (-5i64..100_000_000, -5i32..2_000_000_000),
+            ]
+            .prop_map(|(seconds, nanos)| prost_types::Duration { seconds, nanos }),
+        )
+    }
+
+    fn timestamp() -> impl Strategy<Value = Option<prost_types::Timestamp>> {
+        prop::option::of(
+            prop_oneof![
+                (any::<i64>(), any::<i32>()),
+                (1_600_000_000i64..1_900_000_000, 0i32..1_000_000_000),
+            ]
+            .prop_map(|(seconds, nanos)| prost_types::Timestamp { seconds, nanos }),
+        )
+    }
+
+    /// A few arbitrary labels, or (cheaper to generate) about as many as
+    /// the limit allows.
+    fn labels() -> impl Strategy<Value = HashMap<String, String>> {
+        prop_oneof![
+            8 => prop::collection::hash_map(text(), text(), 0..4),
+            1 => prop::collection::hash_map("[a-z]{1,8}", "[a-z]{0,8}", 60..70),
+        ]
+    }
+
+    prop_compose! {
+        fn submit_request()(
+            function in text(),
+            pool in prop_oneof![Just(String::new()), Just("async".to_owned()), text()],
+            request_id in prop_oneof![Just(String::new()), text()],
+            labels in labels(),
+            priority in prop_oneof![any::<i32>(), -1001i32..=1001],
+            delay in duration(),
+            not_before in timestamp(),
+            timeout in duration(),
+            max_attempts in prop_oneof![any::<u32>(), 0u32..=101],
+        ) -> pb::SubmitRequest {
+            pb::SubmitRequest {
+                function,
+                args: None,
+                pool,
+                request_id,
+                labels,
+                priority,
+                delay,
+                not_before,
+                timeout,
+                max_attempts,
+            }
+        }
+    }
+
+    const SUBMIT_FIELDS: &[&str] = &[
+        "function",
+        "pool",
+        "request_id",
+        "labels",
+        "priority",
+        "delay",
+        "not_before",
+        "timeout",
+        "max_attempts",
+    ];
+
+    fn refused_field<T: std::fmt::Debug>(result: Result<T, Error>) -> Option<&'static str> {
+        match result {
+            Ok(_) => None,
+            Err(Error::InvalidArgument { field, reason }) => {
+                assert!(!reason.is_empty(), "{field}: empty reason");
+                Some(field)
+            }
+            Err(other) => panic!("refused with {other:?}, not InvalidArgument"),
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn submit_decoding_never_panics_and_names_the_field(req in submit_request()) {
+            let result = SubmitSpec::try_from(req.clone());
+            if let Some(field) = refused_field(result.as_ref().map(drop).map_err(Clone::clone)) {
+                prop_assert!(SUBMIT_FIELDS.contains(&field), "unknown field {}", field);
+            }
+            if let Ok(spec) = result {
+                prop_assert!(is_valid_function_name(&spec.function));
+                prop_assert!(PRIORITY_RANGE.contains(&spec.priority));
+                prop_assert!(spec.max_attempts <= MAX_ATTEMPTS);
+                prop_assert!(spec.labels.len() <= MAX_LABELS);
+                prop_assert!(spec.timeout.is_none_or(|t| !t.is_zero() && t <= MAX_DELAY));
+                prop_assert!(!(req.delay.is_some() && req.not_before.is_some()));
+            }
+        }
+
+        #[test]
+        fn wait_decoding_never_panics_and_names_the_field(
+            job_ids in prop::collection::vec(
+                prop_oneof![text(), Just(JobId::new().to_string())], 0..5),
+            return_when in prop_oneof![any::<i32>(), 0i32..4],
+            timeout in duration(),
+        ) {
+            let result = WaitQuery::try_from(pb::WaitRequest { job_ids, return_when, timeout });
+            if let Some(field) = refused_field(result) {
+                prop_assert!(["job_ids", "return_when", "timeout"].contains(&field));
+            }
+        }
+
+        #[test]
+        fn list_decoding_never_panics_and_names_the_field(
+            page_size in any::<i32>(),
+            page_token in prop_oneof![Just(String::new()), text()],
+            states in prop::collection::vec(prop_oneof![any::<i32>(), 0i32..7], 0..4),
+            function in prop_oneof![Just(String::new()), text()],
+            labels in labels(),
+            submitted_after in timestamp(),
+            submitted_before in timestamp(),
+        ) {
+            let result = ListQuery::try_from(pb::ListJobsRequest {
+                page_size,
+                page_token,
+                states,
+                function,
+                labels,
+                submitted_after,
+                submitted_before,
+            });
+            if let Some(field) = refused_field(result.as_ref().map(drop).map_err(Clone::clone)) {
+                prop_assert!([
+                    "page_size", "page_token", "states", "function", "labels",
+                    "submitted_after", "submitted_before",
+                ].contains(&field));
+            }
+            if let Ok(query) = result {
+                prop_assert!((1..=MAX_PAGE_SIZE).contains(&query.page_size));
+            }
+        }
+
+        #[test]
+        fn job_ids_decode_without_panicking(raw in text()) {
+            if let Some(field) = refused_field(job_id(&raw)) {
+                prop_assert_eq!(field, "job_id");
+            }
+        }
     }
 }

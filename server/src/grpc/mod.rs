@@ -7,10 +7,11 @@ pub(crate) mod decode;
 mod map;
 mod status;
 
-use std::time::Duration;
+use std::{sync::Arc, time::Duration};
 
 use futures::{StreamExt as _, stream::BoxStream};
 use jobd_proto::{JobState, pb, value};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tonic::{Request, Response, Status};
 
 use crate::{
@@ -24,13 +25,61 @@ use crate::{
 #[derive(Clone)]
 pub struct JobService {
     engine: Engine,
+    /// The longest one Result or Wait call waits (`--max-wait`).
+    max_wait: Duration,
+    /// One permit per Result or Wait call in progress (`--max-waiters`).
+    waiters: Arc<Semaphore>,
+    max_waiters: usize,
 }
 
 impl JobService {
-    /// Serves `engine`.
+    /// Serves `engine`, with the default wait limits of
+    /// [`ServerLimits`](crate::ServerLimits).
     #[must_use]
     pub fn new(engine: Engine) -> Self {
-        Self { engine }
+        let defaults = crate::ServerLimits::default();
+        Self {
+            engine,
+            max_wait: defaults.max_wait,
+            waiters: Arc::new(Semaphore::new(defaults.max_waiters)),
+            max_waiters: defaults.max_waiters,
+        }
+    }
+
+    /// Sets how long one `Result`/`Wait` call may wait at most, and how
+    /// many may be in progress at once (see
+    /// [`ServerLimits::max_wait`](crate::ServerLimits::max_wait)).
+    ///
+    /// ```no_run
+    /// # async fn run() {
+    /// use std::time::Duration;
+    /// let engine = jobd::Engine::start(jobd::builtins::registry(), Default::default());
+    /// let service = jobd::JobService::new(engine)
+    ///     .with_wait_limits(Duration::from_secs(30), 1000)
+    ///     .into_server();
+    /// # }
+    /// ```
+    #[must_use]
+    pub fn with_wait_limits(mut self, max_wait: Duration, max_waiters: usize) -> Self {
+        self.max_wait = max_wait;
+        self.waiters = Arc::new(Semaphore::new(max_waiters));
+        self.max_waiters = max_waiters;
+        self
+    }
+
+    /// A waiter slot for one Result or Wait call, or `TooManyWaiters` at once.
+    fn waiter_slot(&self) -> Result<OwnedSemaphorePermit, Error> {
+        Arc::clone(&self.waiters)
+            .try_acquire_owned()
+            .map_err(|_| Error::TooManyWaiters {
+                max: self.max_waiters,
+            })
+    }
+
+    /// How long a wait may last: the request's timeout, the caller's
+    /// deadline and the server's cap, whichever ends first.
+    fn wait_limit(&self, timeout: Option<Duration>, caller: Option<Duration>) -> Duration {
+        earliest(earliest(timeout, caller), Some(self.max_wait)).unwrap_or(self.max_wait)
     }
 
     /// Wraps this service for `tonic::transport::Server::add_service`.
@@ -114,14 +163,11 @@ impl pb::job_service_server::JobService for JobService {
         let req = request.into_inner();
         let id = decode::job_id(&req.job_id)?;
         let timeout = decode::timeout("timeout", req.timeout)?;
-        let limit = earliest(timeout, caller_deadline);
-        let wait = self.engine.wait(id);
-        let finished = match limit {
-            Some(limit) => tokio::time::timeout(limit, wait)
-                .await
-                .map_err(|_| Error::WaitTimedOut(id))??,
-            None => wait.await?,
-        };
+        let _slot = self.waiter_slot()?;
+        let limit = self.wait_limit(timeout, caller_deadline);
+        let finished = tokio::time::timeout(limit, self.engine.wait(id))
+            .await
+            .map_err(|_| Error::WaitTimedOut(id))??;
         let (value, error) = wire_outcome(finished.outcome);
         Ok(Response::new(pb::ResultResponse {
             job_id: req.job_id,
@@ -161,13 +207,14 @@ impl pb::job_service_server::JobService for JobService {
     ) -> Result<Response<pb::WaitResponse>, Status> {
         let caller_deadline = deadline::remaining(request.metadata());
         let query = decode::WaitQuery::try_from(request.into_inner())?;
+        let _slot = self.waiter_slot()?;
         // Unlike Result, running out of time is an answer here (as in
         // Python): the split at that moment, just before the caller's
         // deadline so that it arrives.
-        let limit = earliest(query.timeout, caller_deadline);
+        let limit = self.wait_limit(query.timeout, caller_deadline);
         let split = self
             .engine
-            .wait_many(&query.ids, query.return_when, limit)
+            .wait_many(&query.ids, query.return_when, Some(limit))
             .await?;
         let ids = |ids: Vec<jobd_proto::JobId>| ids.iter().map(ToString::to_string).collect();
         Ok(Response::new(pb::WaitResponse {
@@ -250,6 +297,8 @@ impl pb::job_service_server::JobService for JobService {
                 pool: f.pool().as_str().to_owned(),
                 pool_kind: wire_pool_kind(f.pool()).into(),
                 description: f.description().to_owned(),
+                args_schema: f.args_schema().cloned().map(value::from_json),
+                returns: f.returns().unwrap_or_default().to_owned(),
             })
             .collect();
         Ok(Response::new(pb::ListFunctionsResponse { functions }))
@@ -267,10 +316,15 @@ fn earliest(a: Option<Duration>, b: Option<Duration>) -> Option<Duration> {
 /// A refused submission as one item's answer (SubmitBatch, Map): the status
 /// Submit would have failed with.
 fn item_error(err: Error) -> pb::BatchItemError {
+    let field_violations = status::field_violations(&err)
+        .into_iter()
+        .map(|(field, description)| pb::FieldViolation { field, description })
+        .collect();
     let status = Status::from(err);
     pb::BatchItemError {
         code: status.code().into(),
         message: status.message().to_owned(),
+        field_violations,
     }
 }
 
@@ -303,6 +357,7 @@ fn wire_error(err: JobError) -> pb::JobError {
         JobError::Cancelled => pb::ErrorKind::Cancelled,
         JobError::Interrupted(_) => pb::ErrorKind::Interrupted,
         JobError::TimedOut(_) => pb::ErrorKind::TimedOut,
+        JobError::ResultTooLarge(_) => pb::ErrorKind::ResultTooLarge,
         // Out of attempts: to the client it is a plain failure.
         JobError::Retryable(_) => pb::ErrorKind::Failed,
     };

@@ -287,13 +287,20 @@ impl JobTable {
     }
 
     /// Starts the terminal transition of `attempt`. False when the job is
-    /// already terminal or committing (e.g. it was aborted) or the attempt is
-    /// stale: the outcome is then dropped.
+    /// not running (terminal, or pending again after a retry), committing
+    /// (e.g. it was aborted), or the attempt is stale: the outcome is then
+    /// dropped.
     pub(crate) fn begin_finish(&self, id: JobId, attempt: u32) -> bool {
         let Some(mut slot) = self.jobs.get_mut(&id) else {
             return false;
         };
-        if slot.record.state.is_terminal() || slot.committing || slot.record.attempt != attempt {
+        // Only a running attempt can end: the outcome of an attempt that was
+        // already put back to pending for a retry (a blocking job's timeout
+        // watchdog racing its own retry) is as stale as an older attempt's.
+        if slot.record.state != JobState::Running
+            || slot.committing
+            || slot.record.attempt != attempt
+        {
             return false;
         }
         slot.committing = true;
@@ -565,4 +572,185 @@ pub(crate) fn finished(record: &JobRecord) -> Option<Finished> {
 /// The error a job gets when it is stopped by a shutdown in memory mode.
 pub(crate) fn interrupted(reason: &str) -> JobError {
     JobError::Interrupted(reason.to_owned())
+}
+
+/// Property tests of the state machine: random sequences of the operations
+/// the engine performs (claim, finish with current or stale attempts,
+/// retry, cancel, stop, failed writes) never change a terminal job and never
+/// let a stale attempt's outcome through. Cases: `PROPTEST_CASES` (default
+/// 256).
+#[cfg(test)]
+mod properties {
+    use std::{collections::BTreeMap, num::NonZeroUsize, sync::Arc, time::SystemTime};
+
+    use jobd_proto::{JobId, JobState};
+    use proptest::prelude::*;
+
+    use super::{CancelPlan, JobTable};
+    use crate::{
+        engine::{EventHub, QueueKey},
+        function::PoolKind,
+        job::{JobError, JobRecord},
+    };
+
+    /// One step, as the engine and the store drive the table.
+    #[derive(Debug, Clone)]
+    enum Op {
+        Claim,
+        /// `begin_finish` with the current attempt plus `skew` (stale when
+        /// not 0), then `complete` if it was allowed, or `abandon` when
+        /// the write "failed".
+        Finish {
+            skew: i8,
+            ok: bool,
+            write_fails: bool,
+        },
+        /// A retryable failure asking for another attempt.
+        Retry {
+            skew: i8,
+        },
+        /// A client's cancel, completed as the store does.
+        Cancel,
+        /// A shutdown whose grace ran out (memory store: interrupted).
+        Stop,
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            4 => Just(Op::Claim),
+            4 => (-2i8..=1, any::<bool>(), prop::bool::weighted(0.1)).prop_map(
+                |(skew, ok, write_fails)| Op::Finish {
+                    skew,
+                    ok,
+                    write_fails
+                }
+            ),
+            3 => (-1i8..=1).prop_map(|skew| Op::Retry { skew }),
+            1 => Just(Op::Cancel),
+            1 => Just(Op::Stop),
+        ]
+    }
+
+    fn record(pool: PoolKind) -> JobRecord {
+        JobRecord {
+            id: JobId::new(),
+            function: Arc::from("f"),
+            pool,
+            state: JobState::Pending,
+            args: serde_json::Value::Null,
+            labels: BTreeMap::new(),
+            request_id: None,
+            priority: 0,
+            not_before: None,
+            timeout: None,
+            max_attempts: 3,
+            submitted_at: SystemTime::now(),
+            started_at: None,
+            finished_at: None,
+            attempt: 0,
+            progress: None,
+            outcome: None,
+        }
+    }
+
+    fn skewed(attempt: u32, skew: i8) -> u32 {
+        attempt.saturating_add_signed(i32::from(skew))
+    }
+
+    fn apply(table: &JobTable, id: JobId, op: &Op, seq: &mut u64) {
+        let attempt = table.view(id, |r| r.attempt).expect("the job stays");
+        match *op {
+            Op::Claim => {
+                let _ = table.claim(id);
+            }
+            Op::Finish {
+                skew,
+                ok,
+                write_fails,
+            } => {
+                if table.begin_finish(id, skewed(attempt, skew)) {
+                    if write_fails {
+                        table.abandon(id);
+                    } else {
+                        let outcome = if ok {
+                            Ok(serde_json::json!(attempt))
+                        } else {
+                            Err(JobError::failed("boom"))
+                        };
+                        table.complete(id, outcome, SystemTime::now());
+                    }
+                }
+            }
+            Op::Retry { skew } => {
+                *seq += 1;
+                let _ = table.retry(id, skewed(attempt, skew), QueueKey::for_tests(*seq));
+            }
+            Op::Cancel => match table.begin_cancel(id) {
+                Some(CancelPlan::Pending(..) | CancelPlan::AbortAsync) => {
+                    table.complete(id, Err(JobError::Cancelled), SystemTime::now());
+                }
+                Some(CancelPlan::RequestBlocking | CancelPlan::AlreadyDone) | None => {}
+            },
+            Op::Stop => {
+                for (stopped, _) in table.stop_running() {
+                    table.complete(stopped, Err(super::interrupted("stop")), SystemTime::now());
+                }
+            }
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn terminal_states_never_change_and_stale_attempts_are_dropped(
+            blocking in any::<bool>(),
+            ops in prop::collection::vec(op(), 1..60),
+        ) {
+            let table = JobTable::new(Arc::new(EventHub::new(NonZeroUsize::new(16).unwrap(), 1)));
+            let pool = if blocking { PoolKind::Blocking } else { PoolKind::Async };
+            let job = record(pool);
+            let id = job.id;
+            table.insert_unchecked(job, None);
+            let mut seq = 0;
+            for op in &ops {
+                let before = table.view(id, Clone::clone).unwrap();
+                apply(&table, id, op, &mut seq);
+                let after = table.view(id, Clone::clone).unwrap();
+                if before.state.is_terminal() {
+                    prop_assert_eq!(after.state, before.state, "{:?} changed a terminal job", op);
+                    prop_assert_eq!(&after.outcome, &before.outcome);
+                    prop_assert_eq!(after.attempt, before.attempt);
+                }
+                let stale = match *op {
+                    Op::Finish { skew, .. } | Op::Retry { skew } => {
+                        skewed(before.attempt, skew) != before.attempt
+                    }
+                    _ => false,
+                };
+                if let Op::Finish { .. } = op
+                    && before.state != JobState::Running
+                {
+                    // Only a running attempt can finish.
+                    prop_assert_eq!(after.state, before.state, "{:?} finished a {:?} job", op, before.state);
+                }
+                if stale {
+                    prop_assert_eq!(after.state, before.state, "stale {:?} went through", op);
+                    prop_assert_eq!(&after.outcome, &before.outcome);
+                }
+                prop_assert!(after.attempt >= before.attempt);
+                prop_assert!(after.attempt <= before.attempt + 1);
+                prop_assert_eq!(after.state.is_terminal(), after.outcome.is_some());
+                if after.state == JobState::Running {
+                    prop_assert!(after.attempt >= 1);
+                }
+                if after.state == JobState::Succeeded {
+                    // The value records the attempt that produced it: only
+                    // the current attempt can finish a job.
+                    prop_assert_eq!(
+                        after.outcome.clone().unwrap().unwrap(),
+                        serde_json::json!(after.attempt)
+                    );
+                }
+            }
+        }
+    }
 }

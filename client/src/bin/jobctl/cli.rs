@@ -181,7 +181,9 @@ pub(crate) enum Command {
         id: JobId,
     },
 
-    /// List the job functions the server can run, with their pools.
+    /// List the job functions the server can run, with their pools, the
+    /// JSON Schema their arguments must match ("args:") and what they
+    /// return, when the function declared them.
     Functions,
 
     /// Wait for several jobs, like Python's concurrent.futures.wait, and

@@ -203,32 +203,43 @@ pub(crate) fn status(format: Format, job: &JobInfo) -> String {
     }
 }
 
-/// What `functions` prints: an aligned table with a header, or one JSON
-/// object per function.
+/// What `functions` prints: an aligned table with a header, each function
+/// followed by its argument schema (compact JSON) and what it returns when
+/// it declared them; or one JSON object per function.
 pub(crate) fn functions(format: Format, functions: &[FunctionInfo]) -> String {
     match format {
         Format::Text => {
             let name_width = functions.iter().map(|f| f.name.len()).max().unwrap_or(0);
             let pool_width = functions.iter().map(|f| f.pool.len()).max().unwrap_or(0);
             let (name_width, pool_width) = (name_width.max(4), pool_width.max(4));
-            std::iter::once(("NAME", "POOL", "DESCRIPTION"))
-                .chain(
-                    functions
-                        .iter()
-                        .map(|f| (&*f.name, &*f.pool, &*f.description)),
-                )
-                .map(|(name, pool, description)| {
-                    format!("{name:<name_width$}  {pool:<pool_width$}  {description}")
-                        .trim_end()
-                        .to_owned()
-                })
-                .collect::<Vec<_>>()
-                .join("\n")
+            let row = |name: &str, pool: &str, text: &str| {
+                format!("{name:<name_width$}  {pool:<pool_width$}  {text}")
+                    .trim_end()
+                    .to_owned()
+            };
+            let mut lines = vec![row("NAME", "POOL", "DESCRIPTION")];
+            for f in functions {
+                lines.push(row(&f.name, &f.pool, &f.description));
+                if let Some(schema) = &f.args_schema {
+                    lines.push(row("", "", &format!("args: {schema}")));
+                }
+                if let Some(returns) = &f.returns {
+                    lines.push(row("", "", &format!("returns: {returns}")));
+                }
+            }
+            lines.join("\n")
         }
         Format::Json => functions
             .iter()
             .map(|f| {
-                json!({"name": f.name, "pool": f.pool, "description": f.description}).to_string()
+                json!({
+                    "name": f.name,
+                    "pool": f.pool,
+                    "description": f.description,
+                    "args_schema": f.args_schema,
+                    "returns": f.returns,
+                })
+                .to_string()
             })
             .collect::<Vec<_>>()
             .join("\n"),
@@ -255,6 +266,7 @@ fn error_kind_name(kind: pb::ErrorKind) -> &'static str {
         pb::ErrorKind::Cancelled => "cancelled",
         pb::ErrorKind::Interrupted => "interrupted",
         pb::ErrorKind::TimedOut => "timed_out",
+        pb::ErrorKind::ResultTooLarge => "result_too_large",
         pb::ErrorKind::Unspecified => "unspecified",
     }
 }
@@ -422,16 +434,33 @@ mod tests {
             name: name.to_owned(),
             pool: pool.to_owned(),
             description: format!("about {name}"),
+            args_schema: None,
+            returns: None,
+        };
+        let described = FunctionInfo {
+            args_schema: Some(json!({"type": "string"})),
+            returns: Some("a greeting".to_owned()),
+            ..f("hello", "async")
         };
         let table = functions(
             Format::Text,
-            &[f("echo", "async"), f("return_future", "blocking")],
+            &[
+                f("echo", "async"),
+                described.clone(),
+                f("return_future", "blocking"),
+            ],
         );
         assert_eq!(
             table,
             "NAME           POOL      DESCRIPTION\n\
              echo           async     about echo\n\
+             hello          async     about hello\n\
+             \x20                        args: {\"type\":\"string\"}\n\
+             \x20                        returns: a greeting\n\
              return_future  blocking  about return_future"
         );
+        let json: Value = serde_json::from_str(&functions(Format::Json, &[described])).unwrap();
+        assert_eq!(json["args_schema"], json!({"type": "string"}));
+        assert_eq!(json["returns"], "a greeting");
     }
 }

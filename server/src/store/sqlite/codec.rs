@@ -73,6 +73,7 @@ pub(crate) fn outcome_columns(outcome: &Outcome) -> (Option<String>, Option<i64>
                 JobError::Interrupted(m) => (4, m.as_str()),
                 JobError::TimedOut(m) => (5, m.as_str()),
                 JobError::Retryable(m) => (6, m.as_str()),
+                JobError::ResultTooLarge(m) => (7, m.as_str()),
             };
             (None, Some(kind), Some(message.to_owned()))
         }
@@ -95,6 +96,7 @@ fn outcome_from_columns(
                 4 => JobError::Interrupted(message),
                 5 => JobError::TimedOut(message),
                 6 => JobError::Retryable(message),
+                7 => JobError::ResultTooLarge(message),
                 other => return Err(bad_value(format!("unknown error kind {other}"))),
             }))
         }
@@ -188,6 +190,7 @@ mod tests {
             Err(JobError::Interrupted("i".into())),
             Err(JobError::TimedOut("t".into())),
             Err(JobError::Retryable("r".into())),
+            Err(JobError::ResultTooLarge("big".into())),
         ] {
             let (v, k, m) = outcome_columns(&outcome);
             assert_eq!(outcome_from_columns(v, k, m).unwrap(), Some(outcome));

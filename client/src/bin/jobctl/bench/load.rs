@@ -456,6 +456,7 @@ mod tests {
             error: Some(pb::BatchItemError {
                 code: tonic::Code::ResourceExhausted as i32,
                 message: "queue full".to_owned(),
+                field_violations: Vec::new(),
             }),
         };
         let answer = batch_answer(
