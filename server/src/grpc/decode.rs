@@ -282,25 +282,14 @@ impl TryFrom<pb::WaitRequest> for WaitQuery {
     type Error = Error;
 
     fn try_from(req: pb::WaitRequest) -> Result<Self, Error> {
-        let mut seen = HashSet::new();
-        let mut ids = Vec::new();
-        for raw in &req.job_ids {
-            let id = raw.parse().map_err(|e: jobd_proto::ParseJobIdError| {
-                Error::invalid("job_ids", e.to_string())
+        let ids = distinct_job_ids(&req.job_ids, MAX_WAIT_IDS)?
+            .filter(|ids| !ids.is_empty())
+            .ok_or_else(|| {
+                Error::invalid(
+                    "job_ids",
+                    format!("a Wait names 1 to {MAX_WAIT_IDS} distinct jobs"),
+                )
             })?;
-            if seen.insert(id) {
-                ids.push(id);
-            }
-            if ids.len() > MAX_WAIT_IDS {
-                break;
-            }
-        }
-        if !(1..=MAX_WAIT_IDS).contains(&ids.len()) {
-            return Err(Error::invalid(
-                "job_ids",
-                format!("a Wait names 1 to {MAX_WAIT_IDS} distinct jobs"),
-            ));
-        }
         let return_when = match pb::ReturnWhen::try_from(req.return_when) {
             Ok(pb::ReturnWhen::FirstCompleted) => ReturnWhen::FirstCompleted,
             Ok(pb::ReturnWhen::FirstException) => ReturnWhen::FirstException,
@@ -404,6 +393,26 @@ fn function_filter(raw: String) -> Result<Option<String>, Error> {
     }
 }
 
+/// Parses `raw` as job ids, dropping repeats (first occurrence wins, so the
+/// order is the caller's). `Ok(None)` when more than `max` distinct ids are
+/// named; a malformed id is refused naming the field.
+fn distinct_job_ids(raw: &[String], max: usize) -> Result<Option<Vec<JobId>>, Error> {
+    let mut seen = HashSet::new();
+    let mut ids = Vec::new();
+    for raw in raw {
+        let id = raw
+            .parse()
+            .map_err(|e: jobd_proto::ParseJobIdError| Error::invalid("job_ids", e.to_string()))?;
+        if seen.insert(id) {
+            ids.push(id);
+            if ids.len() > max {
+                return Ok(None);
+            }
+        }
+    }
+    Ok(Some(ids))
+}
+
 /// The most jobs one Watch may name.
 pub(crate) const MAX_WATCH_IDS: usize = 1000;
 
@@ -411,22 +420,12 @@ impl TryFrom<pb::WatchRequest> for WatchSpec {
     type Error = Error;
 
     fn try_from(req: pb::WatchRequest) -> Result<Self, Error> {
-        let mut seen = HashSet::new();
-        let mut ids = Vec::new();
-        for raw in &req.job_ids {
-            let id = raw.parse().map_err(|e: jobd_proto::ParseJobIdError| {
-                Error::invalid("job_ids", e.to_string())
-            })?;
-            if seen.insert(id) {
-                ids.push(id);
-            }
-            if ids.len() > MAX_WATCH_IDS {
-                return Err(Error::invalid(
-                    "job_ids",
-                    format!("a Watch names at most {MAX_WATCH_IDS} distinct jobs"),
-                ));
-            }
-        }
+        let ids = distinct_job_ids(&req.job_ids, MAX_WATCH_IDS)?.ok_or_else(|| {
+            Error::invalid(
+                "job_ids",
+                format!("a Watch names at most {MAX_WATCH_IDS} distinct jobs"),
+            )
+        })?;
         let filter = WatchFilter {
             function: function_filter(req.function)?,
             states: states(&req.states)?,
