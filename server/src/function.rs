@@ -166,6 +166,10 @@ impl Function {
         let Some(schema) = &self.args_schema else {
             return Vec::new();
         };
+        // The common case, without building an error iterator per Submit.
+        if schema.validator.is_valid(args) {
+            return Vec::new();
+        }
         schema
             .validator
             .iter_errors(args)
