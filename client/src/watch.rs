@@ -98,8 +98,10 @@ impl Watch {
     /// last event's [`ResumePoint`] (and, for a watch of ids, only the ids
     /// whose final event it has not had yet), so the stream goes on with
     /// no gap and no repeat. It tries up to 3 times per break, pausing
-    /// 50 ms, 200 ms, then 800 ms before each try, and then yields the
-    /// error. A server that restarted meanwhile refuses the resume with
+    /// 50 ms, 200 ms, then 800 ms before each try (a resumed stream that
+    /// breaks again before any event draws on the same 3), and then yields
+    /// the error: so a server that shut down still ends the stream, about a
+    /// second later. A server that restarted meanwhile refuses the resume with
     /// `FAILED_PRECONDITION`: that error ends the stream, since the caller
     /// must re-read the jobs' state. [`JobEventKind::Lagged`] events pass
     /// through as they come.
