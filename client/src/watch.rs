@@ -2,7 +2,10 @@
 //! outcomes) for a set of jobs or for every job matching a filter: the
 //! network's `add_done_callback`, with progress.
 
-use std::{collections::HashMap, time::SystemTime};
+use std::{
+    collections::{HashMap, HashSet},
+    time::{Duration, SystemTime},
+};
 
 use futures::{StreamExt as _, stream::BoxStream};
 use jobd_proto::{JobId, JobState, pb};
@@ -38,6 +41,9 @@ pub struct Watch {
     pub labels: HashMap<String, String>,
     /// Resume after this event (see [`JobEvent::resume_point`]).
     pub resume: Option<ResumePoint>,
+    /// Reconnect by itself when the stream breaks (see
+    /// [`Watch::auto_resume`]).
+    pub auto_resume: bool,
 }
 
 impl Watch {
@@ -84,6 +90,47 @@ impl Watch {
     #[must_use]
     pub fn resume_after(mut self, point: ResumePoint) -> Self {
         self.resume = Some(point);
+        self
+    }
+
+    /// With `true`, a stream that breaks (a transport error or
+    /// `UNAVAILABLE`) resumes by itself: the client watches again with the
+    /// last event's [`ResumePoint`] (and, for a watch of ids, only the ids
+    /// whose final event it has not had yet), so the stream goes on with
+    /// no gap and no repeat. It tries up to 3 times per break, pausing
+    /// 50 ms, 200 ms, then 800 ms before each try (a resumed stream that
+    /// breaks again before any event draws on the same 3), and then yields
+    /// the error: so a server that shut down still ends the stream, about a
+    /// second later. A server that restarted meanwhile refuses the resume with
+    /// `FAILED_PRECONDITION`: that error ends the stream, since the caller
+    /// must re-read the jobs' state. [`JobEventKind::Lagged`] events pass
+    /// through as they come.
+    ///
+    /// It cannot resume a break before the stream's first event (there is
+    /// no resume point yet, unless [`Watch::resume_after`] gave one), nor
+    /// one in the middle of a watch of ids' snapshots (resuming sends no
+    /// snapshots, so those not received would be lost): then the error
+    /// ends the stream as without this option.
+    ///
+    /// ```no_run
+    /// # async fn run(client: jobd_client::JobClient) -> Result<(), jobd_client::Error> {
+    /// use futures::StreamExt as _;
+    /// use jobd_client::Watch;
+    ///
+    /// let mut events = client
+    ///     .watch(Watch::all().function("resize").auto_resume(true))
+    ///     .await?;
+    /// while let Some(event) = events.next().await {
+    ///     // A dropped connection does not end the loop; a restarted
+    ///     // server does (FAILED_PRECONDITION).
+    ///     let event = event?;
+    ///     println!("{} {:?} {:?}", event.seq, event.job, event.state);
+    /// }
+    /// # Ok(()) }
+    /// ```
+    #[must_use]
+    pub fn auto_resume(mut self, on: bool) -> Self {
+        self.auto_resume = on;
         self
     }
 }
@@ -167,7 +214,8 @@ impl JobClient {
     /// dropped. Either ends with an error (`UNAVAILABLE`) when the server
     /// shuts down; reconnect with [`Watch::resume_after`] and the last
     /// event's [`JobEvent::resume_point`] to carry on without losing
-    /// anything the server still holds. There is no automatic reconnect.
+    /// anything the server still holds, or let [`Watch::auto_resume`] do
+    /// it when the connection breaks.
     ///
     /// ```no_run
     /// # async fn run(client: jobd_client::JobClient) -> Result<(), jobd_client::Error> {
@@ -199,6 +247,25 @@ impl JobClient {
         &self,
         watch: Watch,
     ) -> Result<BoxStream<'static, Result<JobEvent, Error>>, Error> {
+        if !watch.auto_resume {
+            return self.watch_once(watch).await;
+        }
+        let events = self.watch_once(watch.clone()).await?;
+        let resuming = Resuming::new(self.clone(), watch, events);
+        Ok(
+            futures::stream::unfold(resuming, |mut resuming| async move {
+                let item = resuming.next().await?;
+                Some((item, resuming))
+            })
+            .boxed(),
+        )
+    }
+
+    /// One `Watch` call, without reconnecting.
+    async fn watch_once(
+        &self,
+        watch: Watch,
+    ) -> Result<BoxStream<'static, Result<JobEvent, Error>>, Error> {
         let (stream_epoch, after_seq) = watch
             .resume
             .map(|point| (point.epoch, point.seq))
@@ -219,6 +286,176 @@ impl JobClient {
         Ok(events
             .map(|event| job_event(event.map_err(Error::from)?))
             .boxed())
+    }
+}
+
+/// How many times a broken watch is resumed before its error is yielded.
+const RESUME_ATTEMPTS: u32 = 3;
+/// The pause before the first resume; each later one is four times longer
+/// (50 ms, 200 ms, 800 ms, as the client's submit retries).
+const RESUME_FIRST_DELAY: Duration = Duration::from_millis(50);
+
+/// An auto-resuming watch: the current stream plus what it takes to carry
+/// on after a break without a gap or a repeat.
+struct Resuming {
+    client: JobClient,
+    /// The request as first made (ids or filter).
+    watch: Watch,
+    events: BoxStream<'static, Result<JobEvent, Error>>,
+    /// After the last event received (or the caller's own resume point).
+    last: Option<ResumePoint>,
+    /// A watch of ids: the ids whose final event has not come yet. A
+    /// resume asks for these only (a finished id may have been deleted
+    /// since, and the server would refuse it as unknown).
+    unfinished: HashSet<JobId>,
+    /// A watch of ids: the ids owed a snapshot (at the start, and again
+    /// after a lag). The server resends no snapshots on resume, so a break
+    /// while any is owed cannot be resumed without a gap.
+    owed_snapshots: HashSet<JobId>,
+    /// Resume tries since the last event received: a server that takes the
+    /// resume but breaks again before sending anything uses up the same
+    /// budget, so a break never turns into an endless loop.
+    failed_tries: u32,
+    ended: bool,
+}
+
+impl Resuming {
+    fn new(
+        client: JobClient,
+        watch: Watch,
+        events: BoxStream<'static, Result<JobEvent, Error>>,
+    ) -> Self {
+        let unfinished: HashSet<JobId> = watch.ids.iter().copied().collect();
+        let owed_snapshots = if watch.resume.is_some() {
+            HashSet::new()
+        } else {
+            unfinished.clone()
+        };
+        Self {
+            client,
+            last: watch.resume.clone(),
+            watch,
+            events,
+            unfinished,
+            owed_snapshots,
+            failed_tries: 0,
+            ended: false,
+        }
+    }
+
+    fn watches_ids(&self) -> bool {
+        !self.watch.ids.is_empty()
+    }
+
+    async fn next(&mut self) -> Option<Result<JobEvent, Error>> {
+        if self.ended {
+            return None;
+        }
+        loop {
+            match self.events.next().await {
+                Some(Ok(event)) => {
+                    self.note(&event);
+                    return Some(Ok(event));
+                }
+                None => {
+                    self.ended = true;
+                    return None;
+                }
+                Some(Err(err)) if breaks_connection(&err) => {
+                    if self.watches_ids() && self.unfinished.is_empty() {
+                        // Every final event arrived; only the server's OK
+                        // was lost.
+                        self.ended = true;
+                        return None;
+                    }
+                    match self.resume(err).await {
+                        Ok(events) => self.events = events,
+                        Err(err) => {
+                            self.ended = true;
+                            return Some(Err(err));
+                        }
+                    }
+                }
+                Some(Err(err)) => {
+                    self.ended = true;
+                    return Some(Err(err));
+                }
+            }
+        }
+    }
+
+    /// Keeps the books a resume needs.
+    fn note(&mut self, event: &JobEvent) {
+        self.last = Some(event.resume_point());
+        self.failed_tries = 0;
+        if !self.watches_ids() {
+            return;
+        }
+        match (event.kind, event.job) {
+            // The server re-snapshots each unfinished id after a lag.
+            (JobEventKind::Lagged, _) => self.owed_snapshots = self.unfinished.clone(),
+            (kind, Some(id)) => {
+                if kind == JobEventKind::Snapshot {
+                    self.owed_snapshots.remove(&id);
+                }
+                if event.state.is_some_and(JobState::is_terminal) {
+                    self.unfinished.remove(&id);
+                    self.owed_snapshots.remove(&id);
+                }
+            }
+            (_, None) => {}
+        }
+    }
+
+    /// Watches again from the last event, a bounded number of times;
+    /// `broke` is the error that broke the stream, yielded when resuming is
+    /// not possible.
+    async fn resume(
+        &mut self,
+        broke: Error,
+    ) -> Result<BoxStream<'static, Result<JobEvent, Error>>, Error> {
+        let Some(point) = self.last.clone() else {
+            return Err(broke);
+        };
+        if !self.owed_snapshots.is_empty() {
+            return Err(broke);
+        }
+        let mut watch = self.watch.clone();
+        if self.watches_ids() {
+            let mut ids: Vec<JobId> = self.unfinished.iter().copied().collect();
+            ids.sort_unstable();
+            watch.ids = ids;
+        }
+        watch.resume = Some(point);
+        let mut error = broke;
+        while self.failed_tries < RESUME_ATTEMPTS {
+            let delay = RESUME_FIRST_DELAY * 4u32.pow(self.failed_tries);
+            self.failed_tries += 1;
+            tracing::debug!(%error, attempt = self.failed_tries, "watch stream broke; resuming");
+            tokio::time::sleep(delay).await;
+            match self.client.watch_once(watch.clone()).await {
+                Ok(events) => return Ok(events),
+                Err(err) if breaks_connection(&err) => error = err,
+                Err(err) => return Err(err),
+            }
+        }
+        Err(error)
+    }
+}
+
+/// True for errors that mean the connection broke (or the server was
+/// briefly unavailable), as opposed to the server refusing the watch.
+fn breaks_connection(err: &Error) -> bool {
+    match err {
+        Error::Transport(_) => true,
+        // A connection that breaks mid-stream shows as UNKNOWN with the
+        // transport's error attached (an answer from the server has none).
+        Error::Rpc(status) => match status.code() {
+            tonic::Code::Unavailable => true,
+            tonic::Code::Unknown => std::error::Error::source(status).is_some(),
+            _ => false,
+        },
+        _ => false,
     }
 }
 
@@ -264,5 +501,22 @@ pub(crate) fn progress(progress: pb::Progress) -> Progress {
         updated_at: progress
             .update_time
             .and_then(|t| SystemTime::try_from(t).ok()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_a_broken_connection_is_resumed() {
+        let unavailable = Error::Rpc(tonic::Status::unavailable("draining"));
+        assert!(breaks_connection(&unavailable));
+        // UNKNOWN from the server itself (no transport error attached).
+        let answered = Error::Rpc(tonic::Status::unknown("odd"));
+        assert!(!breaks_connection(&answered));
+        let restarted = Error::Rpc(tonic::Status::failed_precondition("epoch"));
+        assert!(!breaks_connection(&restarted));
+        assert!(!breaks_connection(&Error::NotFound("gone".into())));
     }
 }

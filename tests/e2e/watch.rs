@@ -1,7 +1,11 @@
 //! `Watch` end to end: snapshots and final events, filters, lag, resume,
 //! progress, the watcher cap and shutdown, over the real client.
 
-use std::{num::NonZeroUsize, time::Duration};
+use std::{
+    num::NonZeroUsize,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
 
 use futures::{StreamExt as _, stream::BoxStream};
 use jobd::EngineConfig;
@@ -566,4 +570,246 @@ async fn shutdown_ends_watch_streams_with_unavailable() {
         assert_eq!(engine.event_stats().1, 0, "no watcher left behind");
     })
     .await;
+}
+
+/// A TCP proxy between a client and a server, so a test can break a watch
+/// stream while the server process lives on: `cut` drops every open
+/// connection; while `hold` is on, new connections are accepted but wait
+/// (their count is observable) until `release`; `redirect` sends new
+/// connections to another server.
+struct Proxy {
+    addr: std::net::SocketAddr,
+    upstream: Arc<Mutex<std::net::SocketAddr>>,
+    links: Arc<Mutex<Vec<tokio::task::JoinHandle<()>>>>,
+    open: tokio::sync::watch::Sender<bool>,
+    accepted: tokio::sync::watch::Receiver<usize>,
+    accept: tokio::task::JoinHandle<()>,
+}
+
+impl Proxy {
+    async fn start(upstream: std::net::SocketAddr) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let upstream = Arc::new(Mutex::new(upstream));
+        let links = Arc::new(Mutex::new(Vec::new()));
+        let (open, _) = tokio::sync::watch::channel(true);
+        let (count, accepted) = tokio::sync::watch::channel(0);
+        let accept = tokio::spawn({
+            let (upstream, links, open) = (Arc::clone(&upstream), Arc::clone(&links), open.clone());
+            async move {
+                while let Ok((mut inbound, _)) = listener.accept().await {
+                    count.send_modify(|n| *n += 1);
+                    let mut open = open.subscribe();
+                    let upstream = Arc::clone(&upstream);
+                    links.lock().unwrap().push(tokio::spawn(async move {
+                        if open.wait_for(|open| *open).await.is_err() {
+                            return;
+                        }
+                        let to = *upstream.lock().unwrap();
+                        if let Ok(mut outbound) = tokio::net::TcpStream::connect(to).await {
+                            let _ =
+                                tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                        }
+                    }));
+                }
+            }
+        });
+        Self {
+            addr,
+            upstream,
+            links,
+            open,
+            accepted,
+            accept,
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Drops every connection open now (both directions at once).
+    fn cut(&self) {
+        for link in self.links.lock().unwrap().drain(..) {
+            link.abort();
+        }
+    }
+
+    fn hold(&self) {
+        self.open.send_replace(false);
+    }
+
+    fn release(&self) {
+        self.open.send_replace(true);
+    }
+
+    fn redirect(&self, upstream: std::net::SocketAddr) {
+        *self.upstream.lock().unwrap() = upstream;
+    }
+
+    fn accepted(&self) -> usize {
+        *self.accepted.borrow()
+    }
+
+    /// Returns once `n` connections in all have come in.
+    async fn until_accepted(&mut self, n: usize) {
+        tokio::time::timeout(READ_LIMIT, self.accepted.wait_for(|&seen| seen >= n))
+            .await
+            .expect("the client reconnects in time")
+            .unwrap();
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.accept.abort();
+        self.cut();
+    }
+}
+
+/// Seqs that go up by one from event to event: no gap, no repeat.
+fn assert_contiguous(events: &[JobEvent]) {
+    for pair in events.windows(2) {
+        assert_eq!(
+            pair[1].seq,
+            pair[0].seq + 1,
+            "contiguous seqs: {:?}",
+            events.iter().map(|e| e.seq).collect::<Vec<_>>()
+        );
+    }
+}
+
+#[tokio::test]
+async fn an_auto_resuming_filter_watch_gets_exactly_the_events_missed_while_cut_off() {
+    let (registry, _fx) = registry();
+    let server = TestServer::start(registry, config(8, 2, 1000)).await;
+    let direct = server.client().await;
+    let mut proxy = Proxy::start(server.addr).await;
+    let through = jobd_client::JobClient::connect(proxy.url()).await.unwrap();
+    let mut events = through.watch(Watch::all().auto_resume(true)).await.unwrap();
+    let first = direct.submit("noop", json!(1)).await.unwrap();
+    let mut seen = Vec::new();
+    while seen.len() < 3 {
+        seen.push(next(&mut events).await);
+    }
+    assert_eq!(seen[2].job, Some(first.id()));
+    assert_eq!(seen[2].state, Some(JobState::Succeeded));
+    // Break the connection; the client's reconnection (made as the stream
+    // is read) waits at the proxy while two more jobs live their whole
+    // lives on the server.
+    proxy.hold();
+    proxy.cut();
+    let reader = tokio::spawn(async move {
+        let mut rest = Vec::new();
+        while rest.len() < 6 {
+            rest.push(next(&mut events).await);
+        }
+        rest
+    });
+    proxy.until_accepted(2).await;
+    let a = direct.submit("noop", json!(2)).await.unwrap();
+    let b = direct.submit("noop", json!(3)).await.unwrap();
+    a.result().await.unwrap();
+    b.result().await.unwrap();
+    proxy.release();
+    seen.extend(reader.await.unwrap());
+    assert_contiguous(&seen);
+    for job in [&first, &a, &b] {
+        let states: Vec<_> = seen
+            .iter()
+            .filter(|e| e.job == Some(job.id()))
+            .map(|e| (e.kind, e.state.unwrap()))
+            .collect();
+        assert_eq!(
+            states,
+            [
+                (JobEventKind::State, JobState::Pending),
+                (JobEventKind::State, JobState::Running),
+                (JobEventKind::State, JobState::Succeeded)
+            ]
+        );
+    }
+    assert_eq!(proxy.accepted(), 2, "one reconnection");
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn an_auto_resuming_id_watch_resumes_the_unfinished_ids_and_still_ends() {
+    let (registry, _fx) = registry();
+    let server = TestServer::start(registry, paused()).await;
+    let direct = server.client().await;
+    // Nothing starts yet: `done` finishes by being cancelled while queued.
+    let done = direct.submit("noop", json!(1)).await.unwrap();
+    done.cancel().await.unwrap();
+    let later = direct.submit("noop", json!(2)).await.unwrap();
+    let mut proxy = Proxy::start(server.addr).await;
+    let through = jobd_client::JobClient::connect(proxy.url()).await.unwrap();
+    let mut events = through
+        .watch(Watch::ids([done.id(), later.id()]).auto_resume(true))
+        .await
+        .unwrap();
+    let snapshots = [next(&mut events).await, next(&mut events).await];
+    let by_job = |id| snapshots.iter().find(|e| e.job == Some(id)).unwrap();
+    assert_eq!(by_job(done.id()).state, Some(JobState::Cancelled));
+    assert_eq!(by_job(later.id()).state, Some(JobState::Pending));
+    proxy.hold();
+    proxy.cut();
+    let reader = tokio::spawn(to_end(events));
+    proxy.until_accepted(2).await;
+    // While cut off: `later` runs to the end, and `done` is deleted (a
+    // resume that still named it would be refused as NOT_FOUND).
+    done.delete().await.unwrap();
+    server.engine.set_paused(false);
+    later.result().await.unwrap();
+    proxy.release();
+    let rest = reader.await.unwrap();
+    let states: Vec<_> = rest
+        .iter()
+        .map(|e| (e.kind, e.job, e.state.unwrap()))
+        .collect();
+    assert_eq!(
+        states,
+        [
+            (JobEventKind::State, Some(later.id()), JobState::Running),
+            (JobEventKind::State, Some(later.id()), JobState::Succeeded)
+        ]
+    );
+    assert_eq!(
+        rest[0].seq,
+        snapshots[1].seq + 1,
+        "no gap after the snapshots"
+    );
+    assert_contiguous(&rest);
+    assert_eq!(proxy.accepted(), 2, "one reconnection");
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn an_auto_resuming_watch_surfaces_a_server_restart_as_failed_precondition() {
+    let (registry, _fx) = registry();
+    let old = TestServer::start(registry, config(8, 2, 1000)).await;
+    let (registry, _fx) = crate::harness::registry();
+    let new = TestServer::start(registry, config(8, 2, 1000)).await;
+    let proxy = Proxy::start(old.addr).await;
+    let through = jobd_client::JobClient::connect(proxy.url()).await.unwrap();
+    let mut events = through.watch(Watch::all().auto_resume(true)).await.unwrap();
+    let job = old.client().await.submit("noop", json!(1)).await.unwrap();
+    job.result().await.unwrap();
+    for _ in 0..3 {
+        assert_eq!(next(&mut events).await.job, Some(job.id()));
+    }
+    // The "restarted" server answers from now on, with its own numbering.
+    proxy.redirect(new.addr);
+    old.shutdown().await;
+    let end = tokio::time::timeout(READ_LIMIT, events.next())
+        .await
+        .expect("the stream ends in time");
+    match end {
+        Some(Err(err)) => assert_eq!(err.code(), Some(tonic::Code::FailedPrecondition), "{err}"),
+        other => panic!("expected FAILED_PRECONDITION, got {other:?}"),
+    }
+    assert!(events.next().await.is_none(), "nothing after the error");
+    assert!(proxy.accepted() >= 2, "the client did try to resume");
+    drop(events);
+    new.shutdown().await;
 }

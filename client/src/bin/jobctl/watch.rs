@@ -60,6 +60,7 @@ pub(crate) async fn watch(client: &JobClient, format: Format, args: &Watch) -> R
         states: args.states.iter().map(|&s| s.into()).collect(),
         labels: args.labels.iter().cloned().collect(),
         resume: None,
+        auto_resume: false,
     };
     let mut events = client.watch(spec).await?;
     let mut view = View::new(format);
