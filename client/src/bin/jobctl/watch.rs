@@ -60,7 +60,9 @@ pub(crate) async fn watch(client: &JobClient, format: Format, args: &Watch) -> R
         states: args.states.iter().map(|&s| s.into()).collect(),
         labels: args.labels.iter().cloned().collect(),
         resume: None,
-        auto_resume: false,
+        // A blip in the connection should not end a long watch in a shell;
+        // a restarted server still does (FAILED_PRECONDITION).
+        auto_resume: true,
     };
     let mut events = client.watch(spec).await?;
     let mut view = View::new(format);
