@@ -17,7 +17,7 @@ use jobd_proto::{
     pb::{self, job_service_client::JobServiceClient},
 };
 use prost::bytes::{Buf as _, BufMut as _};
-use support::JobdProcess;
+use support::{JobdProcess, job_count};
 use tonic::{
     Code, Status,
     codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder},
@@ -362,18 +362,6 @@ async fn run(channel: &Channel, pending: &str, call: Call) -> (Code, Option<Stat
             code(jobs.result(request).await.map(drop))
         }
     }
-}
-
-async fn job_count(jobs: &mut JobServiceClient<Channel>) -> usize {
-    jobs.list_jobs(pb::ListJobsRequest {
-        page_size: 1000,
-        ..Default::default()
-    })
-    .await
-    .expect("ListJobs")
-    .into_inner()
-    .jobs
-    .len()
 }
 
 #[tokio::test]

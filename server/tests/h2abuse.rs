@@ -21,7 +21,7 @@ use std::{
 
 use jobd_proto::pb::{self, job_service_client::JobServiceClient};
 use serde_json::Value;
-use support::JobdProcess;
+use support::{JobdProcess, h2_available};
 use tonic::{Code, transport::Channel};
 use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
 
@@ -30,33 +30,6 @@ const ENHANCE_YOUR_CALM: u64 = 0xb;
 
 fn script() -> std::path::PathBuf {
     std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/h2abuse/abuse.py")
-}
-
-fn h2_available() -> bool {
-    let found = Command::new("python3")
-        .args(["-c", "import h2"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
-    if !found {
-        assert!(
-            std::env::var("CI").as_deref() != Ok("true"),
-            "python3 with the h2 library is missing, and CI=true requires these tests to run"
-        );
-        eprintln!(
-            "\n!!! SKIPPED: HTTP/2 abuse tests need python3 and `python3 -m pip install h2` !!!\n"
-        );
-    }
-    found
-}
-
-async fn channel(server: &JobdProcess) -> Channel {
-    tonic::transport::Endpoint::from_shared(server.url())
-        .unwrap()
-        .connect()
-        .await
-        .unwrap()
 }
 
 /// One round of ordinary calls; panics if any fails.
@@ -126,7 +99,7 @@ async fn reset_floods_are_cut_off_while_other_clients_keep_working() {
         "--max-local-error-resets",
         "100",
     ]);
-    let channel = channel(&server).await;
+    let channel = server.channel().await;
     behave(&channel).await;
 
     let rapid = abuse_while_behaving(&server, &channel, "rapid-reset").await;
@@ -178,7 +151,7 @@ async fn waiters_that_never_read_and_a_connection_flood_keep_memory_bounded() {
         "--max-connections",
         "64",
     ]);
-    let channel = channel(&server).await;
+    let channel = server.channel().await;
     behave(&channel).await;
     let mut jobs = JobServiceClient::new(channel.clone());
     let pending = jobs

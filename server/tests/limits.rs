@@ -7,19 +7,11 @@ mod support;
 use std::time::{Duration, Instant};
 
 use jobd_proto::pb::{self, job_service_client::JobServiceClient};
-use support::JobdProcess;
+use support::{JobdProcess, job_count};
 use tonic::{Code, transport::Channel};
 use tonic_health::pb::{
     HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
 };
-
-async fn channel(server: &JobdProcess) -> Channel {
-    tonic::transport::Endpoint::from_shared(server.url())
-        .unwrap()
-        .connect()
-        .await
-        .unwrap()
-}
 
 fn string_value(s: String) -> prost_types::Value {
     prost_types::Value {
@@ -33,15 +25,6 @@ fn submit_request(args: String) -> pb::SubmitRequest {
         args: Some(string_value(args)),
         ..Default::default()
     }
-}
-
-async fn job_count(jobs: &mut JobServiceClient<Channel>) -> usize {
-    jobs.list_jobs(pb::ListJobsRequest::default())
-        .await
-        .unwrap()
-        .into_inner()
-        .jobs
-        .len()
 }
 
 async fn health(channel: Channel) -> Result<i32, tonic::Status> {
@@ -124,7 +107,7 @@ fn help_mentions_every_limit_flag() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn oversized_submit_is_refused_and_creates_no_job() {
     let server = JobdProcess::start(&["--store", "memory", "--max-message-bytes", "65536"]);
-    let mut jobs = JobServiceClient::new(channel(&server).await);
+    let mut jobs = JobServiceClient::new(server.channel().await);
 
     let refused = jobs
         .submit(submit_request("x".repeat(100 * 1024)))
@@ -156,7 +139,7 @@ async fn oversized_submit_is_refused_and_creates_no_job() {
 async fn in_flight_limit_sheds_job_service_but_not_health() {
     // Paused pools: the job never runs, so its Result calls stay in flight.
     let server = JobdProcess::start(&["--store", "memory", "--paused", "--max-in-flight", "2"]);
-    let channel = channel(&server).await;
+    let channel = server.channel().await;
     let mut jobs = JobServiceClient::new(channel.clone());
     let job_id = jobs
         .submit(submit_request("blocked".into()))
@@ -238,8 +221,8 @@ async fn connections_beyond_the_cap_are_closed_while_existing_ones_keep_working(
     let server = JobdProcess::start(&["--store", "memory", "--max-connections", "2"]);
     // An answered call proves the server accepted the connection, so both
     // hold a slot.
-    let first = channel(&server).await;
-    let second = channel(&server).await;
+    let first = server.channel().await;
+    let second = server.channel().await;
     for held in [&first, &second] {
         assert_eq!(
             health(held.clone()).await.unwrap(),
@@ -316,7 +299,7 @@ async fn per_connection_limit_sheds_only_that_connection() {
         "--max-in-flight-per-connection",
         "2",
     ]);
-    let greedy = channel(&server).await;
+    let greedy = server.channel().await;
     let mut jobs = JobServiceClient::new(greedy.clone());
     let job_id = jobs
         .submit(submit_request("blocked".into()))
@@ -345,7 +328,7 @@ async fn per_connection_limit_sheds_only_that_connection() {
     }
 
     // Another connection is not affected: the limit is per connection.
-    let mut polite = JobServiceClient::new(channel(&server).await);
+    let mut polite = JobServiceClient::new(server.channel().await);
     let answer = polite
         .done(pb::DoneRequest {
             job_id: job_id.clone(),

