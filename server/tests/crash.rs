@@ -22,7 +22,7 @@ use std::{
 
 use jobd_proto::pb::{self, job_service_client::JobServiceClient};
 use rand::Rng as _;
-use support::JobdProcess;
+use support::{JobdProcess, free_listen};
 use tonic::transport::Endpoint;
 
 const SUBMITTERS: usize = 4;
@@ -54,14 +54,6 @@ struct Report {
     duplicates: usize,
     /// Unknown-outcome submissions that did create a job.
     unknown_created: usize,
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 async fn submitter(url: String, task: usize, stop: Arc<AtomicBool>, ledger: Arc<Mutex<Ledger>>) {
@@ -136,7 +128,7 @@ fn unfinished_ids(dir: &Path) -> Vec<String> {
 
 async fn crash_run(extra_args: &[&str]) -> Report {
     let dir = tempfile::tempdir().unwrap();
-    let listen = format!("127.0.0.1:{}", free_port());
+    let listen = free_listen();
     let url = format!("http://{listen}");
     let mut server = JobdProcess::start_in(dir.path(), &listen, extra_args);
 

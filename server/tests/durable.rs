@@ -13,16 +13,7 @@ use std::{
 
 use jobd_client::{JobClient, JobHandle, JobState};
 use serde_json::json;
-use support::JobdProcess;
-
-fn free_listen() -> String {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    format!("127.0.0.1:{port}")
-}
+use support::{JobdProcess, free_listen};
 
 /// Waits until the job's start is on disk: the claim rides in the next
 /// group commit, and only a durable claim makes a crash count against the

@@ -134,6 +134,17 @@ impl Drop for JobdProcess {
     }
 }
 
+/// A `127.0.0.1:PORT` that was free a moment ago, for tests that restart
+/// jobd on the same address.
+pub fn free_listen() -> String {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind 127.0.0.1:0")
+        .local_addr()
+        .expect("bound address")
+        .port();
+    format!("127.0.0.1:{port}")
+}
+
 /// How many jobs `ListJobs` shows: one page of up to 1,000, more than any
 /// of these tests makes.
 pub async fn job_count(jobs: &mut JobServiceClient<Channel>) -> usize {
