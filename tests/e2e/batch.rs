@@ -7,7 +7,7 @@ use jobd_client::{JobClient, JobState, Submission, pb};
 use serde_json::json;
 use tonic::Code;
 
-use crate::harness::{TestServer, config, registry};
+use crate::harness::{TestServer, config, registry, submit_noops};
 
 #[tokio::test]
 async fn a_batch_answers_each_item_in_order() {
@@ -42,16 +42,7 @@ async fn a_batch_answers_each_item_in_order() {
 async fn a_thousand_jobs_in_one_batch_all_complete() {
     let (server, _fx) = TestServer::with_fixtures().await;
     let client = server.client().await;
-    let batch = (0..1000)
-        .map(|n| Submission::new("noop", json!(n)))
-        .collect();
-    let jobs: Vec<_> = client
-        .submit_batch(batch)
-        .await
-        .unwrap()
-        .into_iter()
-        .map(Result::unwrap)
-        .collect();
+    let jobs = submit_noops(&client, 1000).await;
     for (n, job) in jobs.iter().enumerate() {
         assert_eq!(job.result().await.unwrap(), json!(n));
     }

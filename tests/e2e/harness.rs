@@ -12,7 +12,7 @@ use std::{
 };
 
 use jobd::{Engine, EngineConfig, JobError, Registry};
-use jobd_client::JobClient;
+use jobd_client::{JobClient, JobHandle, Submission};
 use serde_json::json;
 use tokio::{sync::mpsc, task::JoinHandle};
 use tokio_util::sync::CancellationToken;
@@ -234,6 +234,19 @@ impl TestServer {
             .expect("server task panicked")
             .expect("server failed");
     }
+}
+
+/// Submits `n` `noop` jobs in one SubmitBatch, job `k` with argument `k`
+/// (so its result is `k`); every one must be accepted.
+pub(crate) async fn submit_noops(client: &JobClient, n: usize) -> Vec<JobHandle> {
+    let batch = (0..n).map(|k| Submission::new("noop", json!(k))).collect();
+    client
+        .submit_batch(batch)
+        .await
+        .expect("SubmitBatch")
+        .into_iter()
+        .map(|job| job.expect("every noop accepted"))
+        .collect()
 }
 
 /// Runs `test` against a fixture server on the in-memory store and then on a

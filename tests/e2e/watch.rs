@@ -12,7 +12,7 @@ use jobd::EngineConfig;
 use jobd_client::{Error, JobEvent, JobEventKind, JobState, ResumePoint, Submission, Watch, pb};
 use serde_json::json;
 
-use crate::harness::{TestServer, config, on_both_stores, registry};
+use crate::harness::{TestServer, config, on_both_stores, registry, submit_noops};
 
 /// Generous bound on any one read, so a broken stream fails the test
 /// instead of hanging it (never used to wait for something to happen).
@@ -216,16 +216,7 @@ async fn a_slow_filter_watcher_is_told_it_lagged_and_memory_stays_bounded() {
         .into_inner();
     let client = server.client().await;
     // 300 jobs, 900 events, while the watcher reads nothing.
-    let batch = (0..300)
-        .map(|n| Submission::new("noop", json!(n)))
-        .collect();
-    let jobs: Vec<_> = client
-        .submit_batch(batch)
-        .await
-        .unwrap()
-        .into_iter()
-        .map(Result::unwrap)
-        .collect();
+    let jobs = submit_noops(&client, 300).await;
     for job in &jobs {
         job.result().await.unwrap();
     }
@@ -268,15 +259,10 @@ async fn a_slow_id_watcher_still_gets_every_final_event() {
     let server = TestServer::start(registry, small_history(16)).await;
     let client = server.client().await;
     server.engine.set_paused(true);
-    let batch = (0..400)
-        .map(|n| Submission::new("noop", json!(n)))
-        .collect();
-    let ids: Vec<String> = client
-        .submit_batch(batch)
+    let ids: Vec<String> = submit_noops(&client, 400)
         .await
-        .unwrap()
-        .into_iter()
-        .map(|job| job.unwrap().id().to_string())
+        .iter()
+        .map(|job| job.id().to_string())
         .collect();
     let mut stub = tight_window_stub(&server).await;
     let mut events = stub
@@ -380,9 +366,8 @@ async fn resuming_too_late_or_elsewhere_is_answered_clearly() {
     let epoch = server.engine.stream_epoch().to_owned();
     // Events are numbered from the first watch on; this one only starts that.
     drop(client.watch(Watch::all()).await.unwrap());
-    let batch = (0..20).map(|n| Submission::new("noop", json!(n))).collect();
-    for job in client.submit_batch(batch).await.unwrap() {
-        job.unwrap().result().await.unwrap();
+    for job in submit_noops(&client, 20).await {
+        job.result().await.unwrap();
     }
     // 60 events so far; the history holds the last 8 (53..=60).
     let mut events = client
