@@ -343,25 +343,25 @@ impl JobClient {
         F: FnMut(RpcClient) -> Fut,
         Fut: std::future::Future<Output = Result<T, tonic::Status>>,
     {
-        let mut delay = RETRY_FIRST_DELAY;
-        for attempt in 1.. {
+        let mut pauses = RETRY_PAUSES.iter();
+        loop {
             match call(self.rpc.clone()).await {
                 Ok(answer) => return Ok(answer),
                 Err(status)
-                    if attempt < SUBMIT_ATTEMPTS
-                        && matches!(
-                            status.code(),
-                            tonic::Code::Unavailable | tonic::Code::Unknown
-                        ) =>
+                    if matches!(
+                        status.code(),
+                        tonic::Code::Unavailable | tonic::Code::Unknown
+                    ) =>
                 {
-                    tracing::debug!(%status, attempt, "submit failed; retrying with the same request id");
-                    tokio::time::sleep(delay).await;
-                    delay *= 4;
+                    let Some(&pause) = pauses.next() else {
+                        return Err(status.into());
+                    };
+                    tracing::debug!(%status, "submit failed; retrying with the same request id");
+                    tokio::time::sleep(pause).await;
                 }
                 Err(status) => return Err(status.into()),
             }
         }
-        unreachable!("the loop returns")
     }
 
     /// A handle to an existing job, by id. No request is made.
@@ -396,11 +396,14 @@ impl JobClient {
     }
 }
 
-/// How many times a submission is tried before its error is returned.
-const SUBMIT_ATTEMPTS: u32 = 4;
-/// The pause before the first retry; each later pause is four times longer
-/// (50 ms, 200 ms, 800 ms: long enough to ride out a server restart).
-const RETRY_FIRST_DELAY: std::time::Duration = std::time::Duration::from_millis(50);
+/// The pauses before each retry of a call cut off by a broken connection or
+/// a briefly unavailable server (submit retries, watch resumes): a call is
+/// tried once more after each, and together they ride out a server restart.
+pub(crate) const RETRY_PAUSES: [std::time::Duration; 3] = [
+    std::time::Duration::from_millis(50),
+    std::time::Duration::from_millis(200),
+    std::time::Duration::from_millis(800),
+];
 
 /// The wire form of a submission, with a fresh request id when the caller
 /// gave none, so that retries are idempotent.

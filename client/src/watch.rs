@@ -4,7 +4,7 @@
 
 use std::{
     collections::{HashMap, HashSet},
-    time::{Duration, SystemTime},
+    time::SystemTime,
 };
 
 use futures::{StreamExt as _, stream::BoxStream};
@@ -12,7 +12,7 @@ use jobd_proto::{JobId, JobState, pb};
 
 use crate::{
     Error, JobClient, JobOutcome,
-    client::{parse_id, parse_state},
+    client::{RETRY_PAUSES, parse_id, parse_state},
     handle::outcome,
 };
 
@@ -289,12 +289,6 @@ impl JobClient {
     }
 }
 
-/// How many times a broken watch is resumed before its error is yielded.
-const RESUME_ATTEMPTS: u32 = 3;
-/// The pause before the first resume; each later one is four times longer
-/// (50 ms, 200 ms, 800 ms, as the client's submit retries).
-const RESUME_FIRST_DELAY: Duration = Duration::from_millis(50);
-
 /// An auto-resuming watch: the current stream plus what it takes to carry
 /// on after a break without a gap or a repeat.
 struct Resuming {
@@ -315,7 +309,7 @@ struct Resuming {
     /// Resume tries since the last event received: a server that takes the
     /// resume but breaks again before sending anything uses up the same
     /// budget, so a break never turns into an endless loop.
-    failed_tries: u32,
+    failed_tries: usize,
     ended: bool,
 }
 
@@ -428,8 +422,8 @@ impl Resuming {
         }
         watch.resume = Some(point);
         let mut error = broke;
-        while self.failed_tries < RESUME_ATTEMPTS {
-            let delay = RESUME_FIRST_DELAY * 4u32.pow(self.failed_tries);
+        // One resume after each of the client's retry pauses.
+        while let Some(&delay) = RETRY_PAUSES.get(self.failed_tries) {
             self.failed_tries += 1;
             tracing::debug!(%error, attempt = self.failed_tries, "watch stream broke; resuming");
             tokio::time::sleep(delay).await;
