@@ -259,4 +259,37 @@ async fn a_job_killed_mid_attempt_keeps_its_attempt_count_across_the_restart() {
         (info.state, info.attempt, info.max_attempts),
         (JobState::Succeeded, 2, 3)
     );
+    // Every transition is kept, the recovery's re-queue included, in order:
+    // (state code, attempt).
+    let (states, times): (Vec<(i64, u32)>, Vec<i64>) = history(dir.path(), &job)
+        .into_iter()
+        .map(|(state, attempt, at)| ((state, attempt), at))
+        .unzip();
+    assert_eq!(states, [(1, 0), (2, 1), (1, 1), (2, 2), (3, 2)]);
+    assert!(times.is_sorted(), "{times:?}");
+}
+
+/// A job's transitions as the database keeps them: `(state code, attempt,
+/// microseconds)` from its `history` column (`state,attempt,at;` each).
+fn history(dir: &Path, job: &JobHandle) -> Vec<(i64, u32, i64)> {
+    let conn = rusqlite::Connection::open_with_flags(
+        dir.join(jobd::store::DB_FILE),
+        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+    )
+    .unwrap();
+    let id = job.id().as_uuid().as_bytes().to_vec();
+    let text: String = conn
+        .query_row("SELECT history FROM jobs WHERE id = ?1", [&id], |r| {
+            r.get(0)
+        })
+        .unwrap();
+    text.split_terminator(';')
+        .map(|entry| {
+            let fields: Vec<i64> = entry.split(',').map(|f| f.parse().unwrap()).collect();
+            let [state, attempt, at] = fields[..] else {
+                panic!("bad history entry {entry:?}")
+            };
+            (state, u32::try_from(attempt).unwrap(), at)
+        })
+        .collect()
 }

@@ -113,6 +113,32 @@ pub(crate) fn from_micros(us: i64) -> SystemTime {
     UNIX_EPOCH + Duration::from_micros(u64::try_from(us).unwrap_or(0))
 }
 
+/// One state change as the `history` column keeps it: `state,attempt,at;`
+/// (state code, attempt, microseconds since the epoch). A job's history is
+/// its entries in order, appended by the same statement that changes its
+/// state, so it costs no B-tree write of its own.
+pub(crate) fn history_entry(state: JobState, attempt: u32, at: SystemTime) -> String {
+    format!("{},{attempt},{};", state_code(state), micros(at))
+}
+
+/// A job's state changes, oldest first, from its `history` column.
+#[cfg(test)]
+pub(crate) fn parse_history(text: &str) -> rusqlite::Result<Vec<(JobState, u32, SystemTime)>> {
+    text.split_terminator(';')
+        .map(|entry| {
+            let mut fields = entry.split(',').map(str::parse::<i64>);
+            match (fields.next(), fields.next(), fields.next(), fields.next()) {
+                (Some(Ok(state)), Some(Ok(attempt)), Some(Ok(at)), None) => Ok((
+                    state_from_code(state)?,
+                    u32::try_from(attempt).map_err(|e| bad_value(e.to_string()))?,
+                    from_micros(at),
+                )),
+                _ => Err(bad_value(format!("bad history entry {entry:?}"))),
+            }
+        })
+        .collect()
+}
+
 pub(crate) fn id_bytes(id: JobId) -> [u8; 16] {
     *id.as_uuid().as_bytes()
 }
@@ -197,5 +223,27 @@ mod tests {
         }
         let t = UNIX_EPOCH + Duration::from_micros(1_700_000_000_123_456);
         assert_eq!(from_micros(micros(t)), t);
+    }
+
+    #[test]
+    fn history_entries_round_trip_in_order() {
+        let t = UNIX_EPOCH + Duration::from_micros(1_700_000_000_123_456);
+        let text = [
+            history_entry(JobState::Pending, 0, t),
+            history_entry(JobState::Running, 1, t + Duration::from_micros(7)),
+            history_entry(JobState::Succeeded, 1, t + Duration::from_secs(2)),
+        ]
+        .concat();
+        assert_eq!(
+            parse_history(&text).unwrap(),
+            vec![
+                (JobState::Pending, 0, t),
+                (JobState::Running, 1, t + Duration::from_micros(7)),
+                (JobState::Succeeded, 1, t + Duration::from_secs(2)),
+            ]
+        );
+        assert!(parse_history("").unwrap().is_empty());
+        assert!(parse_history("3,1;").is_err());
+        assert!(parse_history("9,1,5;").is_err());
     }
 }

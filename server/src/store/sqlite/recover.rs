@@ -13,7 +13,7 @@ use std::time::SystemTime;
 use jobd_proto::JobState;
 use rusqlite::{Connection, params};
 
-use super::codec::{RECORD_COLUMNS, id_bytes, micros, record_from_row, state_code};
+use super::codec::{RECORD_COLUMNS, history_entry, id_bytes, micros, record_from_row, state_code};
 use crate::{function::Registry, job::JobRecord};
 
 /// Crashes while running one job before it is failed as a poison pill.
@@ -81,33 +81,25 @@ pub(crate) fn recover(conn: &mut Connection, registry: &Registry) -> rusqlite::R
             if let Some(message) = verdict {
                 tx.execute(
                     "UPDATE jobs SET state = ?1, finished_at = ?2, error_kind = 4, error = ?3, \
-                     crashes = ?4 WHERE id = ?5",
+                     crashes = ?4, history = history || ?5 WHERE id = ?6",
                     params![
                         state_code(JobState::Failed),
                         micros(now),
                         message,
                         crashes,
+                        history_entry(JobState::Failed, record.attempt, now),
                         key
-                    ],
-                )?;
-                tx.execute(
-                    "INSERT OR IGNORE INTO transitions (job_id, attempt, state, at) VALUES (?1, ?2, ?3, ?4)",
-                    params![
-                        key,
-                        record.attempt,
-                        state_code(JobState::Failed),
-                        micros(now)
                     ],
                 )?;
                 continue;
             }
             tx.execute(
-                "UPDATE jobs SET state = 1, crashes = ?1 WHERE id = ?2",
-                params![crashes, key],
-            )?;
-            tx.execute(
-                "INSERT OR IGNORE INTO transitions (job_id, attempt, state, at) VALUES (?1, ?2, 1, ?3)",
-                params![key, record.attempt, micros(now)],
+                "UPDATE jobs SET state = 1, crashes = ?1, history = history || ?2 WHERE id = ?3",
+                params![
+                    crashes,
+                    history_entry(JobState::Pending, record.attempt, now),
+                    key
+                ],
             )?;
             recovered.requeued += 1;
             record.state = JobState::Pending;

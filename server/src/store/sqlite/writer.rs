@@ -20,8 +20,8 @@ use rusqlite::{Connection, OptionalExtension as _, params};
 use tokio::sync::{mpsc, oneshot};
 
 use super::codec::{
-    TOMBSTONE_DELETED, TOMBSTONE_EXPIRED, gone_from_reason, id_bytes, id_from_bytes, labels_json,
-    micros, outcome_columns, pool_code, state_code, state_from_code,
+    TOMBSTONE_DELETED, TOMBSTONE_EXPIRED, gone_from_reason, history_entry, id_bytes, id_from_bytes,
+    labels_json, micros, outcome_columns, pool_code, state_code, state_from_code,
 };
 use crate::{
     job::{JobRecord, Outcome},
@@ -458,10 +458,12 @@ impl WriterThread {
                 _ => None,
             })
             .collect();
-        let starts: std::collections::HashMap<JobId, SystemTime> = batch
+        let starts: std::collections::HashMap<JobId, (u32, SystemTime)> = batch
             .iter()
             .filter_map(|op| match op {
-                Op::Start { id, at, .. } if finishing.contains(id) => Some((*id, *at)),
+                Op::Start { id, attempt, at } if finishing.contains(id) => {
+                    Some((*id, (*attempt, *at)))
+                }
                 _ => None,
             })
             .collect();
@@ -481,20 +483,21 @@ impl WriterThread {
                 }
                 Op::Start { id, attempt, at } => {
                     // A job that also finishes in this batch gets its start
-                    // columns from the Finish update: one row write, not two.
+                    // columns and history entry from the Finish update: one
+                    // row write, not two.
                     if !finishing.contains(id) {
                         tx.prepare_cached(
-                            "UPDATE jobs SET state = 2, attempt = ?1, started_at = ?2, boot = ?3 \
-                             WHERE id = ?4 AND state = 1",
+                            "UPDATE jobs SET state = 2, attempt = ?1, started_at = ?2, boot = ?3, \
+                             history = history || ?4 WHERE id = ?5 AND state = 1",
                         )?
                         .execute(params![
                             *attempt,
                             micros(*at),
                             self.boot,
+                            history_entry(JobState::Running, *attempt, *at),
                             id_bytes(*id)
                         ])?;
                     }
-                    transition(&tx, *id, *attempt, JobState::Running, *at)?;
                     Answer::Done
                 }
                 Op::Finish {
@@ -509,13 +512,18 @@ impl WriterThread {
                         Err(e) => e.terminal_state(),
                     };
                     let (value, kind, message) = outcome_columns(outcome);
-                    let started = starts.get(id).map(|at| micros(*at));
+                    let start = starts.get(id);
+                    let mut history = start
+                        .map(|(attempt, at)| history_entry(JobState::Running, *attempt, *at))
+                        .unwrap_or_default();
+                    history.push_str(&history_entry(state, *attempt, *at));
                     tx.prepare_cached(
                         "UPDATE jobs SET state = ?1, finished_at = ?2, value = ?3, error_kind = ?4, \
                          error = ?5, attempt = MAX(attempt, ?6), \
                          started_at = COALESCE(?7, started_at), \
-                         boot = CASE WHEN ?7 IS NULL THEN boot ELSE ?8 END \
-                         WHERE id = ?9 AND state IN (1, 2)",
+                         boot = CASE WHEN ?7 IS NULL THEN boot ELSE ?8 END, \
+                         history = history || ?9 \
+                         WHERE id = ?10 AND state IN (1, 2)",
                     )?
                     .execute(params![
                         state_code(state),
@@ -524,19 +532,24 @@ impl WriterThread {
                         kind,
                         message,
                         *attempt,
-                        started,
+                        start.map(|(_, at)| micros(*at)),
                         self.boot,
+                        history,
                         id_bytes(*id)
                     ])?;
-                    transition(&tx, *id, *attempt, state, *at)?;
                     Answer::Done
                 }
                 Op::Requeue { ids, .. } => {
                     let now = SystemTime::now();
                     for (id, attempt) in ids.iter() {
-                        tx.prepare_cached("UPDATE jobs SET state = 1 WHERE id = ?1 AND state = 2")?
-                            .execute(params![id_bytes(*id)])?;
-                        transition(&tx, *id, *attempt, JobState::Pending, now)?;
+                        tx.prepare_cached(
+                            "UPDATE jobs SET state = 1, history = history || ?1 \
+                             WHERE id = ?2 AND state = 2",
+                        )?
+                        .execute(params![
+                            history_entry(JobState::Pending, *attempt, now),
+                            id_bytes(*id)
+                        ])?;
                     }
                     Answer::Done
                 }
@@ -585,8 +598,8 @@ fn insert(tx: &rusqlite::Transaction<'_>, job: &NewJob) -> rusqlite::Result<Inse
     }
     tx.prepare_cached(
         "INSERT INTO jobs (id, function, pool, state, args, labels, request_id, fingerprint, \
-         submitted_at, attempt, priority, not_before, timeout_us, max_attempts) \
-         VALUES (?1, ?2, ?3, 1, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
+         submitted_at, attempt, priority, not_before, timeout_us, max_attempts, history) \
+         VALUES (?1, ?2, ?3, 1, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)",
     )?
     .execute(params![
         id_bytes(r.id),
@@ -603,34 +616,13 @@ fn insert(tx: &rusqlite::Transaction<'_>, job: &NewJob) -> rusqlite::Result<Inse
         r.timeout
             .map(|t| i64::try_from(t.as_micros()).unwrap_or(i64::MAX)),
         (r.max_attempts > 1).then_some(r.max_attempts),
+        history_entry(JobState::Pending, r.attempt, r.submitted_at),
     ])?;
-    transition(tx, r.id, r.attempt, JobState::Pending, r.submitted_at)?;
     Ok(Inserted::New)
 }
 
-fn transition(
-    tx: &rusqlite::Transaction<'_>,
-    id: JobId,
-    attempt: u32,
-    state: JobState,
-    at: SystemTime,
-) -> rusqlite::Result<()> {
-    // OR IGNORE: two transitions of one job to one state in one microsecond
-    // are one fact, and must never fail a whole batch.
-    tx.prepare_cached(
-        "INSERT OR IGNORE INTO transitions (job_id, attempt, state, at) VALUES (?1, ?2, ?3, ?4)",
-    )?
-    .execute(params![
-        id_bytes(id),
-        attempt,
-        state_code(state),
-        micros(at)
-    ])?;
-    Ok(())
-}
-
 /// Deletes one job if it is terminal (the `state` condition makes that
-/// atomic with the check), with its transitions, leaving a tombstone that
+/// atomic with the check), with its history, leaving a tombstone that
 /// says it was deleted.
 fn delete(tx: &rusqlite::Transaction<'_>, id: JobId) -> rusqlite::Result<Deleted> {
     let key = id_bytes(id);
@@ -638,8 +630,6 @@ fn delete(tx: &rusqlite::Transaction<'_>, id: JobId) -> rusqlite::Result<Deleted
         .prepare_cached("DELETE FROM jobs WHERE id = ?1 AND state IN (3, 4, 5)")?
         .execute([key])?;
     if removed == 1 {
-        tx.prepare_cached("DELETE FROM transitions WHERE job_id = ?1")?
-            .execute([key])?;
         tx.prepare_cached(&format!(
             "INSERT OR REPLACE INTO tombstones (id, reason, at) VALUES (?1, {TOMBSTONE_DELETED}, ?2)"
         ))?
@@ -677,8 +667,6 @@ fn purge(
     let mut purged = Vec::with_capacity(ids.len());
     for id in ids {
         tx.prepare_cached("DELETE FROM jobs WHERE id = ?1")?
-            .execute([&id])?;
-        tx.prepare_cached("DELETE FROM transitions WHERE job_id = ?1")?
             .execute([&id])?;
         tx.prepare_cached(&format!(
             "INSERT OR REPLACE INTO tombstones (id, reason, at) VALUES (?1, {TOMBSTONE_EXPIRED}, ?2)"
