@@ -64,7 +64,7 @@ fn pool_from_code(code: i64) -> rusqlite::Result<PoolKind> {
 /// `(value, error_kind, error_message)` columns for an outcome.
 pub(crate) fn outcome_columns(outcome: &Outcome) -> (Option<String>, Option<i64>, Option<String>) {
     match outcome {
-        Ok(value) => (Some(value.to_string()), None, None),
+        Ok(value) => (Some(json_text(value)), None, None),
         Err(err) => {
             let (kind, message) = match err {
                 JobError::Failed(m) => (1, m.as_str()),
@@ -118,7 +118,28 @@ pub(crate) fn from_micros(us: i64) -> SystemTime {
 /// its entries in order, appended by the same statement that changes its
 /// state, so it costs no B-tree write of its own.
 pub(crate) fn history_entry(state: JobState, attempt: u32, at: SystemTime) -> String {
-    format!("{},{attempt},{};", state_code(state), micros(at))
+    let mut entry = String::with_capacity(24);
+    push_history_entry(&mut entry, state, attempt, at);
+    entry
+}
+
+/// Appends one [`history_entry`] to `out`. `itoa`, not `format!`: the
+/// writer makes two or three of these per job.
+pub(crate) fn push_history_entry(out: &mut String, state: JobState, attempt: u32, at: SystemTime) {
+    let mut digits = itoa::Buffer::new();
+    out.push_str(digits.format(state_code(state)));
+    out.push(',');
+    out.push_str(digits.format(attempt));
+    out.push(',');
+    out.push_str(digits.format(micros(at)));
+    out.push(';');
+}
+
+/// A JSON value as the text the database keeps. Straight to a string, not
+/// through `Display` and its formatter.
+pub(crate) fn json_text(value: &serde_json::Value) -> String {
+    // A `Value` always serialises: its map keys are strings.
+    serde_json::to_string(value).unwrap_or_default()
 }
 
 /// A job's state changes, oldest first, from its `history` column.
