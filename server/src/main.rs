@@ -16,6 +16,12 @@ use jobd::{
 };
 use tracing_subscriber::EnvFilter;
 
+/// Jobs are allocated on the gRPC threads and often freed on the store's
+/// writer thread; glibc's malloc pays for that hand-off in arena locking, and
+/// mimalloc does not (see README, Benchmarks).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// jobd: run named job functions on async and blocking pools, over gRPC.
 ///
 /// Submit jobs with `jobctl submit hello`, fetch results with
