@@ -90,7 +90,10 @@ pub(crate) struct RequestEntry {
 }
 
 pub(crate) struct JobTable {
-    jobs: DashMap<JobId, Slot>,
+    /// Boxed: a slot is a few hundred bytes, and the hash table's spare
+    /// capacity (up to half of it just after growing) would otherwise hold
+    /// that much per empty bucket, and every growth would move every slot.
+    jobs: DashMap<JobId, Box<Slot>>,
     /// Request ids of the jobs in memory (used for idempotency when there is
     /// no durable store to ask).
     requests: DashMap<String, RequestEntry>,
@@ -151,7 +154,7 @@ impl JobTable {
         if let Some(finished_at) = record.finished_at.filter(|_| record.state.is_terminal()) {
             self.lock_finished().push_back((finished_at, id));
         }
-        let slot = self.jobs.entry(id).insert(Slot {
+        let slot = self.jobs.entry(id).insert(Box::new(Slot {
             record,
             queue_key,
             cancel: None,
@@ -159,7 +162,7 @@ impl JobTable {
             committing: false,
             progress_announced: None,
             progress_unannounced: false,
-        });
+        }));
         if announce {
             self.events.publish(&slot.record, EventKind::State);
         }
