@@ -264,6 +264,13 @@ fn server_memory_is_read_before_and_after() {
     assert_eq!(report["server_pid"], json!(std::process::id()));
     assert!(number(&report, "server_rss_before_bytes") > 0.0, "{report}");
     assert!(number(&report, "server_rss_bytes") > 0.0, "{report}");
+    // CPU time is counted in 10 ms ticks: 200 jobs may take less than one,
+    // so only its presence is certain.
+    assert!(number(&report, "server_cpu_us_per_job") >= 0.0, "{report}");
+    assert!(
+        number(&report, "floor_server_cpu_us_per_rpc") >= 0.0,
+        "{report}"
+    );
 
     // A process that does not exist is a usage error, found before any load.
     let run = server.jobctl(&["bench", "--jobs", "10", "--server-pid", "4294967295"]);

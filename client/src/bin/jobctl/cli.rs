@@ -283,6 +283,12 @@ server_rss_before_bytes) / jobs, is the cost of one queued job (plus whatever
 the allocator keeps); it is only given without warmup, whose jobs the server
 holds too but the count leaves out.
 
+With --server-pid, the server's CPU time (user + system, from /proc/PID/stat,
+in 10 ms ticks) is also read over each measured window: server CPU per floor
+RPC and per job, and cpu_ratio, the first over the second. On a machine
+shared with other load, or with jobctl itself, the CPU cost per job moves
+less from run to run than jobs/s does.
+
 Examples:
   jobctl bench                                      submit, 4 x 64, 5 s
   jobctl bench --mode roundtrip --duration 10
@@ -368,7 +374,9 @@ pub(crate) struct Bench {
     pub(crate) batch_size: u32,
 
     /// Report the resident memory (VmRSS) of this process, the jobd server on
-    /// this machine, before and after the measured load.
+    /// this machine, before and after the measured load, and its CPU time per
+    /// floor RPC and per job (`cpu_ratio`: the floor's over the mode's, a
+    /// steadier figure than the throughput ratio on a busy machine).
     #[arg(long, value_name = "PID")]
     pub(crate) server_pid: Option<u32>,
 }

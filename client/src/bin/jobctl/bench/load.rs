@@ -87,11 +87,15 @@ pub(crate) struct Phase {
     pub(crate) elapsed: Duration,
     /// Latency of each successful request, in microseconds.
     pub(crate) latency: Histogram<u64>,
+    /// CPU time the server process spent in the measured window (from the
+    /// end of the warmup), with `--server-pid`.
+    pub(crate) server_cpu: Option<Duration>,
 }
 
 /// Runs one phase: `concurrency` tasks on each of `channels`, sending
 /// `workload` until `stop`, with `credentials` on every JobService call.
-/// `addr` is only for error messages.
+/// `addr` is only for error messages. With `server_pid`, the server's CPU
+/// time in the measured window is read too.
 pub(crate) async fn run(
     channels: &[Channel],
     credentials: &CallCredentials,
@@ -99,6 +103,7 @@ pub(crate) async fn run(
     workload: &Workload,
     stop: &Stop,
     addr: &str,
+    server_pid: Option<u32>,
 ) -> Phase {
     let (label, unit) = workload.label();
     let progress = Progress::start(label, unit, !stop.warmup.is_zero());
@@ -115,6 +120,7 @@ pub(crate) async fn run(
         tokio::spawn(async move {
             tokio::time::sleep_until(at.into()).await;
             progress.measuring();
+            server_pid.and_then(super::cpu_time)
         })
     };
     let mut tasks = JoinSet::new();
@@ -140,6 +146,7 @@ pub(crate) async fn run(
         first_error: None,
         elapsed: Duration::ZERO,
         latency: new_histogram(),
+        server_cpu: None,
     };
     while let Some(joined) = tasks.join_next().await {
         match joined {
@@ -149,7 +156,18 @@ pub(crate) async fn run(
         }
     }
     phase.elapsed = Instant::now().saturating_duration_since(shared.measure_from);
-    warmed_up.abort();
+    let cpu_at_end = server_pid.and_then(super::cpu_time);
+    // Finished unless the phase ended before its warmup did (a tiny --jobs);
+    // then nothing was measured and no CPU figure is given.
+    let cpu_at_start = if warmed_up.is_finished() {
+        warmed_up.await.ok().flatten()
+    } else {
+        warmed_up.abort();
+        None
+    };
+    if let (Some(start), Some(end)) = (cpu_at_start, cpu_at_end) {
+        phase.server_cpu = Some(end.saturating_sub(start));
+    }
     progress.finish();
     phase
 }

@@ -79,6 +79,7 @@ pub(crate) async fn run(
         &Workload::Floor,
         &floor_stop,
         addr,
+        args.server_pid,
     )
     .await;
     ensure_some_succeeded(&floor, "health checks")?;
@@ -103,6 +104,7 @@ pub(crate) async fn run(
                 &workload,
                 &stop,
                 addr,
+                args.server_pid,
             )
             .await;
             ensure_some_succeeded(&phase, attempts(mode))?;
@@ -209,6 +211,30 @@ fn resident_bytes(pid: u32) -> Result<u64, Failure> {
     parse_vm_rss(&status).ok_or_else(|| failure("no VmRSS line in /proc/PID/status".to_owned()))
 }
 
+/// The CPU time (user + system, all threads, living or exited) process
+/// `pid` has used so far, from `/proc/PID/stat`; `None` if it is unreadable
+/// (the server exited: the report then leaves the figure out).
+fn cpu_time(pid: u32) -> Option<Duration> {
+    parse_cpu_ticks(&std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?)
+        .map(|ticks| Duration::from_millis(ticks.saturating_mul(1000 / USER_HZ)))
+}
+
+/// The unit of `/proc` CPU times: the kernel's USER_HZ, 100 on every
+/// architecture Linux runs jobd on (it is part of the user-space ABI, unlike
+/// the kernel's internal HZ).
+const USER_HZ: u64 = 100;
+
+/// utime + stime (fields 14 and 15) of a `/proc/PID/stat` line, in ticks.
+/// The command name (field 2) may hold spaces and parentheses, so fields
+/// are counted from the last `)`.
+fn parse_cpu_ticks(stat: &str) -> Option<u64> {
+    let after_name = &stat[stat.rfind(')')? + 1..];
+    let mut fields = after_name.split_whitespace().skip(11);
+    let utime: u64 = fields.next()?.parse().ok()?;
+    let stime: u64 = fields.next()?.parse().ok()?;
+    utime.checked_add(stime)
+}
+
 /// `VmRSS:    12345 kB` in bytes. The kernel always writes kB (KiB).
 fn parse_vm_rss(status: &str) -> Option<u64> {
     let line = status.lines().find_map(|l| l.strip_prefix("VmRSS:"))?;
@@ -248,6 +274,26 @@ impl Workload {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cpu_ticks_are_utime_plus_stime_even_with_odd_names() {
+        let stat = "4242 (jobd (x) y) S 1 4242 4242 0 -1 4194560 900 0 0 0 \
+                    1234 56 0 0 20 0 6 0 100 200000 300 18446744073709551615";
+        assert_eq!(parse_cpu_ticks(stat), Some(1290));
+        assert_eq!(parse_cpu_ticks("4242 (jobd) S 1"), None);
+        assert_eq!(parse_cpu_ticks("no parenthesis"), None);
+    }
+
+    #[test]
+    fn our_own_cpu_time_is_read_and_grows() {
+        let before = cpu_time(std::process::id()).unwrap();
+        let mut x = 0u64;
+        let spin = std::time::Instant::now();
+        while spin.elapsed() < Duration::from_millis(60) {
+            x = std::hint::black_box(x.wrapping_add(1));
+        }
+        assert!(cpu_time(std::process::id()).unwrap() > before);
+    }
 
     #[test]
     fn vm_rss_is_read_in_bytes() {

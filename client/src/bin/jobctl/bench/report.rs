@@ -44,6 +44,8 @@ pub(crate) struct Measured {
     pub(crate) p90_us: u64,
     pub(crate) p99_us: u64,
     pub(crate) max_us: u64,
+    /// The server's CPU time in the measured window, with `--server-pid`.
+    pub(crate) server_cpu: Option<Duration>,
 }
 
 impl From<Phase> for Measured {
@@ -58,11 +60,18 @@ impl From<Phase> for Measured {
             max_us: phase.latency.max(),
             first_error: phase.first_error,
             elapsed: phase.elapsed,
+            server_cpu: phase.server_cpu,
         }
     }
 }
 
 impl Measured {
+    /// The server's CPU time per success, in microseconds.
+    pub(crate) fn server_cpu_us_per_op(&self) -> Option<f64> {
+        let cpu = self.server_cpu?;
+        (self.ok > 0).then(|| cpu.as_secs_f64() * 1e6 / self.ok as f64)
+    }
+
     /// Successes per second.
     pub(crate) fn rate(&self) -> f64 {
         let secs = self.elapsed.as_secs_f64();
@@ -82,6 +91,15 @@ impl Report {
             .as_ref()
             .filter(|_| floor > 0.0)
             .map(|run| run.rate() / floor)
+    }
+
+    /// The floor's server CPU per RPC over the mode's server CPU per job:
+    /// like `ratio`, but of the server's own cost, so the client's share of
+    /// the machine and other load on it matter less.
+    fn cpu_ratio(&self) -> Option<f64> {
+        let floor = self.floor.server_cpu_us_per_op()?;
+        let run = self.run.as_ref()?.server_cpu_us_per_op()?;
+        (run > 0.0).then(|| floor / run)
     }
 
     /// Server memory added per counted job, when it was measured. Only
@@ -139,6 +157,9 @@ fn json(report: &Report) -> Value {
         "server_rss_before_bytes": report.rss_before,
         "server_rss_bytes": report.rss_after,
         "server_rss_per_job_bytes": report.rss_per_job(),
+        "server_cpu_us_per_job": run.and_then(Measured::server_cpu_us_per_op),
+        "floor_server_cpu_us_per_rpc": floor.server_cpu_us_per_op(),
+        "cpu_ratio": report.cpu_ratio(),
     })
 }
 
@@ -166,6 +187,21 @@ fn text(report: &Report) -> String {
         lines.push(format!(
             "ratio: {ratio:.3} ({} jobs/s over floor RPC/s)",
             report.mode.as_str()
+        ));
+    }
+    if let Some(floor) = report.floor.server_cpu_us_per_op() {
+        let run = report
+            .run
+            .as_ref()
+            .and_then(Measured::server_cpu_us_per_op)
+            .map(|us| format!("{us:.1} us per job, "))
+            .unwrap_or_default();
+        let ratio = report
+            .cpu_ratio()
+            .map(|r| format!(" (cpu ratio {r:.3})"))
+            .unwrap_or_default();
+        lines.push(format!(
+            "server CPU: {run}{floor:.1} us per floor RPC{ratio}"
         ));
     }
     if let (Some(before), Some(after)) = (report.rss_before, report.rss_after) {
@@ -279,6 +315,7 @@ mod tests {
             p90_us: 200,
             p99_us: 400,
             max_us: 1000,
+            server_cpu: None,
         }
     }
 
@@ -336,6 +373,25 @@ mod tests {
         with_memory.warmup = Duration::from_secs(1);
         assert_eq!(json(&with_memory)["server_rss_per_job_bytes"], Value::Null);
         assert!(!text(&with_memory).contains("per job"));
+    }
+
+    #[test]
+    fn server_cpu_is_reported_per_operation_and_as_a_ratio() {
+        let mut with_cpu = report(BenchMode::Submit);
+        assert_eq!(json(&with_cpu)["cpu_ratio"], Value::Null);
+        assert!(!text(&with_cpu).contains("server CPU"));
+        // 20,000 floor RPCs in 0.2 s of server CPU, 5,000 jobs in 0.1 s.
+        with_cpu.floor.server_cpu = Some(Duration::from_millis(200));
+        with_cpu.run.as_mut().unwrap().server_cpu = Some(Duration::from_millis(100));
+        let shown = json(&with_cpu);
+        assert_eq!(shown["floor_server_cpu_us_per_rpc"], 10.0);
+        assert_eq!(shown["server_cpu_us_per_job"], 20.0);
+        assert_eq!(shown["cpu_ratio"], 0.5);
+        let shown = text(&with_cpu);
+        assert!(
+            shown.contains("server CPU: 20.0 us per job, 10.0 us per floor RPC (cpu ratio 0.500)"),
+            "{shown}"
+        );
     }
 
     #[test]
