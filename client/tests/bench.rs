@@ -178,6 +178,26 @@ fn submit_mode_counts_exactly_the_jobs_asked_for() {
 }
 
 #[test]
+fn rounds_alternate_and_still_count_exactly_the_jobs_asked_for() {
+    let server = TestServer::start();
+    let report = server.bench(&["--mode", "submit", "--jobs", "1001", "--rounds", "4"]);
+    assert_eq!(report["rounds"], 4, "{report}");
+    assert_eq!(report["jobs"], 1001, "{report}");
+    assert_eq!(report["floor_requests"], 1001, "{report}");
+    assert_eq!(report["errors"], 0, "{report}");
+    assert_sane(&report);
+    assert_eq!(server.engine.job_count(), 1001);
+
+    let text = server.jobctl(&["bench", "--warmup", "0", "--jobs", "40", "--rounds", "2"]);
+    assert_eq!(text.code, Some(0), "{text:#?}");
+    assert!(
+        text.stdout.contains("floor then mode, 2 rounds"),
+        "{text:#?}"
+    );
+    server.shutdown();
+}
+
+#[test]
 fn roundtrip_mode_waits_for_every_result() {
     let server = TestServer::start();
     let report = server.bench(&[

@@ -264,7 +264,10 @@ Modes:
 
 Every submit, roundtrip or batch run measures the floor first, with the same
 connections, concurrency, warmup and stop rule (--jobs counts RPCs there, and
-with --jobs alone the floor runs at most 5 s), then the mode. The ratio of the
+with --jobs alone the floor runs at most 5 s), then the mode. With --rounds R
+they alternate R times, each round taking its share of --duration and --jobs,
+so that a machine whose speed drifts during the run (a shared VM, a laptop)
+slows both alike. The ratio of the
 mode's jobs/s to the floor's RPC/s compares across machines and noisy runs
 better than either figure alone. Latencies (p50, p90, p99, max) of the
 successful requests are in microseconds, from an HDR histogram.
@@ -359,6 +362,13 @@ pub(crate) struct Bench {
     /// Seconds of load before measuring, not counted (fractions allowed).
     #[arg(long, value_name = "SECS", default_value = "1", value_parser = parse_seconds)]
     pub(crate) warmup: Duration,
+
+    /// Alternate the floor and the mode this many times, each for its share
+    /// of --duration (and of --jobs), and add the rounds up: both then see
+    /// the same spells of a machine whose speed drifts (other tenants, CPU
+    /// boost). The warmup runs once, before the first round.
+    #[arg(long, value_name = "R", default_value = "1", value_parser = clap::value_parser!(u32).range(1..=100))]
+    pub(crate) rounds: u32,
 
     /// The job function to submit (see `jobctl functions`).
     #[arg(long, default_value = "noop")]

@@ -74,6 +74,35 @@ pub(crate) struct Stop {
     pub(crate) budget: Option<u64>,
 }
 
+impl Stop {
+    /// Round `round` (from 0) of `rounds`: its share of the duration and of
+    /// the budget, and the warmup only in the first. `None` when its share
+    /// of the budget is nothing (fewer jobs than rounds: the last rounds go
+    /// without, never the first).
+    pub(crate) fn round(&self, round: u32, rounds: u32) -> Option<Self> {
+        let budget = match self.budget {
+            Some(total) => {
+                let upto = |k: u32| (total * u64::from(k)).div_ceil(u64::from(rounds));
+                let share = upto(round + 1) - upto(round);
+                if share == 0 {
+                    return None;
+                }
+                Some(share)
+            }
+            None => None,
+        };
+        Some(Self {
+            warmup: if round == 0 {
+                self.warmup
+            } else {
+                Duration::ZERO
+            },
+            duration: self.duration / rounds,
+            budget,
+        })
+    }
+}
+
 /// What a phase measured.
 #[derive(Debug)]
 pub(crate) struct Phase {
@@ -181,6 +210,24 @@ fn new_histogram() -> Histogram<u64> {
 }
 
 impl Phase {
+    /// Adds `other`, a later round of the same phase, to `total`.
+    pub(crate) fn merge_into(total: &mut Option<Self>, other: Self) {
+        let Some(sum) = total else {
+            *total = Some(other);
+            return;
+        };
+        sum.ok += other.ok;
+        sum.errors += other.errors;
+        if sum.first_error.is_none() {
+            sum.first_error = other.first_error;
+        }
+        sum.elapsed += other.elapsed;
+        sum.latency
+            .add(&other.latency)
+            .expect("auto-resizing histograms take any value");
+        sum.server_cpu = sum.server_cpu.zip(other.server_cpu).map(|(a, b)| a + b);
+    }
+
     fn add(&mut self, tally: Tally) {
         self.ok += tally.ok;
         self.errors += tally.errors;
@@ -429,6 +476,69 @@ impl Trouble {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn rounds_share_the_budget_and_duration_and_warm_up_once() {
+        let stop = Stop {
+            warmup: Duration::from_secs(1),
+            duration: Duration::from_secs(6),
+            budget: Some(10),
+        };
+        let rounds: Vec<Stop> = (0..3).filter_map(|r| stop.round(r, 3)).collect();
+        assert_eq!(
+            rounds.iter().map(|s| s.budget.unwrap()).collect::<Vec<_>>(),
+            [4, 3, 3]
+        );
+        assert_eq!(
+            rounds.iter().map(|s| s.warmup).collect::<Vec<_>>(),
+            [Duration::from_secs(1), Duration::ZERO, Duration::ZERO]
+        );
+        assert!(rounds.iter().all(|s| s.duration == Duration::from_secs(2)));
+        // Fewer jobs than rounds: the first rounds get one each.
+        let few = Stop {
+            budget: Some(2),
+            ..stop
+        };
+        let shares: Vec<Option<u64>> = (0..3)
+            .map(|r| few.round(r, 3).map(|s| s.budget.unwrap()))
+            .collect();
+        assert_eq!(shares, [Some(1), Some(1), None]);
+        let timed = Stop {
+            budget: None,
+            ..stop
+        };
+        assert_eq!(timed.round(2, 3).unwrap().budget, None);
+    }
+
+    #[test]
+    fn merged_rounds_add_up() {
+        let phase = |ok, errors, secs, cpu_ms: Option<u64>, latency: u64| {
+            let mut histogram = new_histogram();
+            histogram.record(latency).unwrap();
+            Phase {
+                ok,
+                errors,
+                first_error: (errors > 0).then(|| format!("error after {ok}")),
+                elapsed: Duration::from_secs(secs),
+                latency: histogram,
+                server_cpu: cpu_ms.map(Duration::from_millis),
+            }
+        };
+        let mut total = None;
+        Phase::merge_into(&mut total, phase(10, 0, 1, Some(5), 100));
+        Phase::merge_into(&mut total, phase(20, 1, 2, Some(7), 300));
+        let total = total.unwrap();
+        assert_eq!((total.ok, total.errors), (30, 1));
+        assert_eq!(total.first_error.as_deref(), Some("error after 20"));
+        assert_eq!(total.elapsed, Duration::from_secs(3));
+        assert_eq!(total.latency.len(), 2);
+        assert_eq!(total.server_cpu, Some(Duration::from_millis(12)));
+        // A round without a CPU reading makes the sum unknown, not smaller.
+        let mut partial = None;
+        Phase::merge_into(&mut partial, phase(1, 0, 1, Some(5), 1));
+        Phase::merge_into(&mut partial, phase(1, 0, 1, None, 1));
+        assert_eq!(partial.unwrap().server_cpu, None);
+    }
 
     fn shared(budget: Option<u64>) -> Shared {
         let now = Instant::now();

@@ -63,54 +63,66 @@ pub(crate) async fn run(
         duration: args.duration.unwrap_or(DEFAULT_DURATION),
         budget: args.jobs.map(NonZeroU64::get),
     };
+    let mode_stop = Stop {
+        warmup: args.warmup,
+        duration: match (args.duration, args.jobs) {
+            (Some(duration), _) => duration,
+            (None, Some(_)) => SAFETY_CAP,
+            (None, None) => DEFAULT_DURATION,
+        },
+        budget: args.jobs.map(NonZeroU64::get),
+    };
     let rss = || args.server_pid.map(resident_bytes).transpose();
     // The memory "before" is read just before the phase that is reported:
-    // after the floor, so that the difference is the jobs' (the
+    // after the first floor round, so that the difference is the jobs' (the
     // connections are already open).
     let mut rss_before = if args.mode == BenchMode::Floor {
         rss()?
     } else {
         None
     };
-    let floor = load::run(
-        &channels,
-        &credentials,
-        args.concurrency.get(),
-        &Workload::Floor,
-        &floor_stop,
-        addr,
-        args.server_pid,
-    )
-    .await;
-    ensure_some_succeeded(&floor, "health checks")?;
-
-    let measured = match args.mode {
-        BenchMode::Floor => None,
-        mode => {
-            let stop = Stop {
-                warmup: args.warmup,
-                duration: match (args.duration, args.jobs) {
-                    (Some(duration), _) => duration,
-                    (None, Some(_)) => SAFETY_CAP,
-                    (None, None) => DEFAULT_DURATION,
-                },
-                budget: args.jobs.map(NonZeroU64::get),
-            };
-            rss_before = rss()?;
+    let mut floor: Option<Phase> = None;
+    let mut measured: Option<Phase> = None;
+    for round in 0..args.rounds {
+        if let Some(stop) = floor_stop.round(round, args.rounds) {
             let phase = load::run(
                 &channels,
                 &credentials,
                 args.concurrency.get(),
-                &workload,
+                &Workload::Floor,
                 &stop,
                 addr,
                 args.server_pid,
             )
             .await;
-            ensure_some_succeeded(&phase, attempts(mode))?;
-            Some(phase)
+            Phase::merge_into(&mut floor, phase);
         }
-    };
+        if args.mode == BenchMode::Floor {
+            continue;
+        }
+        let Some(stop) = mode_stop.round(round, args.rounds) else {
+            continue;
+        };
+        if round == 0 {
+            rss_before = rss()?;
+        }
+        let phase = load::run(
+            &channels,
+            &credentials,
+            args.concurrency.get(),
+            &workload,
+            &stop,
+            addr,
+            args.server_pid,
+        )
+        .await;
+        Phase::merge_into(&mut measured, phase);
+    }
+    let floor = floor.expect("the first round always has a floor share");
+    ensure_some_succeeded(&floor, "health checks")?;
+    if let Some(phase) = &measured {
+        ensure_some_succeeded(phase, attempts(args.mode))?;
+    }
     // After the run the server may have exited; the report says so with a
     // null rather than losing the figures already measured.
     let rss_after = args.server_pid.and_then(|pid| match resident_bytes(pid) {
@@ -129,6 +141,7 @@ pub(crate) async fn run(
         connections: args.connections.get(),
         concurrency: args.concurrency.get(),
         warmup: args.warmup,
+        rounds: args.rounds,
         batch_size: (args.mode == BenchMode::Batch).then_some(args.batch_size),
         floor: Measured::from(floor),
         run: measured.map(Measured::from),

@@ -18,6 +18,8 @@ pub(crate) struct Report {
     pub(crate) connections: u32,
     pub(crate) concurrency: u32,
     pub(crate) warmup: Duration,
+    /// How many times the floor and the mode alternated.
+    pub(crate) rounds: u32,
     /// Jobs per SubmitBatch call, in batch mode.
     pub(crate) batch_size: Option<u32>,
     /// The gRPC floor: health checks, measured first.
@@ -133,6 +135,7 @@ fn json(report: &Report) -> Value {
         "concurrency": report.concurrency,
         "warmup_secs": report.warmup.as_secs_f64(),
         "order": "floor first, then the mode",
+        "rounds": report.rounds,
         "batch_size": report.batch_size,
         "jobs": run.map(|r| r.ok),
         "errors": run.map(|r| r.errors),
@@ -245,10 +248,10 @@ fn heading(report: &Report) -> String {
             }
         ),
     };
-    let order = if report.run.is_some() {
-        "; floor measured first"
-    } else {
-        ""
+    let order = match (report.run.is_some(), report.rounds) {
+        (false, _) => String::new(),
+        (true, 1) => "; floor measured first".to_owned(),
+        (true, rounds) => format!("; floor then mode, {rounds} rounds"),
     };
     let plural = if report.connections == 1 { "" } else { "s" };
     format!(
@@ -327,6 +330,7 @@ mod tests {
             connections: 4,
             concurrency: 64,
             warmup: Duration::from_secs(1),
+            rounds: 1,
             batch_size: (mode == BenchMode::Batch).then_some(1000),
             floor: measured(20_000, 2),
             run: (mode != BenchMode::Floor).then(|| measured(5_000, 1)),
