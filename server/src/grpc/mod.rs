@@ -111,19 +111,24 @@ impl pb::job_service_server::JobService for JobService {
         decode::batch_len(requests.len())?;
         // Malformed items are answered in place; the rest go to the engine
         // together so they share commits.
-        let decoded: Vec<Result<SubmitSpec, Error>> =
-            requests.into_iter().map(SubmitSpec::try_from).collect();
-        let valid: Vec<SubmitSpec> = decoded
-            .iter()
-            .filter_map(|d| d.as_ref().ok().cloned())
+        let mut valid = Vec::with_capacity(requests.len());
+        let decoded: Vec<Option<Error>> = requests
+            .into_iter()
+            .map(|request| match SubmitSpec::try_from(request) {
+                Ok(spec) => {
+                    valid.push(spec);
+                    None
+                }
+                Err(err) => Some(err),
+            })
             .collect();
         let mut admitted = self.engine.submit_batch(valid).await.into_iter();
         let results = decoded
             .into_iter()
-            .map(|item| {
-                let answer = match item {
-                    Ok(_) => admitted.next().unwrap_or(Err(Error::ShuttingDown)),
-                    Err(err) => Err(err),
+            .map(|refused| {
+                let answer = match refused {
+                    None => admitted.next().unwrap_or(Err(Error::ShuttingDown)),
+                    Some(err) => Err(err),
                 };
                 match answer {
                     Ok((id, state)) => pb::SubmitBatchResult {
