@@ -470,13 +470,26 @@ fn apply_in(
     let mut sql = Statements::new(tx);
     let mut answers = Vec::with_capacity(batch.len());
     // Jobs that start and finish within this batch (the common case for
-    // short jobs): their Start needs no row update of its own.
+    // short jobs): their Start needs no row update of its own. Not a job
+    // that is also re-queued in it (a quick retry): each of its changes
+    // must match the row as the one before left it, or the history would
+    // miss the retry.
+    //
     // Sorted vectors, not hash sets: a batch holds a few hundred ids, and
     // sorting them costs less than hashing each one with SipHash.
+    let mut requeued: Vec<JobId> = batch
+        .iter()
+        .filter_map(|op| match op {
+            Op::Requeue { ids, .. } => Some(ids.iter().map(|(id, _)| *id)),
+            _ => None,
+        })
+        .flatten()
+        .collect();
+    requeued.sort_unstable();
     let mut finishing: Vec<JobId> = batch
         .iter()
         .filter_map(|op| match op {
-            Op::Finish { id, .. } => Some(*id),
+            Op::Finish { id, .. } if requeued.binary_search(id).is_err() => Some(*id),
             _ => None,
         })
         .collect();
@@ -489,15 +502,12 @@ fn apply_in(
             _ => None,
         })
         .collect();
-    // Stable: of two starts of one job in a batch (a quick retry), the later
-    // is the attempt that finishes.
-    starts.sort_by_key(|(id, ..)| *id);
+    starts.sort_unstable_by_key(|(id, ..)| *id);
     let start_of = |id: &JobId| {
-        let end = starts.partition_point(|(other, ..)| other <= id);
-        end.checked_sub(1)
-            .map(|last| starts[last])
-            .filter(|(other, ..)| other == id)
-            .map(|(_, attempt, at)| (attempt, at))
+        starts
+            .binary_search_by_key(id, |(id, ..)| *id)
+            .ok()
+            .map(|found| (starts[found].1, starts[found].2))
     };
     for op in batch.iter_mut() {
         let answer = match op {
@@ -747,4 +757,160 @@ fn purge(
     )?
     .execute(params![micros(tombstone_cutoff), limit])?;
     Ok(purged)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{collections::BTreeMap, sync::Arc, time::UNIX_EPOCH};
+
+    use super::*;
+    use crate::{
+        function::PoolKind,
+        store::sqlite::{codec::parse_history, schema},
+    };
+
+    fn new_job(submitted: u64) -> Box<NewJob> {
+        Box::new(NewJob {
+            record: JobRecord {
+                id: JobId::new(),
+                function: Arc::from("noop"),
+                pool: PoolKind::Async,
+                state: JobState::Pending,
+                args: serde_json::Value::Null,
+                labels: BTreeMap::new(),
+                request_id: None,
+                priority: 0,
+                not_before: None,
+                timeout: None,
+                max_attempts: 3,
+                submitted_at: at(submitted),
+                started_at: None,
+                finished_at: None,
+                attempt: 0,
+                progress: None,
+                outcome: None,
+            },
+            fingerprint: [0; 16],
+        })
+    }
+
+    fn at(us: u64) -> SystemTime {
+        UNIX_EPOCH + Duration::from_micros(us)
+    }
+
+    /// Applies `batches` one transaction each, and returns the job's
+    /// history and state as stored.
+    fn history_after(batches: Vec<Vec<Op>>, id: JobId) -> (Vec<(JobState, u32, SystemTime)>, i64) {
+        let mut conn = Connection::open_in_memory().unwrap();
+        schema::migrate(&mut conn).unwrap();
+        for mut batch in batches {
+            let tx = conn.transaction().unwrap();
+            apply_in(&tx, &mut batch, 1, false).unwrap();
+            tx.commit().unwrap();
+        }
+        conn.query_row(
+            "SELECT history, state FROM jobs WHERE id = ?1",
+            [id_bytes(id)],
+            |row| Ok((parse_history(&row.get::<_, String>(0)?)?, row.get(1)?)),
+        )
+        .unwrap()
+    }
+
+    fn insert(job: Box<NewJob>) -> Op {
+        Op::Insert {
+            job,
+            reply: None,
+            publish: Publish::new(drop),
+        }
+    }
+
+    fn start(id: JobId, attempt: u32, us: u64) -> Op {
+        Op::Start {
+            id,
+            attempt,
+            at: at(us),
+        }
+    }
+
+    fn finish(id: JobId, attempt: u32, us: u64) -> Op {
+        Op::Finish {
+            id,
+            attempt,
+            outcome: Ok(serde_json::json!(1)),
+            at: at(us),
+            reply: None,
+        }
+    }
+
+    fn requeue(id: JobId, attempt: u32) -> Op {
+        let (reply, _) = oneshot::channel();
+        Op::Requeue {
+            ids: vec![(id, attempt)],
+            reply,
+        }
+    }
+
+    #[test]
+    fn a_start_and_finish_in_one_batch_keep_both_transitions() {
+        let job = new_job(10);
+        let id = job.record.id;
+        let (history, state) = history_after(
+            vec![vec![insert(job)], vec![start(id, 1, 20), finish(id, 1, 30)]],
+            id,
+        );
+        assert_eq!(
+            history,
+            [
+                (JobState::Pending, 0, at(10)),
+                (JobState::Running, 1, at(20)),
+                (JobState::Succeeded, 1, at(30)),
+            ]
+        );
+        assert_eq!(state, 3);
+    }
+
+    #[test]
+    fn a_retry_within_one_batch_keeps_every_transition() {
+        let job = new_job(10);
+        let id = job.record.id;
+        let (history, state) = history_after(
+            vec![
+                vec![insert(job)],
+                vec![
+                    start(id, 1, 20),
+                    requeue(id, 1),
+                    start(id, 2, 40),
+                    finish(id, 2, 50),
+                ],
+            ],
+            id,
+        );
+        let states: Vec<(JobState, u32)> = history.iter().map(|(s, a, _)| (*s, *a)).collect();
+        assert_eq!(
+            states,
+            [
+                (JobState::Pending, 0),
+                (JobState::Running, 1),
+                (JobState::Pending, 1),
+                (JobState::Running, 2),
+                (JobState::Succeeded, 2),
+            ]
+        );
+        assert_eq!(state, 3);
+    }
+
+    #[test]
+    fn a_finish_that_finds_the_job_already_done_records_nothing() {
+        let job = new_job(10);
+        let id = job.record.id;
+        let (history, _) = history_after(
+            vec![
+                vec![insert(job)],
+                vec![start(id, 1, 20), finish(id, 1, 30)],
+                vec![finish(id, 1, 40)],
+            ],
+            id,
+        );
+        assert_eq!(history.len(), 3, "{history:?}");
+    }
 }
