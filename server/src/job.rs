@@ -127,6 +127,33 @@ pub struct JobRecord {
     pub progress: Option<Progress>,
 }
 
+#[cfg(test)]
+impl JobRecord {
+    /// A new pending job of `function` on `pool`, with no argument and no
+    /// options, for unit tests to adjust.
+    pub(crate) fn pending_for_test(function: &str, pool: PoolKind) -> Self {
+        Self {
+            id: JobId::new(),
+            function: Arc::from(function),
+            pool,
+            state: JobState::Pending,
+            args: serde_json::Value::Null,
+            labels: BTreeMap::new(),
+            request_id: None,
+            priority: 0,
+            not_before: None,
+            timeout: None,
+            max_attempts: 1,
+            submitted_at: SystemTime::now(),
+            started_at: None,
+            finished_at: None,
+            attempt: 0,
+            outcome: None,
+            progress: None,
+        }
+    }
+}
+
 /// How far a running job says it is (see [`crate::Ctx::set_progress`]).
 ///
 /// ```

@@ -220,31 +220,12 @@ impl Drop for WatcherSlot {
 
 #[cfg(test)]
 mod tests {
-    use std::{collections::BTreeMap, time::SystemTime};
 
     use super::*;
     use crate::function::PoolKind;
 
     fn record() -> JobRecord {
-        JobRecord {
-            id: JobId::new(),
-            function: Arc::from("noop"),
-            pool: PoolKind::Async,
-            state: JobState::Pending,
-            args: serde_json::Value::Null,
-            labels: BTreeMap::new(),
-            request_id: None,
-            priority: 0,
-            not_before: None,
-            timeout: None,
-            max_attempts: 1,
-            submitted_at: SystemTime::now(),
-            started_at: None,
-            finished_at: None,
-            attempt: 0,
-            outcome: None,
-            progress: None,
-        }
+        JobRecord::pending_for_test("noop", PoolKind::Async)
     }
 
     #[test]

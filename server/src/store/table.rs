@@ -584,7 +584,7 @@ pub(crate) fn interrupted(reason: &str) -> JobError {
 /// 256).
 #[cfg(test)]
 mod properties {
-    use std::{collections::BTreeMap, num::NonZeroUsize, sync::Arc, time::SystemTime};
+    use std::{num::NonZeroUsize, sync::Arc, time::SystemTime};
 
     use jobd_proto::{JobId, JobState};
     use proptest::prelude::*;
@@ -636,23 +636,8 @@ mod properties {
 
     fn record(pool: PoolKind) -> JobRecord {
         JobRecord {
-            id: JobId::new(),
-            function: Arc::from("f"),
-            pool,
-            state: JobState::Pending,
-            args: serde_json::Value::Null,
-            labels: BTreeMap::new(),
-            request_id: None,
-            priority: 0,
-            not_before: None,
-            timeout: None,
             max_attempts: 3,
-            submitted_at: SystemTime::now(),
-            started_at: None,
-            finished_at: None,
-            attempt: 0,
-            progress: None,
-            outcome: None,
+            ..JobRecord::pending_for_test("f", pool)
         }
     }
 

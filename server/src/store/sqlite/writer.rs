@@ -761,7 +761,7 @@ fn purge(
 
 #[cfg(test)]
 mod tests {
-    use std::{collections::BTreeMap, sync::Arc, time::UNIX_EPOCH};
+    use std::time::UNIX_EPOCH;
 
     use super::*;
     use crate::{
@@ -772,23 +772,9 @@ mod tests {
     fn new_job(submitted: u64) -> Box<NewJob> {
         Box::new(NewJob {
             record: JobRecord {
-                id: JobId::new(),
-                function: Arc::from("noop"),
-                pool: PoolKind::Async,
-                state: JobState::Pending,
-                args: serde_json::Value::Null,
-                labels: BTreeMap::new(),
-                request_id: None,
-                priority: 0,
-                not_before: None,
-                timeout: None,
                 max_attempts: 3,
                 submitted_at: at(submitted),
-                started_at: None,
-                finished_at: None,
-                attempt: 0,
-                progress: None,
-                outcome: None,
+                ..JobRecord::pending_for_test("noop", PoolKind::Async)
             },
             fingerprint: [0; 16],
         })
