@@ -95,6 +95,11 @@ pub(crate) async fn run(
                 args.server_pid,
             )
             .await;
+            if round == 0 {
+                // A server that answers no health check will not answer
+                // jobs either: say so before loading it with them.
+                ensure_some_succeeded(&phase, "health checks")?;
+            }
             Phase::merge_into(&mut floor, phase);
         }
         if args.mode == BenchMode::Floor {
@@ -119,7 +124,6 @@ pub(crate) async fn run(
         Phase::merge_into(&mut measured, phase);
     }
     let floor = floor.expect("the first round always has a floor share");
-    ensure_some_succeeded(&floor, "health checks")?;
     if let Some(phase) = &measured {
         ensure_some_succeeded(phase, attempts(args.mode))?;
     }
