@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use jobd_client::{JobClient, ReturnWhen};
 use jobd_proto::pb::{self, job_service_client::JobServiceClient};
 use serde_json::json;
-use support::JobdProcess;
+use support::{JobdProcess, submit_noop};
 use tonic::Code;
 
 fn seconds(seconds: i64) -> Option<prost_types::Duration> {
@@ -88,15 +88,7 @@ async fn a_wait_longer_than_the_cap_is_cut_and_the_client_asks_again() {
 async fn waiters_beyond_the_cap_are_refused_at_once_and_others_still_work() {
     let server = JobdProcess::start(&["--store", "memory", "--paused", "--max-waiters", "2"]);
     let mut jobs = JobServiceClient::connect(server.url()).await.unwrap();
-    let pending = jobs
-        .submit(pb::SubmitRequest {
-            function: "noop".into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .job_id;
+    let pending = submit_noop(&mut jobs).await;
     let spawn_waiter = || {
         let (mut jobs, job_id) = (jobs.clone(), pending.clone());
         tokio::spawn(async move {

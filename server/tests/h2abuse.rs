@@ -21,7 +21,7 @@ use std::{
 
 use jobd_proto::pb::{self, job_service_client::JobServiceClient};
 use serde_json::Value;
-use support::{JobdProcess, h2_available};
+use support::{JobdProcess, h2_available, submit_noop};
 use tonic::{Code, transport::Channel};
 use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
 
@@ -42,15 +42,7 @@ async fn behave(channel: &Channel) {
         .status;
     assert_eq!(status, 1, "SERVING");
     let mut jobs = JobServiceClient::new(channel.clone());
-    let id = jobs
-        .submit(pb::SubmitRequest {
-            function: "noop".into(),
-            ..Default::default()
-        })
-        .await
-        .expect("submit")
-        .into_inner()
-        .job_id;
+    let id = submit_noop(&mut jobs).await;
     jobs.done(pb::DoneRequest { job_id: id })
         .await
         .expect("done");
@@ -154,15 +146,7 @@ async fn waiters_that_never_read_and_a_connection_flood_keep_memory_bounded() {
     let channel = server.channel().await;
     behave(&channel).await;
     let mut jobs = JobServiceClient::new(channel.clone());
-    let pending = jobs
-        .submit(pb::SubmitRequest {
-            function: "noop".into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .job_id;
+    let pending = submit_noop(&mut jobs).await;
     let baseline = rss_kib(server.pid());
 
     // 10 connections x 205 Result calls: 2,050 sent, so that the 2,000

@@ -159,6 +159,18 @@ pub async fn job_count(jobs: &mut JobServiceClient<Channel>) -> usize {
     .len()
 }
 
+/// Submits one `noop` job with no argument and returns its id.
+pub async fn submit_noop(jobs: &mut JobServiceClient<Channel>) -> String {
+    jobs.submit(pb::SubmitRequest {
+        function: "noop".into(),
+        ..Default::default()
+    })
+    .await
+    .expect("Submit of noop")
+    .into_inner()
+    .job_id
+}
+
 /// Whether grpcurl is on PATH (see [`tool_available`]).
 pub fn grpcurl_available() -> bool {
     tool_available(
