@@ -16,7 +16,7 @@ use std::{
 use jobd_client::{ConnectOptions, JobClient};
 use jobd_proto::pb::{self, job_service_client::JobServiceClient};
 use serde_json::json;
-use support::JobdProcess;
+use support::{JobdProcess, refused_start};
 use tonic::{
     Code,
     metadata::MetadataValue,
@@ -310,24 +310,6 @@ async fn health_is_open_and_reflection_only_closes_on_request() {
     );
     // Any valid token will do, a read-only one too.
     assert!(reflection_list(channel_closed, Some(READER)).await.unwrap() >= 2);
-}
-
-/// Runs jobd with `args` expecting it to refuse to start: non-zero exit, no
-/// `listening on` line, and one line on stderr, which is returned.
-fn refused_start(args: &[&str]) -> String {
-    let data = tempfile::tempdir().unwrap();
-    let output = Command::new(env!("CARGO_BIN_EXE_jobd"))
-        .arg("--data-dir")
-        .arg(data.path())
-        .args(args)
-        .env("RUST_LOG", "off")
-        .output()
-        .expect("run jobd");
-    let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
-    assert!(!output.status.success(), "jobd started with {args:?}");
-    assert!(output.stdout.is_empty(), "{:?}", output.stdout);
-    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
-    stderr
 }
 
 #[test]

@@ -7,13 +7,12 @@ mod support;
 
 use std::{
     path::Path,
-    process::Command,
     time::{Duration, Instant},
 };
 
 use jobd_client::{JobClient, JobHandle, JobState};
 use serde_json::json;
-use support::{JobdProcess, free_listen};
+use support::{JobdProcess, free_listen, refused_start};
 
 /// Waits until the job's start is on disk: the claim rides in the next
 /// group commit, and only a durable claim makes a crash count against the
@@ -188,34 +187,11 @@ async fn disk_full_fails_stop_and_loses_nothing_acknowledged() {
     server.terminate();
 }
 
-fn refuse_to_start(args: &[&str]) -> String {
-    // Logs off: the point is the error line a user sees.
-    let out = Command::new(env!("CARGO_BIN_EXE_jobd"))
-        .args(["--listen", "127.0.0.1:0"])
-        .args(args)
-        .env("RUST_LOG", "off")
-        .output()
-        .unwrap();
-    assert!(
-        !out.status.success(),
-        "jobd started: {}",
-        String::from_utf8_lossy(&out.stdout)
-    );
-    assert!(
-        !String::from_utf8_lossy(&out.stdout).contains("listening on"),
-        "jobd served despite the error"
-    );
-    let err = String::from_utf8(out.stderr).unwrap();
-    assert!(!err.contains("panicked"), "{err}");
-    assert_eq!(err.trim().lines().count(), 1, "not one line: {err}");
-    err
-}
-
 #[test]
 fn a_data_dir_in_use_by_another_jobd_is_refused() {
     let server = JobdProcess::start(&[]);
     let dir = server.data_dir().to_str().unwrap().to_owned();
-    let err = refuse_to_start(&["--data-dir", &dir]);
+    let err = refused_start(&["--data-dir", &dir]);
     assert!(err.contains("in use by another running jobd"), "{err}");
 }
 
@@ -223,7 +199,7 @@ fn a_data_dir_in_use_by_another_jobd_is_refused() {
 fn a_corrupt_database_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join(jobd::store::DB_FILE), vec![0xA5; 64 * 1024]).unwrap();
-    let err = refuse_to_start(&["--data-dir", dir.path().to_str().unwrap()]);
+    let err = refused_start(&["--data-dir", dir.path().to_str().unwrap()]);
     assert!(err.contains("cannot open the job database"), "{err}");
     assert!(err.contains("not a database"), "{err}");
 }
@@ -231,7 +207,7 @@ fn a_corrupt_database_is_refused() {
 #[test]
 fn an_unwritable_data_dir_is_refused() {
     // /proc refuses new entries even to root, unlike a chmod-ed directory.
-    let err = refuse_to_start(&["--data-dir", "/proc/jobd-test-cannot-exist/data"]);
+    let err = refused_start(&["--data-dir", "/proc/jobd-test-cannot-exist/data"]);
     assert!(err.contains("data directory"), "{err}");
     assert!(err.contains("cannot create it"), "{err}");
 }

@@ -17,7 +17,7 @@ use std::{
 
 use jobd_client::{ConnectOptions, Error, JobClient};
 use serde_json::json;
-use support::{JobdProcess, grpcurl_available, pki::Pki};
+use support::{JobdProcess, grpcurl_available, pki::Pki, refused_start, refused_start_output};
 
 const TOKEN: &str = "tls-test-token-0123456789abcdef";
 
@@ -193,21 +193,6 @@ fn a_stalled_handshake_is_cut_off() {
     );
 }
 
-fn refused_start(args: &[&str]) -> String {
-    let data = tempfile::tempdir().unwrap();
-    let output = Command::new(env!("CARGO_BIN_EXE_jobd"))
-        .args(["--listen", "127.0.0.1:0", "--store", "memory"])
-        .arg("--data-dir")
-        .arg(data.path())
-        .args(args)
-        .env("RUST_LOG", "off")
-        .output()
-        .expect("run jobd");
-    assert!(!output.status.success(), "jobd started with {args:?}");
-    assert!(output.stdout.is_empty());
-    String::from_utf8_lossy(&output.stderr).into_owned()
-}
-
 #[test]
 fn unusable_certificates_stop_jobd_at_start() {
     let pki = Pki::new();
@@ -250,7 +235,7 @@ fn unusable_certificates_stop_jobd_at_start() {
     ]);
     assert!(stderr.contains("client CA"), "{stderr}");
     // --tls-cert without --tls-key is a usage error.
-    let stderr = refused_start(&["--tls-cert", &path(&server.cert)]);
+    let stderr = refused_start_output(&["--tls-cert", &path(&server.cert)]);
     assert!(stderr.contains("--tls-key"), "{stderr}");
     // The private key never shows up in an error.
     assert!(!stderr.contains("PRIVATE KEY"));

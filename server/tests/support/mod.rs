@@ -159,6 +159,44 @@ pub async fn job_count(jobs: &mut JobServiceClient<Channel>) -> usize {
     .len()
 }
 
+/// Runs `jobd ARGS...` expecting it to refuse to start with a one-line
+/// error (see [`refused_start_output`]), and returns that line.
+pub fn refused_start(args: &[&str]) -> String {
+    let stderr = refused_start_output(args);
+    assert_eq!(stderr.trim().lines().count(), 1, "not one line: {stderr}");
+    stderr
+}
+
+/// Runs `jobd ARGS...` expecting it to refuse to start, with
+/// `--listen 127.0.0.1:0` and a fresh `--data-dir` unless ARGS give their
+/// own, and logs off since the point is the error a user sees: a failed
+/// exit, nothing on stdout (so no `listening on`), and no panic. Returns
+/// stderr, which for a usage error is clap's several lines.
+pub fn refused_start_output(args: &[&str]) -> String {
+    let data = tempfile::tempdir().expect("temp dir");
+    let mut jobd = Command::new(env!("CARGO_BIN_EXE_jobd"));
+    if !args.contains(&"--listen") {
+        jobd.args(["--listen", "127.0.0.1:0"]);
+    }
+    if !args.contains(&"--data-dir") {
+        jobd.arg("--data-dir").arg(data.path());
+    }
+    let output = jobd
+        .args(args)
+        .env("RUST_LOG", "off")
+        .output()
+        .expect("run jobd");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+    assert!(
+        !output.status.success(),
+        "jobd started with {args:?}: {stdout}"
+    );
+    assert!(stdout.is_empty(), "jobd printed {stdout:?}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    stderr
+}
+
 /// Submits one `noop` job with no argument and returns its id.
 pub async fn submit_noop(jobs: &mut JobServiceClient<Channel>) -> String {
     jobs.submit(pb::SubmitRequest {
