@@ -597,11 +597,12 @@ fn apply_in(
 /// writer's work.
 struct Statements<'t> {
     tx: &'t rusqlite::Transaction<'t>,
-    prepared: [Option<rusqlite::CachedStatement<'t>>; 5],
+    prepared: [Option<rusqlite::CachedStatement<'t>>; Sql::COUNT],
 }
 
 #[derive(Clone, Copy)]
 enum Sql {
+    // Keep `Requeue` last: `COUNT` counts up to it.
     FindRequest,
     Insert,
     Start,
@@ -610,6 +611,9 @@ enum Sql {
 }
 
 impl Sql {
+    /// How many there are: one slot each in [`Statements`].
+    const COUNT: usize = Self::Requeue as usize + 1;
+
     fn text(self) -> &'static str {
         match self {
             Self::FindRequest => "SELECT id, fingerprint FROM jobs WHERE request_id = ?1",
