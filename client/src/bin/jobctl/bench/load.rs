@@ -216,16 +216,22 @@ impl Phase {
             *total = Some(other);
             return;
         };
-        sum.ok += other.ok;
-        sum.errors += other.errors;
-        if sum.first_error.is_none() {
-            sum.first_error = other.first_error;
-        }
-        sum.elapsed += other.elapsed;
-        sum.latency
-            .add(&other.latency)
-            .expect("auto-resizing histograms take any value");
-        sum.server_cpu = sum.server_cpu.zip(other.server_cpu).map(|(a, b)| a + b);
+        let Self {
+            ok,
+            errors,
+            first_error,
+            elapsed,
+            latency,
+            server_cpu,
+        } = other;
+        sum.add(Tally {
+            ok,
+            errors,
+            first_error,
+            latency,
+        });
+        sum.elapsed += elapsed;
+        sum.server_cpu = sum.server_cpu.zip(server_cpu).map(|(a, b)| a + b);
     }
 
     fn add(&mut self, tally: Tally) {
