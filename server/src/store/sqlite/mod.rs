@@ -120,11 +120,17 @@ fn configure(conn: &Connection) -> rusqlite::Result<()> {
     conn.pragma_update(None, "synchronous", "FULL")?;
     conn.pragma_update(None, "foreign_keys", "ON")?;
     conn.busy_timeout(std::time::Duration::from_secs(5))?;
-    // A 64 MiB page cache keeps the indexes' hot pages in memory, and
-    // checkpointing every ~40 MiB of WAL instead of every 4 MiB copies a
-    // page that many commits touched once instead of many times. Together
-    // they raised durable Submit by ~15% in `jobctl bench` (same session).
-    conn.pragma_update(None, "cache_size", -64 * 1024)?;
+    // Checkpointing every ~40 MiB of WAL instead of every 4 MiB copies a
+    // page that many commits touched once instead of many times.
+    //
+    // The page cache is 8 MiB, not more: the writer touches only the right
+    // edges of its B-trees, and a bigger cache costs every commit time. A
+    // page split that reorders pages swaps their numbers through a spare one
+    // past the 1 GiB lock-byte page; while the file is smaller than that,
+    // the end of the transaction then walks the cache's whole hash table to
+    // drop pages "past the end of the file". With 64 MiB that walk was ~10%
+    // of the writer's time in `jobctl bench --mode submit`.
+    conn.pragma_update(None, "cache_size", -8 * 1024)?;
     conn.pragma_update(None, "wal_autocheckpoint", 10_000)?;
     // No integrity check here: `quick_check` reads every page, which would
     // make start-up grow with history. Corruption surfaces as an error on the
