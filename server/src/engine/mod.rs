@@ -45,7 +45,7 @@ use crate::{
     ctx::Ctx,
     function::{Body, Function, PoolKind, Registry},
     job::{Finished, JobError, JobRecord, Outcome},
-    store::{Admission, CancelPlan, Retention, Store, StoreConfig, StoreError, WaitFor},
+    store::{Admission, CancelPlan, Purged, Retention, Store, StoreConfig, StoreError, WaitFor},
 };
 
 /// Finished jobs removed per retention step; small, so a purge never holds
@@ -893,12 +893,14 @@ impl Inner {
             }
             loop {
                 match self.store.purge(PURGE_BATCH).await {
-                    Ok(removed) if removed == PURGE_BATCH => tokio::task::yield_now().await,
-                    Ok(removed) => {
+                    Ok(Purged { removed, more }) => {
                         if removed > 0 {
                             tracing::debug!(removed, "retention removed finished jobs");
                         }
-                        break;
+                        if !more {
+                            break;
+                        }
+                        tokio::task::yield_now().await;
                     }
                     Err(err) => {
                         tracing::warn!(%err, "retention could not remove finished jobs");

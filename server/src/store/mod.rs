@@ -130,6 +130,13 @@ pub(crate) struct Store {
     retention: Retention,
 }
 
+/// What one retention step did.
+pub(crate) struct Purged {
+    pub(crate) removed: usize,
+    /// It stopped at its limit: another step may find more.
+    pub(crate) more: bool,
+}
+
 /// How Submit was admitted.
 pub(crate) enum Admission {
     New,
@@ -449,8 +456,8 @@ impl Store {
     }
 
     /// Removes jobs past retention (and, in memory, beyond the cache), at
-    /// most `limit`; returns how many were removed.
-    pub(crate) async fn purge(&self, limit: usize) -> Result<usize, Error> {
+    /// most `limit`.
+    pub(crate) async fn purge(&self, limit: usize) -> Result<Purged, Error> {
         let now = SystemTime::now();
         let cutoff = now
             .checked_sub(self.retention.keep_finished)
@@ -465,18 +472,24 @@ impl Store {
                     self.tombstones.insert(*id, (Gone::Expired, now));
                 }
                 self.tombstones.retain(|_, (_, at)| *at >= tombstone_cutoff);
-                Ok(removed.len())
+                Ok(Purged {
+                    removed: removed.len(),
+                    more: removed.len() == limit,
+                })
             }
             Some(durable) => {
-                let removed = durable
+                let swept = durable
                     .writer
                     .purge(cutoff, tombstone_cutoff, limit)
                     .await
                     .map_err(Error::Store)?;
-                for id in &removed {
+                for id in &swept.ids {
                     self.table.forget(*id);
                 }
-                Ok(removed.len())
+                Ok(Purged {
+                    removed: swept.ids.len(),
+                    more: swept.more,
+                })
             }
         }
     }

@@ -164,6 +164,18 @@ pub(crate) fn id_bytes(id: JobId) -> [u8; 16] {
     *id.as_uuid().as_bytes()
 }
 
+/// The smallest id minted in the millisecond after `t`'s: every UUIDv7
+/// minted at or before `t` sorts below it, as bytes.
+pub(crate) fn first_id_after(t: SystemTime) -> [u8; 16] {
+    let ms = u64::try_from(micros(t) / 1000)
+        .unwrap_or(0)
+        .saturating_add(1)
+        .min((1 << 48) - 1);
+    let mut id = [0; 16];
+    id[..6].copy_from_slice(&ms.to_be_bytes()[2..]);
+    id
+}
+
 pub(crate) fn id_from_bytes(bytes: &[u8]) -> rusqlite::Result<JobId> {
     uuid::Uuid::from_slice(bytes)
         .map(JobId::from)

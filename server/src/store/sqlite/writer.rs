@@ -20,9 +20,9 @@ use rusqlite::{Connection, OptionalExtension as _, params};
 use tokio::sync::{mpsc, oneshot};
 
 use super::codec::{
-    TOMBSTONE_DELETED, TOMBSTONE_EXPIRED, gone_from_reason, history_entry, id_bytes, id_from_bytes,
-    json_text, labels_json, micros, outcome_columns, pool_code, push_history_entry, state_code,
-    state_from_code,
+    TOMBSTONE_DELETED, TOMBSTONE_EXPIRED, first_id_after, gone_from_reason, history_entry,
+    id_bytes, id_from_bytes, json_text, labels_json, micros, outcome_columns, pool_code,
+    push_history_entry, state_code, state_from_code,
 };
 use crate::{
     job::{JobRecord, Outcome},
@@ -51,6 +51,13 @@ pub(crate) enum Deleted {
     Unfinished(JobState),
     /// No such job; the tombstone's reason if it was removed earlier.
     Absent(Option<Gone>),
+}
+
+/// What one retention step removed.
+pub(crate) struct Swept {
+    pub(crate) ids: Vec<JobId>,
+    /// The step stopped before the cutoff: call again.
+    pub(crate) more: bool,
 }
 
 /// What an insert found.
@@ -95,14 +102,14 @@ enum Op {
         cutoff: SystemTime,
         tombstone_cutoff: SystemTime,
         limit: usize,
-        reply: oneshot::Sender<Result<Vec<JobId>, StoreError>>,
+        reply: oneshot::Sender<Result<Swept, StoreError>>,
     },
 }
 
 /// What applying an operation produced, sent to its waiter after the commit.
 enum Answer {
     Inserted(Inserted),
-    Purged(Vec<JobId>),
+    Purged(Swept),
     Deleted(Deleted),
     Done,
 }
@@ -258,6 +265,7 @@ impl Writer {
             failure: Arc::clone(&failure),
             ack_before_commit,
             table,
+            sweep_from: None,
         };
         // The thread ends when the last sender is dropped, after applying
         // what was sent; every acknowledged operation was awaited by its
@@ -358,7 +366,7 @@ impl Writer {
         cutoff: SystemTime,
         tombstone_cutoff: SystemTime,
         limit: usize,
-    ) -> Result<Vec<JobId>, StoreError> {
+    ) -> Result<Swept, StoreError> {
         let (reply, answer) = oneshot::channel();
         self.send(Op::Purge {
             cutoff,
@@ -396,6 +404,8 @@ struct WriterThread {
     ack_before_commit: bool,
     /// Where committed changes become visible.
     table: Arc<JobTable>,
+    /// Where the next retention step goes on from (see [`purge`]).
+    sweep_from: Option<JobId>,
 }
 
 impl WriterThread {
@@ -449,7 +459,13 @@ impl WriterThread {
     /// answers line up with the operations.
     fn apply(&mut self, batch: &mut [Op]) -> rusqlite::Result<Vec<Answer>> {
         let tx = self.conn.transaction()?;
-        let answers = apply_in(&tx, batch, self.boot, self.ack_before_commit)?;
+        let answers = apply_in(
+            &tx,
+            batch,
+            self.boot,
+            self.ack_before_commit,
+            &mut self.sweep_from,
+        )?;
         if self.ack_before_commit {
             // Widen the window a crash can fall into, as a slow disk would.
             std::thread::sleep(Duration::from_millis(20));
@@ -460,12 +476,14 @@ impl WriterThread {
 }
 
 /// Applies every operation of `batch` in `tx`, for the run numbered `boot`;
-/// the answers line up with the operations.
+/// the answers line up with the operations. `sweep_from` is where the
+/// retention sweep stands.
 fn apply_in(
     tx: &rusqlite::Transaction<'_>,
     batch: &mut [Op],
     boot: i64,
     ack_before_commit: bool,
+    sweep_from: &mut Option<JobId>,
 ) -> rusqlite::Result<Vec<Answer>> {
     let mut sql = Statements::new(tx);
     let mut answers = Vec::with_capacity(batch.len());
@@ -583,7 +601,7 @@ fn apply_in(
                 tombstone_cutoff,
                 limit,
                 ..
-            } => Answer::Purged(purge(tx, *cutoff, *tombstone_cutoff, *limit)?),
+            } => Answer::Purged(purge(tx, *cutoff, *tombstone_cutoff, *limit, sweep_from)?),
             Op::Delete { id, .. } => Answer::Deleted(delete(tx, *id)?),
         };
         answers.push(answer);
@@ -734,33 +752,76 @@ fn delete(tx: &rusqlite::Transaction<'_>, id: JobId) -> rusqlite::Result<Deleted
 
 /// Deletes up to `limit` jobs that finished before `cutoff`, leaving a
 /// tombstone for each, and drops tombstones older than `tombstone_cutoff`.
+/// How many rows one retention step may look at, per job it may remove.
+/// Jobs not expired yet (pending, running, or finished after the cutoff)
+/// are stepped over; this bounds how long a step holds the writer when many
+/// of them lie ahead.
+const SWEEP_ROWS_PER_REMOVAL: usize = 4;
+
+/// One retention step: walks the jobs in id order from where the last step
+/// stopped, up to the first id minted after `cutoff`, and removes those
+/// finished before `cutoff`, leaving an "expired" tombstone each. It removes
+/// at most `limit` and looks at no more than [`SWEEP_ROWS_PER_REMOVAL`] ×
+/// `limit` rows; `more` says it stopped short, and `from` keeps its place.
+///
+/// Ids are UUIDv7 and a job finishes after it was submitted, so no expired
+/// job lies past that first id: the primary key serves retention, and no
+/// index on `finished_at` costs every finish a B-tree insert. (A wall clock
+/// stepped back between a job's submit and its finish can put it there; it
+/// then goes in a later sweep, once the cutoff passes its id.)
 fn purge(
     tx: &rusqlite::Transaction<'_>,
     cutoff: SystemTime,
     tombstone_cutoff: SystemTime,
     limit: usize,
-) -> rusqlite::Result<Vec<JobId>> {
-    let limit = i64::try_from(limit).unwrap_or(i64::MAX);
-    let ids: Vec<Vec<u8>> = tx
-        .prepare_cached("SELECT id FROM jobs WHERE finished_at < ?1 ORDER BY finished_at LIMIT ?2")?
-        .query_map(params![micros(cutoff), limit], |row| row.get(0))?
+    from: &mut Option<JobId>,
+) -> rusqlite::Result<Swept> {
+    let scan = limit.saturating_mul(SWEEP_ROWS_PER_REMOVAL);
+    let after = from.map_or_else(Vec::new, |id| id_bytes(id).to_vec());
+    let rows: Vec<(Vec<u8>, Option<i64>)> = tx
+        .prepare_cached(
+            "SELECT id, finished_at FROM jobs WHERE id > ?1 AND id < ?2 ORDER BY id LIMIT ?3",
+        )?
+        .query_map(
+            params![
+                after,
+                first_id_after(cutoff),
+                i64::try_from(scan).unwrap_or(i64::MAX)
+            ],
+            |row| Ok((row.get(0)?, row.get(1)?)),
+        )?
         .collect::<Result<_, _>>()?;
-    let now = micros(SystemTime::now());
-    let mut purged = Vec::with_capacity(ids.len());
-    for id in ids {
-        tx.prepare_cached("DELETE FROM jobs WHERE id = ?1")?
-            .execute([&id])?;
-        tx.prepare_cached(&format!(
-            "INSERT OR REPLACE INTO tombstones (id, reason, at) VALUES (?1, {TOMBSTONE_EXPIRED}, ?2)"
-        ))?
-            .execute(params![&id, now])?;
-        purged.push(id_from_bytes(&id)?);
+    let (cutoff, now) = (micros(cutoff), micros(SystemTime::now()));
+    let mut ids = Vec::new();
+    let mut last = None;
+    for (id, finished_at) in &rows {
+        if ids.len() == limit {
+            break;
+        }
+        last = Some(id);
+        if finished_at.is_some_and(|at| at < cutoff) {
+            tx.prepare_cached("DELETE FROM jobs WHERE id = ?1")?
+                .execute([id])?;
+            tx.prepare_cached(&format!(
+                "INSERT OR REPLACE INTO tombstones (id, reason, at) VALUES (?1, {TOMBSTONE_EXPIRED}, ?2)"
+            ))?
+            .execute(params![id, now])?;
+            ids.push(id_from_bytes(id)?);
+        }
     }
+    let more = limit > 0 && (rows.len() == scan || ids.len() == limit);
+    *from = match last {
+        Some(id) if more => Some(id_from_bytes(id)?),
+        _ => None,
+    };
     tx.prepare_cached(
         "DELETE FROM tombstones WHERE id IN (SELECT id FROM tombstones WHERE at < ?1 LIMIT ?2)",
     )?
-    .execute(params![micros(tombstone_cutoff), limit])?;
-    Ok(purged)
+    .execute(params![
+        micros(tombstone_cutoff),
+        i64::try_from(limit).unwrap_or(i64::MAX)
+    ])?;
+    Ok(Swept { ids, more })
 }
 
 #[cfg(test)]
@@ -795,7 +856,7 @@ mod tests {
         schema::migrate(&mut conn).unwrap();
         for mut batch in batches {
             let tx = conn.transaction().unwrap();
-            apply_in(&tx, &mut batch, 1, false).unwrap();
+            apply_in(&tx, &mut batch, 1, false, &mut None).unwrap();
             tx.commit().unwrap();
         }
         conn.query_row(
@@ -887,6 +948,153 @@ mod tests {
             ]
         );
         assert_eq!(state, 3);
+    }
+
+    /// A job whose id was minted `ms` milliseconds after the epoch; `n`
+    /// tells apart ids of one millisecond.
+    fn job_minted_at(ms: u64, n: u8) -> Box<NewJob> {
+        let mut bytes = [n; 16];
+        bytes[..6].copy_from_slice(&ms.to_be_bytes()[2..]);
+        let mut job = new_job(ms * 1000);
+        job.record.id = JobId::from(uuid::Uuid::from_bytes(bytes));
+        job
+    }
+
+    fn apply_batch(
+        conn: &mut Connection,
+        sweep: &mut Option<JobId>,
+        mut batch: Vec<Op>,
+    ) -> Vec<Answer> {
+        let tx = conn.transaction().unwrap();
+        let answers = apply_in(&tx, &mut batch, 1, false, sweep).unwrap();
+        tx.commit().unwrap();
+        answers
+    }
+
+    /// One retention step with cutoff `cutoff_us`: the ids it removed, and
+    /// whether it stopped short.
+    fn purge_step(
+        conn: &mut Connection,
+        sweep: &mut Option<JobId>,
+        cutoff_us: u64,
+        limit: usize,
+    ) -> (Vec<JobId>, bool) {
+        let (reply, _) = oneshot::channel();
+        let purge = Op::Purge {
+            cutoff: at(cutoff_us),
+            tombstone_cutoff: UNIX_EPOCH,
+            limit,
+            reply,
+        };
+        match apply_batch(conn, sweep, vec![purge]).pop() {
+            Some(Answer::Purged(swept)) => (swept.ids, swept.more),
+            _ => panic!("a purge answers Purged"),
+        }
+    }
+
+    fn stored_ids(conn: &Connection) -> Vec<JobId> {
+        conn.prepare("SELECT id FROM jobs ORDER BY id")
+            .unwrap()
+            .query_map([], |row| id_from_bytes(&row.get::<_, Vec<u8>>(0)?))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap()
+    }
+
+    #[test]
+    fn retention_steps_over_jobs_not_expired_and_goes_on_where_it_stopped() {
+        let mut conn = Connection::open_in_memory().unwrap();
+        schema::migrate(&mut conn).unwrap();
+        let mut sweep = None;
+        let jobs: Vec<Box<NewJob>> = [(100, 1), (110, 2), (120, 3), (130, 4), (140, 5), (600, 6)]
+            .into_iter()
+            .map(|(ms, n)| job_minted_at(ms, n))
+            .collect();
+        let id: Vec<JobId> = jobs.iter().map(|job| job.record.id).collect();
+        apply_batch(
+            &mut conn,
+            &mut sweep,
+            jobs.into_iter().map(insert).collect(),
+        );
+        // id[0] stays pending; id[2] finishes after the cutoff (500 ms),
+        // id[5] was submitted after it.
+        apply_batch(
+            &mut conn,
+            &mut sweep,
+            vec![
+                finish(id[1], 1, 120_000),
+                finish(id[2], 1, 900_000),
+                finish(id[3], 1, 140_000),
+                finish(id[4], 1, 150_000),
+                finish(id[5], 1, 610_000),
+            ],
+        );
+
+        // One removal per step: each goes on past the job it removed.
+        let mut step = || purge_step(&mut conn, &mut sweep, 500_000, 1);
+        assert_eq!(step(), (vec![id[1]], true));
+        assert_eq!(step(), (vec![id[3]], true));
+        assert_eq!(step(), (vec![id[4]], true));
+        assert_eq!(step(), (vec![], false), "the sweep reached the cutoff");
+        assert_eq!(step(), (vec![], false), "and starts over, finding none");
+        assert_eq!(stored_ids(&conn), [id[0], id[2], id[5]]);
+        let expired: i64 = conn
+            .query_row(
+                &format!("SELECT count(*) FROM tombstones WHERE reason = {TOMBSTONE_EXPIRED}"),
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(expired, 3);
+    }
+
+    #[test]
+    fn retention_looks_at_no_more_rows_than_its_bound_per_step() {
+        let mut conn = Connection::open_in_memory().unwrap();
+        schema::migrate(&mut conn).unwrap();
+        let mut sweep = None;
+        // Nine jobs still pending ahead of one that expired.
+        let jobs: Vec<Box<NewJob>> = (1..=10)
+            .map(|n| job_minted_at(100 + u64::from(n), n))
+            .collect();
+        let expired = jobs[9].record.id;
+        apply_batch(
+            &mut conn,
+            &mut sweep,
+            jobs.into_iter().map(insert).collect(),
+        );
+        apply_batch(&mut conn, &mut sweep, vec![finish(expired, 1, 200_000)]);
+
+        // A limit of 2 looks at 8 rows: all pending, so nothing yet.
+        assert_eq!(
+            purge_step(&mut conn, &mut sweep, 500_000, 2),
+            (vec![], true)
+        );
+        assert_eq!(
+            purge_step(&mut conn, &mut sweep, 500_000, 2),
+            (vec![expired], false)
+        );
+    }
+
+    #[test]
+    fn retention_leaves_a_job_minted_after_the_cutoff_for_a_later_sweep() {
+        let mut conn = Connection::open_in_memory().unwrap();
+        schema::migrate(&mut conn).unwrap();
+        let mut sweep = None;
+        let job = job_minted_at(600, 1);
+        let id = job.record.id;
+        apply_batch(&mut conn, &mut sweep, vec![insert(job)]);
+        // The wall clock stepped back: it finished "before" it was minted.
+        apply_batch(&mut conn, &mut sweep, vec![finish(id, 1, 400_000)]);
+
+        assert_eq!(
+            purge_step(&mut conn, &mut sweep, 500_000, 10),
+            (vec![], false)
+        );
+        assert_eq!(
+            purge_step(&mut conn, &mut sweep, 700_000, 10),
+            (vec![id], false)
+        );
     }
 
     #[test]
