@@ -88,7 +88,7 @@ const MIGRATIONS: &[&str] = &[
     // before it was submitted, so every job finished before the cutoff has
     // an id below the cutoff's. The index cost every finish a B-tree insert
     // (~10% of the writer's SQLite time for a short job) to serve only the
-    // purge, which runs every `--keep-finished` / 4.
+    // purge, which runs every `--retention` / 4 (at most a minute).
     "
     DROP INDEX jobs_by_finish;
     ",

@@ -750,8 +750,6 @@ fn delete(tx: &rusqlite::Transaction<'_>, id: JobId) -> rusqlite::Result<Deleted
     Ok(Deleted::Absent(reason.map(gone_from_reason)))
 }
 
-/// Deletes up to `limit` jobs that finished before `cutoff`, leaving a
-/// tombstone for each, and drops tombstones older than `tombstone_cutoff`.
 /// How many rows one retention step may look at, per job it may remove.
 /// Jobs not expired yet (pending, running, or finished after the cutoff)
 /// are stepped over; this bounds how long a step holds the writer when many
@@ -763,6 +761,7 @@ const SWEEP_ROWS_PER_REMOVAL: usize = 4;
 /// finished before `cutoff`, leaving an "expired" tombstone each. It removes
 /// at most `limit` and looks at no more than [`SWEEP_ROWS_PER_REMOVAL`] ×
 /// `limit` rows; `more` says it stopped short, and `from` keeps its place.
+/// It also drops up to `limit` tombstones older than `tombstone_cutoff`.
 ///
 /// Ids are UUIDv7 and a job finishes after it was submitted, so no expired
 /// job lies past that first id: the primary key serves retention, and no
