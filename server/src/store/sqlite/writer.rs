@@ -848,11 +848,17 @@ mod tests {
         UNIX_EPOCH + Duration::from_micros(us)
     }
 
+    /// An in-memory database with the whole schema.
+    fn migrated_db() -> Connection {
+        let mut conn = Connection::open_in_memory().unwrap();
+        schema::migrate(&mut conn).unwrap();
+        conn
+    }
+
     /// Applies `batches` one transaction each, and returns the job's
     /// history and state as stored.
     fn history_after(batches: Vec<Vec<Op>>, id: JobId) -> (Vec<(JobState, u32, SystemTime)>, i64) {
-        let mut conn = Connection::open_in_memory().unwrap();
-        schema::migrate(&mut conn).unwrap();
+        let mut conn = migrated_db();
         for mut batch in batches {
             let tx = conn.transaction().unwrap();
             apply_in(&tx, &mut batch, 1, false, &mut None).unwrap();
@@ -1002,8 +1008,7 @@ mod tests {
 
     #[test]
     fn retention_steps_over_jobs_not_expired_and_goes_on_where_it_stopped() {
-        let mut conn = Connection::open_in_memory().unwrap();
-        schema::migrate(&mut conn).unwrap();
+        let mut conn = migrated_db();
         let mut sweep = None;
         let jobs: Vec<Box<NewJob>> = [(100, 1), (110, 2), (120, 3), (130, 4), (140, 5), (600, 6)]
             .into_iter()
@@ -1049,8 +1054,7 @@ mod tests {
 
     #[test]
     fn retention_looks_at_no_more_rows_than_its_bound_per_step() {
-        let mut conn = Connection::open_in_memory().unwrap();
-        schema::migrate(&mut conn).unwrap();
+        let mut conn = migrated_db();
         let mut sweep = None;
         // Nine jobs still pending ahead of one that expired.
         let jobs: Vec<Box<NewJob>> = (1..=10)
@@ -1077,8 +1081,7 @@ mod tests {
 
     #[test]
     fn retention_leaves_a_job_minted_after_the_cutoff_for_a_later_sweep() {
-        let mut conn = Connection::open_in_memory().unwrap();
-        schema::migrate(&mut conn).unwrap();
+        let mut conn = migrated_db();
         let mut sweep = None;
         let job = job_minted_at(600, 1);
         let id = job.record.id;
