@@ -791,6 +791,12 @@ fn purge(
         )?
         .collect::<Result<_, _>>()?;
     let (cutoff, now) = (micros(cutoff), micros(SystemTime::now()));
+    // Taken from the cache once per step, not once per removal (the SQL
+    // text is formatted and hashed for each lookup).
+    let mut remove = tx.prepare_cached("DELETE FROM jobs WHERE id = ?1")?;
+    let mut tombstone = tx.prepare_cached(&format!(
+        "INSERT OR REPLACE INTO tombstones (id, reason, at) VALUES (?1, {TOMBSTONE_EXPIRED}, ?2)"
+    ))?;
     let mut ids = Vec::new();
     let mut last = None;
     for (id, finished_at) in &rows {
@@ -799,12 +805,8 @@ fn purge(
         }
         last = Some(id);
         if finished_at.is_some_and(|at| at < cutoff) {
-            tx.prepare_cached("DELETE FROM jobs WHERE id = ?1")?
-                .execute([id])?;
-            tx.prepare_cached(&format!(
-                "INSERT OR REPLACE INTO tombstones (id, reason, at) VALUES (?1, {TOMBSTONE_EXPIRED}, ?2)"
-            ))?
-            .execute(params![id, now])?;
+            remove.execute([id])?;
+            tombstone.execute(params![id, now])?;
             ids.push(id_from_bytes(id)?);
         }
     }
