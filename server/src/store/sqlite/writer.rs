@@ -115,8 +115,6 @@ enum Answer {
 }
 
 impl Op {
-    /// Answers the waiter, if any. A waiter that gave up (its client went
-    /// away) no longer needs the answer, so a failed send is fine.
     /// After the commit: makes what was committed visible in the live table,
     /// then answers the waiter, if any. A waiter that gave up (its client
     /// went away) no longer needs the answer, so a failed send is fine.
