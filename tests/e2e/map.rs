@@ -270,6 +270,95 @@ async fn a_bad_start_fails_the_call() {
     server.shutdown().await;
 }
 
+/// Opens a raw Map of `echo` whose requests are `first` (with the start),
+/// then `later`, and returns what the stream answered: the indices and
+/// values of its results, and how it ended.
+async fn raw_echo_map(
+    client: &jobd_client::JobClient,
+    first: Vec<serde_json::Value>,
+    later: Vec<pb::MapRequest>,
+) -> (Vec<(u64, serde_json::Value)>, Result<(), tonic::Status>) {
+    let start = pb::MapRequest {
+        start: Some(pb::MapStart {
+            function: "echo".into(),
+            ordered: true,
+            ..Default::default()
+        }),
+        args: first
+            .into_iter()
+            .map(jobd_proto::value::from_json)
+            .collect(),
+    };
+    let requests = std::iter::once(start).chain(later);
+    let mut stream = client
+        .rpc()
+        .map(futures::stream::iter(requests))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut answered = Vec::new();
+    let end = loop {
+        match stream.message().await {
+            Ok(Some(response)) => answered.push((
+                response.index,
+                jobd_proto::value::to_json(response.value.expect("echo answers a value")),
+            )),
+            Ok(None) => break Ok(()),
+            Err(status) => break Err(status),
+        }
+    };
+    (answered, end)
+}
+
+fn args_request(args: Vec<serde_json::Value>) -> pb::MapRequest {
+    pb::MapRequest {
+        start: None,
+        args: args.into_iter().map(jobd_proto::value::from_json).collect(),
+    }
+}
+
+#[tokio::test]
+async fn a_later_request_that_cannot_be_taken_ends_the_stream_with_its_error() {
+    let (server, _fx) = TestServer::with_fixtures().await;
+    let client = server.client().await;
+
+    // The third request is over the server's 4 MiB message cap: the two
+    // arguments before it are answered, then the stream ends OUT_OF_RANGE,
+    // never OK (the fourth argument was not taken, and the client must know).
+    let huge = json!("x".repeat(5 * 1024 * 1024));
+    let (answered, end) = raw_echo_map(
+        &client,
+        vec![json!("one")],
+        vec![
+            args_request(vec![json!("two")]),
+            args_request(vec![huge]),
+            args_request(vec![json!("four")]),
+        ],
+    )
+    .await;
+    assert_eq!(answered, [(0, json!("one")), (1, json!("two"))]);
+    let status = end.expect_err("the stream must not end OK");
+    assert_eq!(status.code(), Code::OutOfRange, "{status}");
+
+    // The same for a request that breaks the rules (a second start).
+    let (answered, end) = raw_echo_map(
+        &client,
+        vec![json!("one")],
+        vec![
+            pb::MapRequest {
+                start: Some(pb::MapStart::default()),
+                args: vec![jobd_proto::value::from_json(json!("two"))],
+            },
+            args_request(vec![json!("three")]),
+        ],
+    )
+    .await;
+    assert_eq!(answered, [(0, json!("one"))]);
+    let status = end.expect_err("the stream must not end OK");
+    assert_eq!(status.code(), Code::InvalidArgument, "{status}");
+    server.shutdown().await;
+}
+
 #[tokio::test]
 async fn an_empty_map_ends_at_once() {
     let (server, _fx) = TestServer::with_fixtures().await;

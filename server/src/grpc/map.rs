@@ -10,9 +10,12 @@
 //! server. Results wait in a bounded channel for the client to read them;
 //! while it does not, the task stops and, in turn, stops reading.
 //!
-//! A client that goes away (the response stream is dropped, or the request
-//! stream breaks) abandons the map: every job it still waits for is
-//! cancelled, as `Executor.shutdown(cancel_futures=True)` would.
+//! A client that goes away (the response stream is dropped) abandons the
+//! map: every job it still waits for is cancelled, as
+//! `Executor.shutdown(cancel_futures=True)` would. A later request that
+//! cannot be taken (too large, undecodable, or breaking the rules) ends the
+//! reading: the arguments accepted before it are answered, then the stream
+//! ends with that request's error status, never OK.
 
 use std::collections::VecDeque;
 
@@ -143,6 +146,9 @@ impl Map {
             InFlight::AsCompleted(FuturesUnordered::new())
         };
         let mut reading = true;
+        // A later request that could not be taken: what the stream ends
+        // with once every argument accepted before it is answered.
+        let mut refused: Option<Status> = None;
         let end = loop {
             while in_flight.len() < self.plan.max_in_flight
                 && let Some(args) = backlog.pop_front()
@@ -150,6 +156,11 @@ impl Map {
                 in_flight.push(self.submit(args));
             }
             if !reading && backlog.is_empty() && in_flight.len() == 0 {
+                if let Some(status) = refused.take() {
+                    // Never OK: the client must learn that arguments after
+                    // the answered ones were not taken.
+                    let _ = tx.send(Err(status)).await;
+                }
                 break End::Done;
             }
             // Read only when every argument read so far is submitted and
@@ -161,15 +172,21 @@ impl Map {
                     Ok(Some(request)) => match decode::map_args(request) {
                         Ok(args) => backlog.extend(args),
                         Err(err) => {
-                            let _ = tx.send(Err(err.into())).await;
-                            break End::Abandoned;
+                            reading = false;
+                            refused = Some(err.into());
                         }
                     },
                     Ok(None) => reading = false,
-                    // The client reset the stream or the connection broke.
+                    // A request too large or undecodable, or a broken
+                    // stream. Stop reading either way; a client that went
+                    // away also drops the response stream (`tx.closed()`,
+                    // which abandons the map), while one that is still
+                    // reading gets the answers of what it sent before, then
+                    // this status.
                     Err(status) => {
-                        tracing::debug!(%status, "map request stream broke; abandoning the map");
-                        break End::Abandoned;
+                        tracing::debug!(%status, "map request stream failed; no more arguments");
+                        reading = false;
+                        refused = Some(status);
                     }
                 },
                 Some(answer) = in_flight.next(), if in_flight.len() > 0 => {
