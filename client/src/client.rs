@@ -4,10 +4,7 @@ use std::collections::HashMap;
 
 use jobd_proto::{JobId, JobState, pb, value};
 use serde::Serialize;
-use tonic::{
-    service::interceptor::InterceptedService,
-    transport::{Channel, Endpoint},
-};
+use tonic::{service::interceptor::InterceptedService, transport::Channel};
 
 use crate::{CallCredentials, ConnectOptions, Error, handle::JobHandle};
 
@@ -428,25 +425,6 @@ fn wire_submission(submission: Submission) -> pb::SubmitRequest {
     }
 }
 
-/// Builds the endpoint for `addr`, adding `http://` to a bare `host:port`.
-pub(crate) fn endpoint(addr: &str) -> Result<Endpoint, Error> {
-    let uri = if addr.contains("://") {
-        addr.to_owned()
-    } else {
-        format!("http://{addr}")
-    };
-    let invalid = |reason: String| Error::InvalidAddress {
-        addr: addr.to_owned(),
-        reason,
-    };
-    let endpoint = Endpoint::from_shared(uri).map_err(|e| invalid(e.to_string()))?;
-    if endpoint.uri().host().is_none() {
-        return Err(invalid("no host".to_owned()));
-    }
-    // Small RPCs: do not let Nagle delay requests.
-    Ok(endpoint.tcp_nodelay(true))
-}
-
 pub(crate) fn parse_id(raw: &str) -> Result<JobId, Error> {
     raw.parse()
         .map_err(|e| Error::Protocol(format!("the server sent a bad job id: {e}")))
@@ -455,22 +433,4 @@ pub(crate) fn parse_id(raw: &str) -> Result<JobId, Error> {
 pub(crate) fn parse_state(raw: i32) -> Result<JobState, Error> {
     JobState::try_from(raw)
         .map_err(|raw| Error::Protocol(format!("the server sent an unknown job state {raw}")))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn bare_host_port_gets_a_scheme() {
-        assert_eq!(
-            endpoint("127.0.0.1:50051").unwrap().uri().to_string(),
-            "http://127.0.0.1:50051/"
-        );
-        assert!(endpoint("http://[::1]:1").is_ok());
-        assert!(matches!(
-            endpoint("http://"),
-            Err(Error::InvalidAddress { .. })
-        ));
-    }
 }
