@@ -6,7 +6,7 @@ use jobd_proto::{JobId, JobState, pb, value};
 use serde::Serialize;
 use tonic::{service::interceptor::InterceptedService, transport::Channel};
 
-use crate::{CallCredentials, ConnectOptions, Error, handle::JobHandle};
+use crate::{CallCredentials, ConnectOptions, Error, handle::JobHandle, retry};
 
 /// The generated stub as [`JobClient`] holds it: every call goes through
 /// [`CallCredentials`], which adds the bearer token when there is one.
@@ -272,13 +272,15 @@ impl JobClient {
     /// never fails over a state it does not look at.
     async fn submit_raw(&self, submission: Submission) -> Result<(JobHandle, i32), Error> {
         let request = wire_submission(submission);
-        let answer = self
-            .with_retries(|mut rpc| {
-                let request = request.clone();
-                async move { rpc.submit(request).await }
-            })
-            .await?
-            .into_inner();
+        // Safe to repeat: every submission carries a request id, so a retry
+        // of one that did reach the server returns the same job instead of
+        // creating a second one.
+        let answer = retry::with_retries(|| {
+            let (mut rpc, request) = (self.rpc.clone(), request.clone());
+            async move { rpc.submit(request).await }
+        })
+        .await?
+        .into_inner();
         let id = parse_id(&answer.job_id)?;
         Ok((self.job(id), answer.state))
     }
@@ -308,13 +310,12 @@ impl JobClient {
         let request = pb::SubmitBatchRequest {
             requests: submissions.into_iter().map(wire_submission).collect(),
         };
-        let answer = self
-            .with_retries(|mut rpc| {
-                let request = request.clone();
-                async move { rpc.submit_batch(request).await }
-            })
-            .await?
-            .into_inner();
+        let answer = retry::with_retries(|| {
+            let (mut rpc, request) = (self.rpc.clone(), request.clone());
+            async move { rpc.submit_batch(request).await }
+        })
+        .await?
+        .into_inner();
         Ok(answer
             .results
             .into_iter()
@@ -329,36 +330,6 @@ impl JobClient {
                 )),
             })
             .collect())
-    }
-
-    /// Runs a submit call, retrying when the connection failed or the server
-    /// was briefly unavailable. Safe because every submission carries a
-    /// request id: a retry of a submission that did reach the server returns
-    /// the same job instead of creating a second one.
-    async fn with_retries<T, F, Fut>(&self, mut call: F) -> Result<T, Error>
-    where
-        F: FnMut(RpcClient) -> Fut,
-        Fut: std::future::Future<Output = Result<T, tonic::Status>>,
-    {
-        let mut pauses = RETRY_PAUSES.iter();
-        loop {
-            match call(self.rpc.clone()).await {
-                Ok(answer) => return Ok(answer),
-                Err(status)
-                    if matches!(
-                        status.code(),
-                        tonic::Code::Unavailable | tonic::Code::Unknown
-                    ) =>
-                {
-                    let Some(&pause) = pauses.next() else {
-                        return Err(status.into());
-                    };
-                    tracing::debug!(%status, "submit failed; retrying with the same request id");
-                    tokio::time::sleep(pause).await;
-                }
-                Err(status) => return Err(status.into()),
-            }
-        }
     }
 
     /// A handle to an existing job, by id. No request is made.
@@ -392,15 +363,6 @@ impl JobClient {
             .collect())
     }
 }
-
-/// The pauses before each retry of a call cut off by a broken connection or
-/// a briefly unavailable server (submit retries, watch resumes): a call is
-/// tried once more after each, and together they ride out a server restart.
-pub(crate) const RETRY_PAUSES: [std::time::Duration; 3] = [
-    std::time::Duration::from_millis(50),
-    std::time::Duration::from_millis(200),
-    std::time::Duration::from_millis(800),
-];
 
 /// The wire form of a submission, with a fresh request id when the caller
 /// gave none, so that retries are idempotent.

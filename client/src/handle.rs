@@ -10,7 +10,7 @@ use std::{
 use jobd_proto::{JobId, JobState, pb, value};
 use serde::de::DeserializeOwned;
 
-use crate::{Error, JobClient, Progress, client::parse_state};
+use crate::{Error, JobClient, Progress, client::parse_state, retry::cut_short};
 
 /// A submitted job. Ask it whether it is [`done`](Self::done), wait for its
 /// [`result`](Self::result), or `.await` it directly.
@@ -303,18 +303,6 @@ impl IntoFuture for JobHandle {
     fn into_future(self) -> Self::IntoFuture {
         Box::pin(async move { self.result().await })
     }
-}
-
-/// The shortest wait cap a jobd allows (`--max-wait` is at least 100 ms):
-/// a wait that ended sooner was not cut by the cap.
-const MIN_SERVER_CAP: Duration = Duration::from_millis(100);
-
-/// True when a wait that began at `asked` ended (with DEADLINE_EXCEEDED or
-/// an unfinished split) before the caller's own `deadline`, after long
-/// enough to be the server's cap on one wait: then the caller asks again.
-pub(crate) fn cut_short(asked: Instant, deadline: Option<Instant>) -> bool {
-    let now = Instant::now();
-    now.duration_since(asked) >= MIN_SERVER_CAP && deadline.is_none_or(|d| now < d)
 }
 
 pub(crate) fn wire_duration(d: Duration) -> prost_types::Duration {

@@ -38,6 +38,7 @@ mod connect;
 mod error;
 mod handle;
 mod map;
+mod retry;
 mod sets;
 mod watch;
 

@@ -17,7 +17,8 @@ use jobd_proto::{JobId, JobState, pb};
 use crate::{
     Error, JobClient, JobHandle,
     client::parse_id,
-    handle::{JobInfo, cut_short, job_info, wire_duration},
+    handle::{JobInfo, job_info, wire_duration},
+    retry::cut_short,
 };
 
 /// When [`JobClient::wait`] answers, as `concurrent.futures.wait`'s

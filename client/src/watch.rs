@@ -12,8 +12,9 @@ use jobd_proto::{JobId, JobState, pb};
 
 use crate::{
     Error, JobClient, JobOutcome,
-    client::{RETRY_PAUSES, parse_id, parse_state},
+    client::{parse_id, parse_state},
     handle::outcome,
+    retry::{RETRY_PAUSES, breaks_connection},
 };
 
 /// What to watch: job ids, or a filter (function, states, labels), not
@@ -437,22 +438,6 @@ impl Resuming {
     }
 }
 
-/// True for errors that mean the connection broke (or the server was
-/// briefly unavailable), as opposed to the server refusing the watch.
-fn breaks_connection(err: &Error) -> bool {
-    match err {
-        Error::Transport(_) => true,
-        // A connection that breaks mid-stream shows as UNKNOWN with the
-        // transport's error attached (an answer from the server has none).
-        Error::Rpc(status) => match status.code() {
-            tonic::Code::Unavailable => true,
-            tonic::Code::Unknown => std::error::Error::source(status).is_some(),
-            _ => false,
-        },
-        _ => false,
-    }
-}
-
 fn job_event(event: pb::WatchEvent) -> Result<JobEvent, Error> {
     let kind = match pb::WatchEventKind::try_from(event.kind) {
         Ok(pb::WatchEventKind::State) => JobEventKind::State,
@@ -495,22 +480,5 @@ pub(crate) fn progress(progress: pb::Progress) -> Progress {
         updated_at: progress
             .update_time
             .and_then(|t| SystemTime::try_from(t).ok()),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn only_a_broken_connection_is_resumed() {
-        let unavailable = Error::Rpc(tonic::Status::unavailable("draining"));
-        assert!(breaks_connection(&unavailable));
-        // UNKNOWN from the server itself (no transport error attached).
-        let answered = Error::Rpc(tonic::Status::unknown("odd"));
-        assert!(!breaks_connection(&answered));
-        let restarted = Error::Rpc(tonic::Status::failed_precondition("epoch"));
-        assert!(!breaks_connection(&restarted));
-        assert!(!breaks_connection(&Error::NotFound("gone".into())));
     }
 }
