@@ -2,11 +2,11 @@
 
 use std::collections::HashMap;
 
-use jobd_proto::{JobId, JobState, pb, value};
+use jobd_proto::{JobId, JobState, pb};
 use serde::Serialize;
 use tonic::{service::interceptor::InterceptedService, transport::Channel};
 
-use crate::{CallCredentials, ConnectOptions, Error, handle::JobHandle, retry};
+use crate::{CallCredentials, ConnectOptions, Error, handle::JobHandle, retry, wire};
 
 /// The generated stub as [`JobClient`] holds it: every call goes through
 /// [`CallCredentials`], which adds the bearer token when there is one.
@@ -265,13 +265,13 @@ impl JobClient {
         submission: Submission,
     ) -> Result<(JobHandle, JobState), Error> {
         let (handle, state) = self.submit_raw(submission).await?;
-        Ok((handle, parse_state(state)?))
+        Ok((handle, wire::parse_state(state)?))
     }
 
     /// Submits and returns the raw wire state, so that [`Self::submit_with`]
     /// never fails over a state it does not look at.
     async fn submit_raw(&self, submission: Submission) -> Result<(JobHandle, i32), Error> {
-        let request = wire_submission(submission);
+        let request = wire::submit_request(submission);
         // Safe to repeat: every submission carries a request id, so a retry
         // of one that did reach the server returns the same job instead of
         // creating a second one.
@@ -281,7 +281,7 @@ impl JobClient {
         })
         .await?
         .into_inner();
-        let id = parse_id(&answer.job_id)?;
+        let id = wire::parse_id(&answer.job_id)?;
         Ok((self.job(id), answer.state))
     }
 
@@ -308,7 +308,7 @@ impl JobClient {
         submissions: Vec<Submission>,
     ) -> Result<Vec<Result<JobHandle, Error>>, Error> {
         let request = pb::SubmitBatchRequest {
-            requests: submissions.into_iter().map(wire_submission).collect(),
+            requests: submissions.into_iter().map(wire::submit_request).collect(),
         };
         let answer = retry::with_retries(|| {
             let (mut rpc, request) = (self.rpc.clone(), request.clone());
@@ -319,16 +319,7 @@ impl JobClient {
         Ok(answer
             .results
             .into_iter()
-            .map(|result| match (result.job, result.error) {
-                (Some(job), _) => Ok(self.job(parse_id(&job.job_id)?)),
-                (None, Some(error)) => Err(Error::from(tonic::Status::new(
-                    tonic::Code::from_i32(error.code),
-                    error.message,
-                ))),
-                (None, None) => Err(Error::Protocol(
-                    "a batch result with neither job nor error".into(),
-                )),
-            })
+            .map(|result| wire::batch_item(result).map(|id| self.job(id)))
             .collect())
     }
 
@@ -353,46 +344,7 @@ impl JobClient {
         Ok(answer
             .functions
             .into_iter()
-            .map(|f| FunctionInfo {
-                name: f.name,
-                pool: f.pool,
-                description: f.description,
-                args_schema: f.args_schema.map(jobd_proto::value::to_json),
-                returns: Some(f.returns).filter(|r| !r.is_empty()),
-            })
+            .map(wire::function_info)
             .collect())
     }
-}
-
-/// The wire form of a submission, with a fresh request id when the caller
-/// gave none, so that retries are idempotent.
-fn wire_submission(submission: Submission) -> pb::SubmitRequest {
-    pb::SubmitRequest {
-        function: submission.function,
-        args: Some(value::from_json(submission.args)),
-        pool: submission.pool.unwrap_or_default(),
-        request_id: submission
-            .request_id
-            .unwrap_or_else(|| uuid::Uuid::now_v7().to_string()),
-        labels: submission.labels,
-        priority: submission.priority,
-        // The server takes at most one of them.
-        delay: submission
-            .delay
-            .filter(|_| submission.not_before.is_none())
-            .map(crate::handle::wire_duration),
-        not_before: submission.not_before.map(Into::into),
-        timeout: submission.timeout.map(crate::handle::wire_duration),
-        max_attempts: submission.max_attempts,
-    }
-}
-
-pub(crate) fn parse_id(raw: &str) -> Result<JobId, Error> {
-    raw.parse()
-        .map_err(|e| Error::Protocol(format!("the server sent a bad job id: {e}")))
-}
-
-pub(crate) fn parse_state(raw: i32) -> Result<JobState, Error> {
-    JobState::try_from(raw)
-        .map_err(|raw| Error::Protocol(format!("the server sent an unknown job state {raw}")))
 }

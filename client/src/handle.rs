@@ -7,10 +7,10 @@ use std::{
     time::{Duration, Instant, SystemTime},
 };
 
-use jobd_proto::{JobId, JobState, pb, value};
+use jobd_proto::{JobId, JobState, pb};
 use serde::de::DeserializeOwned;
 
-use crate::{Error, JobClient, Progress, client::parse_state, retry::cut_short};
+use crate::{Error, JobClient, Progress, retry::cut_short, wire};
 
 /// A submitted job. Ask it whether it is [`done`](Self::done), wait for its
 /// [`result`](Self::result), or `.await` it directly.
@@ -123,7 +123,7 @@ impl JobHandle {
             })
             .await?
             .into_inner();
-        parse_state(answer.state)
+        wire::parse_state(answer.state)
     }
 
     /// Everything the server knows about the job.
@@ -142,7 +142,7 @@ impl JobHandle {
             .into_inner()
             .job
             .ok_or_else(|| Error::Protocol("GetJob answered without a job".to_owned()))?;
-        job_info(job)
+        wire::job_info(job)
     }
 
     /// The job's latest progress report (`GetJob`), or `None` if it has
@@ -214,7 +214,8 @@ impl JobHandle {
                 .result(pb::ResultRequest {
                     job_id: self.id.to_string(),
                     timeout: deadline
-                        .map(|d| wire_duration(d.saturating_duration_since(Instant::now()))),
+                        .map(|d| d.saturating_duration_since(Instant::now()))
+                        .map(wire::duration),
                 })
                 .await;
             match call {
@@ -225,9 +226,7 @@ impl JobHandle {
                 Err(status) => return Err(status.into()),
             }
         };
-        let state = parse_state(answer.state)?;
-        outcome(state, answer.value, answer.error)
-            .ok_or_else(|| Error::Protocol(format!("Result answered in state {state}")))
+        wire::result_outcome(answer)
     }
 
     /// Forgets the finished job on the server: its record and result.
@@ -271,12 +270,7 @@ impl JobHandle {
             })
             .await?
             .into_inner();
-        Ok(CancelReport {
-            outcome: pb::CancelOutcome::try_from(answer.outcome)
-                .unwrap_or(pb::CancelOutcome::Unspecified),
-            cancelled: answer.cancelled,
-            state: parse_state(answer.state)?,
-        })
+        wire::cancel_report(answer)
     }
 }
 
@@ -303,56 +297,4 @@ impl IntoFuture for JobHandle {
     fn into_future(self) -> Self::IntoFuture {
         Box::pin(async move { self.result().await })
     }
-}
-
-pub(crate) fn wire_duration(d: Duration) -> prost_types::Duration {
-    prost_types::Duration {
-        seconds: i64::try_from(d.as_secs()).unwrap_or(i64::MAX),
-        // Always below 10^9, so it fits.
-        nanos: i32::try_from(d.subsec_nanos()).unwrap_or(0),
-    }
-}
-
-/// The outcome of a terminal job; `None` if the state is not terminal.
-pub(crate) fn outcome(
-    state: JobState,
-    value: Option<prost_types::Value>,
-    error: Option<pb::JobError>,
-) -> Option<JobOutcome> {
-    if !state.is_terminal() {
-        return None;
-    }
-    let result = match (state, error) {
-        (JobState::Succeeded, _) => Ok(value::option_to_json(value)),
-        (_, Some(e)) => Err((
-            pb::ErrorKind::try_from(e.kind).unwrap_or(pb::ErrorKind::Unspecified),
-            e.message,
-        )),
-        (_, None) => Err((pb::ErrorKind::Unspecified, state.to_string())),
-    };
-    Some(JobOutcome { state, result })
-}
-
-pub(crate) fn job_info(job: pb::Job) -> Result<JobInfo, Error> {
-    let state = parse_state(job.state)?;
-    let time = |t: Option<prost_types::Timestamp>| t.and_then(|t| SystemTime::try_from(t).ok());
-    Ok(JobInfo {
-        id: crate::client::parse_id(&job.id)?,
-        function: job.function,
-        pool: job.pool,
-        state,
-        args: value::option_to_json(job.args),
-        labels: job.labels,
-        request_id: Some(job.request_id).filter(|r| !r.is_empty()),
-        submitted_at: time(job.submit_time),
-        started_at: time(job.start_time),
-        finished_at: time(job.finish_time),
-        attempt: job.attempt,
-        priority: job.priority,
-        not_before: time(job.not_before),
-        timeout: job.timeout.and_then(|t| Duration::try_from(t).ok()),
-        max_attempts: job.max_attempts,
-        outcome: outcome(state, job.value, job.error),
-        progress: job.progress.map(crate::watch::progress),
-    })
 }

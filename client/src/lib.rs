@@ -41,6 +41,7 @@ mod map;
 mod retry;
 mod sets;
 mod watch;
+mod wire;
 
 pub use client::{FunctionInfo, JobClient, RpcClient, Submission};
 pub use connect::{CallCredentials, ConnectOptions};

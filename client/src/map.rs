@@ -17,11 +17,7 @@ use std::{
 use futures::{Stream, StreamExt as _};
 use jobd_proto::{JobId, pb, value};
 
-use crate::{
-    Error, JobClient,
-    client::{parse_id, parse_state},
-    handle::{outcome, wire_duration},
-};
+use crate::{Error, JobClient, wire};
 
 /// Arguments sent per request message at most: big enough to amortise
 /// framing, small enough that a slow argument source is not held back.
@@ -131,19 +127,6 @@ impl MapOptions {
         self.max_attempts = n;
         self
     }
-
-    fn into_start(self) -> pb::MapStart {
-        pb::MapStart {
-            function: self.function,
-            pool: self.pool.unwrap_or_default(),
-            labels: self.labels,
-            priority: self.priority,
-            timeout: self.timeout.map(wire_duration),
-            max_attempts: self.max_attempts,
-            ordered: self.ordered,
-            max_in_flight: self.max_in_flight,
-        }
-    }
 }
 
 /// The answer for one argument of a map.
@@ -184,7 +167,7 @@ impl Stream for MapResults {
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         self.responses
             .poll_next_unpin(cx)
-            .map(|next| next.map(|response| map_item(response?)))
+            .map(|next| next.map(|response| wire::map_item(response?)))
     }
 }
 
@@ -247,7 +230,7 @@ impl JobClient {
         S: Stream<Item = serde_json::Value> + Send + 'static,
     {
         let start = pb::MapRequest {
-            start: Some(options.into_start()),
+            start: Some(wire::map_start(options)),
             args: Vec::new(),
         };
         let requests = futures::stream::once(std::future::ready(start)).chain(
@@ -292,29 +275,6 @@ fn messages(chunk: Vec<serde_json::Value>) -> Vec<pb::MapRequest> {
         messages.push(pb::MapRequest { start: None, args });
     }
     messages
-}
-
-fn map_item(response: pb::MapResponse) -> Result<MapItem, Error> {
-    let index = response.index;
-    if let Some(rejected) = response.rejected {
-        return Ok(MapItem {
-            index,
-            job: None,
-            result: Err(Error::from(tonic::Status::new(
-                tonic::Code::from_i32(rejected.code),
-                rejected.message,
-            ))),
-        });
-    }
-    let id = parse_id(&response.job_id)?;
-    let state = parse_state(response.state)?;
-    let outcome = outcome(state, response.value, response.error)
-        .ok_or_else(|| Error::Protocol(format!("a map result for job {id} in state {state}")))?;
-    Ok(MapItem {
-        index,
-        job: Some(id),
-        result: outcome.into_value(id),
-    })
 }
 
 #[cfg(test)]

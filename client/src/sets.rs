@@ -12,14 +12,9 @@ use std::{
 };
 
 use futures::{Stream, TryStreamExt as _, stream::FuturesUnordered};
-use jobd_proto::{JobId, JobState, pb};
+use jobd_proto::{JobId, JobState};
 
-use crate::{
-    Error, JobClient, JobHandle,
-    client::parse_id,
-    handle::{JobInfo, job_info, wire_duration},
-    retry::cut_short,
-};
+use crate::{Error, JobClient, JobHandle, handle::JobInfo, retry::cut_short, wire};
 
 /// When [`JobClient::wait`] answers, as `concurrent.futures.wait`'s
 /// `return_when`.
@@ -33,16 +28,6 @@ pub enum ReturnWhen {
     /// When every job is done (Python's default).
     #[default]
     AllCompleted,
-}
-
-impl From<ReturnWhen> for pb::ReturnWhen {
-    fn from(when: ReturnWhen) -> Self {
-        match when {
-            ReturnWhen::FirstCompleted => Self::FirstCompleted,
-            ReturnWhen::FirstException => Self::FirstException,
-            ReturnWhen::AllCompleted => Self::AllCompleted,
-        }
-    }
 }
 
 /// What [`JobClient::wait`] found: Python's `(done, not_done)` pair, each in
@@ -100,23 +85,6 @@ impl ListFilter {
     pub fn label(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
         self.labels.insert(key.into(), value.into());
         self
-    }
-
-    fn request(&self, page_size: u32, page_token: String) -> pb::ListJobsRequest {
-        pb::ListJobsRequest {
-            states: self
-                .states
-                .iter()
-                .map(|&s| pb::JobState::from(s).into())
-                .collect(),
-            function: self.function.clone().unwrap_or_default(),
-            labels: self.labels.clone(),
-            submitted_after: self.submitted_after.map(Into::into),
-            submitted_before: self.submitted_before.map(Into::into),
-            // The server coerces anything above its maximum (1,000).
-            page_size: i32::try_from(page_size).unwrap_or(i32::MAX),
-            page_token,
-        }
     }
 }
 
@@ -179,29 +147,23 @@ impl JobClient {
         // remains, ask again. A FIRST_EXCEPTION split with jobs left cannot
         // tell a failure from the cap, so it is asked once more: a failure
         // is then answered at once, which ends the loop.
-        let answer = loop {
+        let (done, not_done) = loop {
             let asked = Instant::now();
-            let request = pb::WaitRequest {
-                job_ids: job_ids.clone(),
-                return_when: pb::ReturnWhen::from(return_when).into(),
-                timeout: deadline
-                    .map(|d| wire_duration(d.saturating_duration_since(Instant::now()))),
-            };
-            let answer = self.rpc().wait(request).await?.into_inner();
+            let remaining = deadline.map(|d| d.saturating_duration_since(Instant::now()));
+            let request = wire::wait_request(&job_ids, return_when, remaining);
+            let (done, not_done) = wire::wait_split(self.rpc().wait(request).await?.into_inner())?;
             let satisfied = match return_when {
-                ReturnWhen::FirstCompleted => !answer.done.is_empty(),
-                ReturnWhen::FirstException | ReturnWhen::AllCompleted => answer.not_done.is_empty(),
+                ReturnWhen::FirstCompleted => !done.is_empty(),
+                ReturnWhen::FirstException | ReturnWhen::AllCompleted => not_done.is_empty(),
             };
             if satisfied || !cut_short(asked, deadline) {
-                break answer;
+                break (done, not_done);
             }
         };
-        let handles = |ids: Vec<String>| -> Result<Vec<JobHandle>, Error> {
-            ids.iter().map(|id| Ok(self.job(parse_id(id)?))).collect()
-        };
+        let handles = |ids: Vec<JobId>| ids.into_iter().map(|id| self.job(id)).collect();
         Ok(WaitResult {
-            done: handles(answer.done)?,
-            not_done: handles(answer.not_done)?,
+            done: handles(done),
+            not_done: handles(not_done),
         })
     }
 
@@ -272,16 +234,8 @@ impl JobClient {
         page_size: u32,
         page_token: Option<String>,
     ) -> Result<JobPage, Error> {
-        let request = filter.request(page_size, page_token.unwrap_or_default());
-        let answer = self.rpc().list_jobs(request).await?.into_inner();
-        Ok(JobPage {
-            jobs: answer
-                .jobs
-                .into_iter()
-                .map(job_info)
-                .collect::<Result<_, _>>()?,
-            next_page_token: Some(answer.next_page_token).filter(|t| !t.is_empty()),
-        })
+        let request = wire::list_request(filter, page_size, page_token.unwrap_or_default());
+        wire::job_page(self.rpc().list_jobs(request).await?.into_inner())
     }
 
     /// Every job matching `filter`, newest first, fetched a page at a time
@@ -334,25 +288,5 @@ impl From<&JobHandle> for JobId {
 impl From<JobHandle> for JobId {
     fn from(job: JobHandle) -> Self {
         job.id()
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn filters_become_requests() {
-        let request = ListFilter::default()
-            .state(JobState::Running)
-            .function("hello")
-            .label("k", "v")
-            .request(5000, "tok".into());
-        assert_eq!(request.states, [pb::JobState::Running as i32]);
-        assert_eq!(request.function, "hello");
-        assert_eq!(request.labels.get("k").map(String::as_str), Some("v"));
-        assert_eq!(request.page_size, 5000);
-        assert_eq!(request.page_token, "tok");
-        assert_eq!(ListFilter::default().request(0, String::new()).function, "");
     }
 }

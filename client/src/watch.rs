@@ -8,13 +8,12 @@ use std::{
 };
 
 use futures::{StreamExt as _, stream::BoxStream};
-use jobd_proto::{JobId, JobState, pb};
+use jobd_proto::{JobId, JobState};
 
 use crate::{
     Error, JobClient, JobOutcome,
-    client::{parse_id, parse_state},
-    handle::outcome,
     retry::{RETRY_PAUSES, breaks_connection},
+    wire,
 };
 
 /// What to watch: job ids, or a filter (function, states, labels), not
@@ -267,25 +266,13 @@ impl JobClient {
         &self,
         watch: Watch,
     ) -> Result<BoxStream<'static, Result<JobEvent, Error>>, Error> {
-        let (stream_epoch, after_seq) = watch
-            .resume
-            .map(|point| (point.epoch, point.seq))
-            .unwrap_or_default();
-        let request = pb::WatchRequest {
-            job_ids: watch.ids.iter().map(ToString::to_string).collect(),
-            function: watch.function.unwrap_or_default(),
-            states: watch
-                .states
-                .into_iter()
-                .map(|s| pb::JobState::from(s).into())
-                .collect(),
-            labels: watch.labels,
-            after_seq,
-            stream_epoch,
-        };
-        let events = self.rpc().watch(request).await?.into_inner();
+        let events = self
+            .rpc()
+            .watch(wire::watch_request(watch))
+            .await?
+            .into_inner();
         Ok(events
-            .map(|event| job_event(event.map_err(Error::from)?))
+            .map(|event| wire::job_event(event.map_err(Error::from)?))
             .boxed())
     }
 }
@@ -435,50 +422,5 @@ impl Resuming {
             }
         }
         Err(error)
-    }
-}
-
-fn job_event(event: pb::WatchEvent) -> Result<JobEvent, Error> {
-    let kind = match pb::WatchEventKind::try_from(event.kind) {
-        Ok(pb::WatchEventKind::State) => JobEventKind::State,
-        Ok(pb::WatchEventKind::Progress) => JobEventKind::Progress,
-        Ok(pb::WatchEventKind::Snapshot) => JobEventKind::Snapshot,
-        Ok(pb::WatchEventKind::Lagged) => JobEventKind::Lagged,
-        _ => {
-            return Err(Error::Protocol(format!(
-                "the server sent an unknown watch event kind {}",
-                event.kind
-            )));
-        }
-    };
-    let (job, state) = if kind == JobEventKind::Lagged {
-        (None, None)
-    } else {
-        (
-            Some(parse_id(&event.job_id)?),
-            Some(parse_state(event.state)?),
-        )
-    };
-    Ok(JobEvent {
-        seq: event.seq,
-        epoch: event.stream_epoch,
-        kind,
-        job,
-        function: event.function,
-        state,
-        attempt: event.attempt,
-        progress: event.progress.map(progress),
-        outcome: state.and_then(|state| outcome(state, event.value, event.error)),
-        missed: event.missed,
-    })
-}
-
-pub(crate) fn progress(progress: pb::Progress) -> Progress {
-    Progress {
-        fraction: progress.fraction,
-        message: progress.message,
-        updated_at: progress
-            .update_time
-            .and_then(|t| SystemTime::try_from(t).ok()),
     }
 }
