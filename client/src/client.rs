@@ -1,12 +1,17 @@
 //! The connection to a jobd server and the calls that are not about one job.
 
-use std::collections::HashMap;
-
 use jobd_proto::{JobId, JobState, pb};
 use serde::Serialize;
 use tonic::{service::interceptor::InterceptedService, transport::Channel};
 
-use crate::{CallCredentials, ConnectOptions, Error, handle::JobHandle, retry, wire};
+use crate::{
+    answer::FunctionInfo,
+    connect::{CallCredentials, ConnectOptions},
+    error::Error,
+    handle::JobHandle,
+    request::Submission,
+    retry, wire,
+};
 
 /// The generated stub as [`JobClient`] holds it: every call goes through
 /// [`CallCredentials`], which adds the bearer token when there is one.
@@ -18,136 +23,6 @@ pub type RpcClient =
 #[derive(Debug, Clone)]
 pub struct JobClient {
     rpc: RpcClient,
-}
-
-/// A submission with every option; [`JobClient::submit`] covers the common
-/// case.
-///
-/// ```
-/// use jobd_client::Submission;
-/// let s = Submission::new("hello", serde_json::json!("Ann"))
-///     .label("team", "infra")
-///     .request_id("order-42");
-/// assert_eq!(s.function, "hello");
-/// ```
-#[derive(Debug, Clone, Default)]
-pub struct Submission {
-    /// The registered function to run.
-    pub function: String,
-    /// Its argument, any JSON value.
-    pub args: serde_json::Value,
-    /// The pool to require ("async" or "blocking"); `None` for the
-    /// function's own.
-    pub pool: Option<String>,
-    /// A client request id (AIP-155), stored with the job. Submitting twice
-    /// with one request id and the same function and arguments returns the
-    /// first job; with different content the server answers ALREADY_EXISTS.
-    /// When `None`, the client makes one up, so its own retries are safe.
-    pub request_id: Option<String>,
-    /// Labels stored with the job.
-    pub labels: HashMap<String, String>,
-    /// Priority within the job's pool, -1000 to 1000 (default 0): a higher
-    /// one starts first, equal ones in submission order.
-    pub priority: i32,
-    /// Do not start the job before this time (at most 30 days ahead; the
-    /// past means at once). Wins over `delay` when both are set.
-    pub not_before: Option<std::time::SystemTime>,
-    /// Do not start the job until this long after the server accepts it (at
-    /// most 30 days).
-    pub delay: Option<std::time::Duration>,
-    /// Running-time limit of each attempt (more than 0, at most 30 days):
-    /// past it the job ends FAILED with error kind TIMED_OUT.
-    pub timeout: Option<std::time::Duration>,
-    /// How many attempts the job may make in all (1 to 100; 0 means 1):
-    /// when the function fails with a retryable error it runs again after
-    /// an exponential backoff with jitter, while attempts remain.
-    pub max_attempts: u32,
-}
-
-impl Submission {
-    /// A submission of `function` with `args` and no options.
-    pub fn new(function: impl Into<String>, args: serde_json::Value) -> Self {
-        Self {
-            function: function.into(),
-            args,
-            ..Self::default()
-        }
-    }
-
-    /// Requires the job to run on `pool`.
-    #[must_use]
-    pub fn pool(mut self, pool: impl Into<String>) -> Self {
-        self.pool = Some(pool.into());
-        self
-    }
-
-    /// Sets the client request id.
-    #[must_use]
-    pub fn request_id(mut self, id: impl Into<String>) -> Self {
-        self.request_id = Some(id.into());
-        self
-    }
-
-    /// Adds a label.
-    #[must_use]
-    pub fn label(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
-        self.labels.insert(key.into(), value.into());
-        self
-    }
-
-    /// Sets the priority (-1000 to 1000; the server refuses others with
-    /// INVALID_ARGUMENT).
-    #[must_use]
-    pub fn priority(mut self, priority: i32) -> Self {
-        self.priority = priority;
-        self
-    }
-
-    /// Starts the job no sooner than `delay` after the server accepts it
-    /// (the job is pending meanwhile, and can be cancelled).
-    #[must_use]
-    pub fn delay(mut self, delay: std::time::Duration) -> Self {
-        self.delay = Some(delay);
-        self
-    }
-
-    /// Limits how long each attempt may run; see [`Submission::timeout`]'s
-    /// field.
-    #[must_use]
-    pub fn timeout(mut self, limit: std::time::Duration) -> Self {
-        self.timeout = Some(limit);
-        self
-    }
-
-    /// Allows up to `n` attempts in all for retryable failures.
-    #[must_use]
-    pub fn max_attempts(mut self, n: u32) -> Self {
-        self.max_attempts = n;
-        self
-    }
-
-    /// Starts the job no sooner than `at`.
-    #[must_use]
-    pub fn not_before(mut self, at: std::time::SystemTime) -> Self {
-        self.not_before = Some(at);
-        self
-    }
-}
-
-/// One function the server can run.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct FunctionInfo {
-    /// The name to submit it by.
-    pub name: String,
-    /// The pool it runs on ("async" or "blocking").
-    pub pool: String,
-    /// What it does and how to call it.
-    pub description: String,
-    /// The JSON Schema its argument must match, if it declared one; the
-    /// server refuses a submission that does not match it.
-    pub args_schema: Option<serde_json::Value>,
-    /// What it returns, in words, if it said.
-    pub returns: Option<String>,
 }
 
 impl JobClient {

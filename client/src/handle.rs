@@ -1,16 +1,21 @@
 //! A handle to one remote job: the network's `concurrent.futures.Future`.
 
 use std::{
-    collections::HashMap,
     future::{Future, IntoFuture},
     pin::Pin,
-    time::{Duration, Instant, SystemTime},
+    time::{Duration, Instant},
 };
 
 use jobd_proto::{JobId, JobState, pb};
 use serde::de::DeserializeOwned;
 
-use crate::{Error, JobClient, Progress, retry::cut_short, wire};
+use crate::{
+    answer::{CancelReport, JobInfo, JobOutcome, Progress},
+    client::JobClient,
+    error::Error,
+    retry::cut_short,
+    wire,
+};
 
 /// A submitted job. Ask it whether it is [`done`](Self::done), wait for its
 /// [`result`](Self::result), or `.await` it directly.
@@ -26,67 +31,6 @@ use crate::{Error, JobClient, Progress, retry::cut_short, wire};
 pub struct JobHandle {
     client: JobClient,
     id: JobId,
-}
-
-/// How a finished job ended, as data: a failed job is not an error here.
-#[derive(Debug, Clone, PartialEq)]
-pub struct JobOutcome {
-    /// SUCCEEDED, FAILED or CANCELLED.
-    pub state: JobState,
-    /// The value, or the job's error kind and message.
-    pub result: Result<serde_json::Value, (pb::ErrorKind, String)>,
-}
-
-/// Everything the server knows about a job (`GetJob`).
-#[derive(Debug, Clone, PartialEq)]
-pub struct JobInfo {
-    /// The job id.
-    pub id: JobId,
-    /// The function it runs.
-    pub function: String,
-    /// The pool it runs on.
-    pub pool: String,
-    /// Its state.
-    pub state: JobState,
-    /// Its argument.
-    pub args: serde_json::Value,
-    /// Its labels.
-    pub labels: HashMap<String, String>,
-    /// The request id it was submitted with, if any.
-    pub request_id: Option<String>,
-    /// When it was accepted.
-    pub submitted_at: Option<SystemTime>,
-    /// When its latest attempt started.
-    pub started_at: Option<SystemTime>,
-    /// When it finished.
-    pub finished_at: Option<SystemTime>,
-    /// How many attempts have started.
-    pub attempt: u32,
-    /// Its priority within its pool (higher starts first).
-    pub priority: i32,
-    /// For a delayed or scheduled job: the time before which it does not
-    /// start.
-    pub not_before: Option<SystemTime>,
-    /// Its running-time limit per attempt, if it has one.
-    pub timeout: Option<Duration>,
-    /// How many attempts retryable failures may use in all.
-    pub max_attempts: u32,
-    /// Its outcome, once finished.
-    pub outcome: Option<JobOutcome>,
-    /// The latest progress its current (or last) attempt reported, if any
-    /// (kept in the server's memory only).
-    pub progress: Option<Progress>,
-}
-
-/// What a cancel request achieved.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct CancelReport {
-    /// What happened (cancelled, aborted, requested, already done).
-    pub outcome: pb::CancelOutcome,
-    /// True if the job is now cancelled, as `Future.cancel()` returns.
-    pub cancelled: bool,
-    /// The job's state after the request.
-    pub state: JobState,
 }
 
 impl JobHandle {
@@ -271,21 +215,6 @@ impl JobHandle {
             .await?
             .into_inner();
         wire::cancel_report(answer)
-    }
-}
-
-impl JobOutcome {
-    /// The value, or the job's failure as an [`Error`].
-    ///
-    /// # Errors
-    ///
-    /// [`Error::JobFailed`] or [`Error::Cancelled`].
-    pub fn into_value(self, id: JobId) -> Result<serde_json::Value, Error> {
-        match self.result {
-            Ok(value) => Ok(value),
-            Err(_) if self.state == JobState::Cancelled => Err(Error::Cancelled { id }),
-            Err((kind, message)) => Err(Error::JobFailed { id, kind, message }),
-        }
     }
 }
 

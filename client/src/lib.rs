@@ -33,21 +33,39 @@
 //! users depend on it with `default-features = false` and pay for none of the
 //! CLI's dependencies.
 
+// The modules form layers; each uses only the layers above it, so that the
+// module graph is a DAG. The one pair that refers both ways is `client` and
+// `handle`: a client makes handles, and a handle calls through its client.
+//
+// 1. `error`: the error enum and a failed job's kind.
+// 2. `answer`, `request`: the library's own data types, no calls
+//    (`request` names `answer::ResumePoint`).
+// 3. `wire` (every pb <-> own-type conversion), `retry` (what is asked
+//    again, and after which pause), `connect` (address, TLS, token).
+// 4. `client` <-> `handle`: the connection, and one job.
+// 5. `watch`, `map`, `sets`: more `JobClient` calls, each on its own stream
+//    or set of jobs.
+mod answer;
 mod client;
 mod connect;
 mod error;
 mod handle;
 mod map;
+mod request;
 mod retry;
 mod sets;
 mod watch;
 mod wire;
 
-pub use client::{FunctionInfo, JobClient, RpcClient, Submission};
+pub use answer::{
+    CancelReport, FunctionInfo, JobEvent, JobEventKind, JobInfo, JobOutcome, JobPage, MapItem,
+    Progress, ResumePoint,
+};
+pub use client::{JobClient, RpcClient};
 pub use connect::{CallCredentials, ConnectOptions};
 pub use error::Error;
-pub use handle::{CancelReport, JobHandle, JobInfo, JobOutcome};
+pub use handle::JobHandle;
 pub use jobd_proto::{JobId, JobState, pb};
-pub use map::{MapItem, MapOptions, MapResults};
-pub use sets::{JobPage, ListFilter, ReturnWhen, WaitResult};
-pub use watch::{JobEvent, JobEventKind, Progress, ResumePoint, Watch};
+pub use map::MapResults;
+pub use request::{ListFilter, MapOptions, ReturnWhen, Submission, Watch};
+pub use sets::WaitResult;

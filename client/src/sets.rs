@@ -6,29 +6,20 @@
 //! `as_completed` keeps one `Result` call open per unfinished job, so
 //! neither polls.
 
-use std::{
-    collections::HashMap,
-    time::{Duration, Instant, SystemTime},
-};
+use std::time::{Duration, Instant};
 
 use futures::{Stream, TryStreamExt as _, stream::FuturesUnordered};
-use jobd_proto::{JobId, JobState};
+use jobd_proto::JobId;
 
-use crate::{Error, JobClient, JobHandle, handle::JobInfo, retry::cut_short, wire};
-
-/// When [`JobClient::wait`] answers, as `concurrent.futures.wait`'s
-/// `return_when`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum ReturnWhen {
-    /// As soon as any job is done (at once if one already is).
-    FirstCompleted,
-    /// As soon as any job ends failed; a cancelled job does not count, as in
-    /// Python. With no failure, when all are done.
-    FirstException,
-    /// When every job is done (Python's default).
-    #[default]
-    AllCompleted,
-}
+use crate::{
+    answer::{JobInfo, JobPage},
+    client::JobClient,
+    error::Error,
+    handle::JobHandle,
+    request::{ListFilter, ReturnWhen},
+    retry::cut_short,
+    wire,
+};
 
 /// What [`JobClient::wait`] found: Python's `(done, not_done)` pair, each in
 /// the order the jobs were given, without repeats.
@@ -38,65 +29,6 @@ pub struct WaitResult {
     pub done: Vec<JobHandle>,
     /// Jobs still pending or running.
     pub not_done: Vec<JobHandle>,
-}
-
-/// Which jobs [`JobClient::list_jobs`] returns; every condition given must
-/// hold, and the default matches every job.
-///
-/// ```
-/// use jobd_client::{JobState, ListFilter};
-/// let filter = ListFilter::default()
-///     .state(JobState::Failed)
-///     .function("sha256")
-///     .label("team", "infra");
-/// assert_eq!(filter.states, [JobState::Failed]);
-/// ```
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct ListFilter {
-    /// Only jobs in one of these states; empty means any state.
-    pub states: Vec<JobState>,
-    /// Only jobs of this function.
-    pub function: Option<String>,
-    /// Only jobs carrying all of these labels with these values.
-    pub labels: HashMap<String, String>,
-    /// Only jobs submitted strictly after this time.
-    pub submitted_after: Option<SystemTime>,
-    /// Only jobs submitted strictly before this time.
-    pub submitted_before: Option<SystemTime>,
-}
-
-impl ListFilter {
-    /// Also accepts jobs in `state`.
-    #[must_use]
-    pub fn state(mut self, state: JobState) -> Self {
-        self.states.push(state);
-        self
-    }
-
-    /// Only jobs of `function`.
-    #[must_use]
-    pub fn function(mut self, function: impl Into<String>) -> Self {
-        self.function = Some(function.into());
-        self
-    }
-
-    /// Only jobs with label `key` set to `value`.
-    #[must_use]
-    pub fn label(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
-        self.labels.insert(key.into(), value.into());
-        self
-    }
-}
-
-/// One page of [`JobClient::list_jobs`].
-#[derive(Debug, Clone)]
-pub struct JobPage {
-    /// The jobs, newest first.
-    pub jobs: Vec<JobInfo>,
-    /// Pass it to the next `list_jobs` call with the same filter for the
-    /// next page; `None` at the end. A page may be short (even empty) and
-    /// still have a next one.
-    pub next_page_token: Option<String>,
 }
 
 /// Page size of [`JobClient::list_all`]: the server's maximum, so a walk

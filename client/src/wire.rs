@@ -13,8 +13,12 @@ use std::time::{Duration, SystemTime};
 use jobd_proto::{JobId, JobState, pb, value};
 
 use crate::{
-    CancelReport, Error, FunctionInfo, JobEvent, JobEventKind, JobInfo, JobOutcome, JobPage,
-    ListFilter, MapItem, MapOptions, Progress, ReturnWhen, Submission, Watch,
+    answer::{
+        CancelReport, FunctionInfo, JobEvent, JobEventKind, JobInfo, JobOutcome, JobPage, MapItem,
+        Progress,
+    },
+    error::Error,
+    request::{ListFilter, MapOptions, ReturnWhen, Submission, Watch},
 };
 
 // Requests: the caller's types to the wire.
