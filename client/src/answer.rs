@@ -1,6 +1,6 @@
 //! What the server answers, as the client's own types: a job's record and
-//! outcome, its progress, a cancel report, a page of jobs, a map item, a
-//! watch event, a function's description.
+//! outcome, its progress, a cancel report and outcome, a page of jobs, a map
+//! item, a watch event, a function's description.
 //!
 //! Plain data, with no calls and no wire types: `wire` reads the generated
 //! messages into these, and the modules that make calls hand them out.
@@ -11,9 +11,9 @@ use std::{
     time::{Duration, SystemTime},
 };
 
-use jobd_proto::{JobId, JobState, pb};
+use jobd_proto::{JobId, JobState};
 
-use crate::error::Error;
+use crate::error::{Error, ErrorKind};
 
 /// One function the server can run.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -78,7 +78,7 @@ pub struct JobOutcome {
     /// SUCCEEDED, FAILED or CANCELLED.
     pub state: JobState,
     /// The value, or the job's error kind and message.
-    pub result: Result<serde_json::Value, (pb::ErrorKind, String)>,
+    pub result: Result<serde_json::Value, (ErrorKind, String)>,
 }
 
 impl JobOutcome {
@@ -111,11 +111,51 @@ pub struct Progress {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct CancelReport {
     /// What happened (cancelled, aborted, requested, already done).
-    pub outcome: pb::CancelOutcome,
+    pub outcome: CancelOutcome,
     /// True if the job is now cancelled, as `Future.cancel()` returns.
     pub cancelled: bool,
     /// The job's state after the request.
     pub state: JobState,
+}
+
+/// What a cancel request did, in a [`CancelReport`]. The server may add
+/// outcomes; one this client does not know reads as
+/// [`CancelOutcome::Unspecified`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum CancelOutcome {
+    /// The server named no outcome, or one this client does not know (a
+    /// newer server's).
+    Unspecified,
+    /// The job was pending and is now cancelled; it will never run.
+    Cancelled,
+    /// The job was running on the async pool and was aborted; it is
+    /// cancelled.
+    Aborted,
+    /// The job is running on the blocking pool, which cannot be interrupted:
+    /// a cooperative cancel request was sent through the job's context. The
+    /// job ends cancelled only if the function honours it.
+    Requested,
+    /// The job had already finished; nothing changed.
+    AlreadyDone,
+}
+
+impl CancelOutcome {
+    /// The outcome's name in `snake_case`, as `jobctl -o json` prints it.
+    ///
+    /// ```
+    /// assert_eq!(jobd_client::CancelOutcome::AlreadyDone.as_str(), "already_done");
+    /// ```
+    #[must_use]
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Unspecified => "unspecified",
+            Self::Cancelled => "cancelled",
+            Self::Aborted => "aborted",
+            Self::Requested => "requested",
+            Self::AlreadyDone => "already_done",
+        }
+    }
 }
 
 /// One page of [`JobClient::list_jobs`](crate::JobClient::list_jobs).

@@ -13,8 +13,15 @@ use crate::{
     retry, wire,
 };
 
-/// The generated stub as [`JobClient`] holds it: every call goes through
-/// [`CallCredentials`], which adds the bearer token when there is one.
+/// **The raw generated gRPC client**, as [`JobClient`] holds it: every call
+/// goes through [`CallCredentials`], which adds the bearer token when there
+/// is one.
+///
+/// This and [`JobClient::rpc`] are the library's one escape hatch to the
+/// generated code: its requests and answers are the `pb` types of the
+/// `jobd-proto` crate, not this library's own, and follow the wire contract
+/// (`proto/jobd/v1/jobd.proto`) rather than this library's API. Depend on
+/// `jobd-proto` to build them.
 pub type RpcClient =
     pb::job_service_client::JobServiceClient<InterceptedService<Channel, CallCredentials>>;
 
@@ -82,8 +89,19 @@ impl JobClient {
         }
     }
 
-    /// The generated gRPC stub, for calls this library does not wrap. It
-    /// sends the client's token, if any.
+    /// **The raw generated gRPC client** ([`RpcClient`]), for calls this
+    /// library does not wrap or for sending hand-made requests. It shares
+    /// this client's connection and sends its token, if any. Its types are
+    /// `jobd_proto::pb`'s, not this library's.
+    ///
+    /// ```no_run
+    /// # async fn run(client: jobd_client::JobClient) -> Result<(), Box<dyn std::error::Error>> {
+    /// use jobd_proto::pb;
+    ///
+    /// let answer = client.rpc().list_functions(pb::ListFunctionsRequest {}).await?;
+    /// println!("{} functions", answer.into_inner().functions.len());
+    /// # Ok(()) }
+    /// ```
     #[must_use]
     pub fn rpc(&self) -> RpcClient {
         self.rpc.clone()

@@ -58,14 +58,14 @@ mod watch;
 mod wire;
 
 pub use answer::{
-    CancelReport, FunctionInfo, JobEvent, JobEventKind, JobInfo, JobOutcome, JobPage, MapItem,
-    Progress, ResumePoint,
+    CancelOutcome, CancelReport, FunctionInfo, JobEvent, JobEventKind, JobInfo, JobOutcome,
+    JobPage, MapItem, Progress, ResumePoint,
 };
 pub use client::{JobClient, RpcClient};
 pub use connect::{CallCredentials, ConnectOptions};
-pub use error::Error;
+pub use error::{Error, ErrorKind};
 pub use handle::JobHandle;
-pub use jobd_proto::{JobId, JobState, pb};
+pub use jobd_proto::{JobId, JobState};
 pub use map::MapResults;
 pub use request::{ListFilter, MapOptions, ReturnWhen, Submission, Watch};
 pub use sets::WaitResult;

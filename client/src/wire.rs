@@ -14,10 +14,10 @@ use jobd_proto::{JobId, JobState, pb, value};
 
 use crate::{
     answer::{
-        CancelReport, FunctionInfo, JobEvent, JobEventKind, JobInfo, JobOutcome, JobPage, MapItem,
-        Progress,
+        CancelOutcome, CancelReport, FunctionInfo, JobEvent, JobEventKind, JobInfo, JobOutcome,
+        JobPage, MapItem, Progress,
     },
-    error::Error,
+    error::{Error, ErrorKind},
     request::{ListFilter, MapOptions, ReturnWhen, Submission, Watch},
 };
 
@@ -176,11 +176,8 @@ fn outcome(
     }
     let result = match (state, error) {
         (JobState::Succeeded, _) => Ok(value::option_to_json(value)),
-        (_, Some(e)) => Err((
-            pb::ErrorKind::try_from(e.kind).unwrap_or(pb::ErrorKind::Unspecified),
-            e.message,
-        )),
-        (_, None) => Err((pb::ErrorKind::Unspecified, state.to_string())),
+        (_, Some(e)) => Err((error_kind(e.kind), e.message)),
+        (_, None) => Err((ErrorKind::Unspecified, state.to_string())),
     };
     Some(JobOutcome { state, result })
 }
@@ -192,10 +189,32 @@ pub(crate) fn result_outcome(answer: pb::ResultResponse) -> Result<JobOutcome, E
         .ok_or_else(|| Error::Protocol(format!("Result answered in state {state}")))
 }
 
+/// A job's error kind; one this client does not know (a newer server's)
+/// reads as unspecified.
+fn error_kind(raw: i32) -> ErrorKind {
+    // No `_` arm: a kind added to the proto must be given a place here.
+    match pb::ErrorKind::try_from(raw) {
+        Ok(pb::ErrorKind::Unspecified) | Err(_) => ErrorKind::Unspecified,
+        Ok(pb::ErrorKind::Failed) => ErrorKind::Failed,
+        Ok(pb::ErrorKind::Panicked) => ErrorKind::Panicked,
+        Ok(pb::ErrorKind::Cancelled) => ErrorKind::Cancelled,
+        Ok(pb::ErrorKind::Interrupted) => ErrorKind::Interrupted,
+        Ok(pb::ErrorKind::TimedOut) => ErrorKind::TimedOut,
+        Ok(pb::ErrorKind::ResultTooLarge) => ErrorKind::ResultTooLarge,
+    }
+}
+
 pub(crate) fn cancel_report(answer: pb::CancelResponse) -> Result<CancelReport, Error> {
+    // No `_` arm, as for error kinds.
+    let outcome = match pb::CancelOutcome::try_from(answer.outcome) {
+        Ok(pb::CancelOutcome::Unspecified) | Err(_) => CancelOutcome::Unspecified,
+        Ok(pb::CancelOutcome::Cancelled) => CancelOutcome::Cancelled,
+        Ok(pb::CancelOutcome::Aborted) => CancelOutcome::Aborted,
+        Ok(pb::CancelOutcome::Requested) => CancelOutcome::Requested,
+        Ok(pb::CancelOutcome::AlreadyDone) => CancelOutcome::AlreadyDone,
+    };
     Ok(CancelReport {
-        outcome: pb::CancelOutcome::try_from(answer.outcome)
-            .unwrap_or(pb::CancelOutcome::Unspecified),
+        outcome,
         cancelled: answer.cancelled,
         state: parse_state(answer.state)?,
     })
@@ -316,6 +335,33 @@ fn time(t: Option<prost_types::Timestamp>) -> Option<SystemTime> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn kinds_and_outcomes_this_client_does_not_know_read_as_unspecified() {
+        assert_eq!(
+            error_kind(pb::ErrorKind::TimedOut.into()),
+            ErrorKind::TimedOut
+        );
+        assert_eq!(
+            error_kind(pb::ErrorKind::Unspecified.into()),
+            ErrorKind::Unspecified
+        );
+        assert_eq!(error_kind(99), ErrorKind::Unspecified);
+        let report = |outcome: i32| {
+            cancel_report(pb::CancelResponse {
+                outcome,
+                cancelled: false,
+                state: pb::JobState::Running.into(),
+            })
+            .unwrap()
+            .outcome
+        };
+        assert_eq!(
+            report(pb::CancelOutcome::Requested.into()),
+            CancelOutcome::Requested
+        );
+        assert_eq!(report(99), CancelOutcome::Unspecified);
+    }
 
     #[test]
     fn filters_become_requests() {
