@@ -218,8 +218,11 @@ impl JobEvent {
     }
 }
 
-/// What a [`JobEvent`] reports.
+/// What a [`JobEvent`] reports. The server may add kinds; an event of a
+/// kind this client does not know comes as an [`Error::Protocol`] item
+/// instead.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum JobEventKind {
     /// The job changed state.
     State,
@@ -231,6 +234,23 @@ pub enum JobEventKind {
     /// server events were skipped. A watch of ids continues with fresh
     /// snapshots; a filter watch should re-read what it needs (list jobs).
     Lagged,
+}
+
+impl JobEventKind {
+    /// The kind's name in `snake_case`, as `jobctl watch` prints it.
+    ///
+    /// ```
+    /// assert_eq!(jobd_client::JobEventKind::Snapshot.as_str(), "snapshot");
+    /// ```
+    #[must_use]
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::State => "state",
+            Self::Progress => "progress",
+            Self::Snapshot => "snapshot",
+            Self::Lagged => "lagged",
+        }
+    }
 }
 
 /// Where a watch stream got to: pass it to

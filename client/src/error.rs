@@ -5,7 +5,11 @@
 use jobd_proto::JobId;
 
 /// Why a client call did not produce what was asked for.
+///
+/// Non-exhaustive: later versions may tell more failures apart, so a match
+/// on it needs a `_` arm (for most callers, "the request failed").
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum Error {
     /// The server address is not a valid URI.
     #[error("invalid server address {addr:?}: {reason}")]

@@ -1,9 +1,11 @@
 //! Why a jobctl run did not succeed, the exit code each reason maps to, and
 //! how it is told to the user: one line on stderr, never a Debug dump.
 //!
-//! The exit-code table is an exhaustive match over [`Failure`] and the client
-//! library's error (no `_` arm), so a new kind of failure cannot be added
-//! without choosing its code.
+//! The exit-code table is an exhaustive match over [`Failure`] (no `_` arm),
+//! so a new kind of failure cannot be added without choosing its code. The
+//! client library's error is `#[non_exhaustive]`: its variants are all
+//! listed, and one it adds later counts as a failed request (exit 3) until
+//! it is listed too.
 
 use std::{error::Error as _, io, process::ExitCode, time::Duration};
 
@@ -164,6 +166,9 @@ impl Failure {
                 | ClientError::Rpc(_)
                 | ClientError::Protocol(_)
                 | ClientError::Json(_) => Exit::Rpc,
+                // A variant newer than this table: every variant but the
+                // job's own failures and bad options is a failed request.
+                _ => Exit::Rpc,
             },
         };
         exit as u8
