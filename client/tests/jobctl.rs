@@ -1103,7 +1103,7 @@ fn map_exits_3_when_the_server_ends_the_stream_with_an_error() {
     assert_eq!(run.stdout, "1\n2\n", "{run:#?}");
     let error = run.error_line();
     assert!(error.starts_with("jobctl: "), "{error}");
-    assert!(error.contains("after 2 results"), "{error}");
+    assert!(error.contains("the map ended after 2 answers: "), "{error}");
     assert!(error.contains("too large"), "{error}");
     server.shutdown();
 }
