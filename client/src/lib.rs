@@ -29,6 +29,11 @@
 //! [`JobClient::map`] is `Executor.map`: one function over many arguments,
 //! results in order (or as completed), with bounded jobs in flight.
 //!
+//! Every type in this API is the crate's own (or `jobd-proto`'s [`JobId`]
+//! and [`JobState`]); the one way to the generated gRPC code is
+//! [`JobClient::rpc`], the raw generated client, for calls this crate does
+//! not wrap.
+//!
 //! This crate's default `cli` feature builds the `jobctl` binary; library
 //! users depend on it with `default-features = false` and pay for none of the
 //! CLI's dependencies.

@@ -4,9 +4,12 @@
 //!
 //! It is the one place that knows the wire's conventions (an empty string
 //! for "none", an `i32` for an enum, `UNSPECIFIED`, the well-known types),
-//! so the modules that make calls never decode a field themselves. An
-//! answer this client cannot read (a bad id, a state it does not know) is
-//! [`Error::Protocol`], never a panic or a silent default.
+//! so the modules that make calls never decode a field themselves; they
+//! only wrap a job id in the request that carries it, and `map` frames its
+//! arguments into messages by size. An answer this client cannot read (a
+//! bad id, a state it does not know) is [`Error::Protocol`], never a panic;
+//! an error kind or cancel outcome it does not know reads as `Unspecified`,
+//! since the rest of the answer is still good.
 
 use std::time::{Duration, SystemTime};
 
