@@ -1,18 +1,27 @@
 //! The connection to a jobd server and the calls that are not about one job.
 
-use std::collections::HashMap;
-
-use jobd_proto::{JobId, JobState, pb, value};
+use jobd_proto::{JobId, JobState, pb};
 use serde::Serialize;
-use tonic::{
-    service::interceptor::InterceptedService,
-    transport::{Channel, Endpoint},
+use tonic::{service::interceptor::InterceptedService, transport::Channel};
+
+use crate::{
+    answer::FunctionInfo,
+    connect::{CallCredentials, ConnectOptions},
+    error::Error,
+    handle::JobHandle,
+    request::Submission,
+    retry, wire,
 };
 
-use crate::{CallCredentials, ConnectOptions, Error, handle::JobHandle};
-
-/// The generated stub as [`JobClient`] holds it: every call goes through
-/// [`CallCredentials`], which adds the bearer token when there is one.
+/// **The raw generated gRPC client**, as [`JobClient`] holds it: every call
+/// goes through [`CallCredentials`], which adds the bearer token when there
+/// is one.
+///
+/// This and [`JobClient::rpc`] are the library's one escape hatch to the
+/// generated code: its requests and answers are the `pb` types of the
+/// `jobd-proto` crate, not this library's own, and follow the wire contract
+/// (`proto/jobd/v1/jobd.proto`) rather than this library's API. Depend on
+/// `jobd-proto` to build them.
 pub type RpcClient =
     pb::job_service_client::JobServiceClient<InterceptedService<Channel, CallCredentials>>;
 
@@ -21,136 +30,6 @@ pub type RpcClient =
 #[derive(Debug, Clone)]
 pub struct JobClient {
     rpc: RpcClient,
-}
-
-/// A submission with every option; [`JobClient::submit`] covers the common
-/// case.
-///
-/// ```
-/// use jobd_client::Submission;
-/// let s = Submission::new("hello", serde_json::json!("Ann"))
-///     .label("team", "infra")
-///     .request_id("order-42");
-/// assert_eq!(s.function, "hello");
-/// ```
-#[derive(Debug, Clone, Default)]
-pub struct Submission {
-    /// The registered function to run.
-    pub function: String,
-    /// Its argument, any JSON value.
-    pub args: serde_json::Value,
-    /// The pool to require ("async" or "blocking"); `None` for the
-    /// function's own.
-    pub pool: Option<String>,
-    /// A client request id (AIP-155), stored with the job. Submitting twice
-    /// with one request id and the same function and arguments returns the
-    /// first job; with different content the server answers ALREADY_EXISTS.
-    /// When `None`, the client makes one up, so its own retries are safe.
-    pub request_id: Option<String>,
-    /// Labels stored with the job.
-    pub labels: HashMap<String, String>,
-    /// Priority within the job's pool, -1000 to 1000 (default 0): a higher
-    /// one starts first, equal ones in submission order.
-    pub priority: i32,
-    /// Do not start the job before this time (at most 30 days ahead; the
-    /// past means at once). Wins over `delay` when both are set.
-    pub not_before: Option<std::time::SystemTime>,
-    /// Do not start the job until this long after the server accepts it (at
-    /// most 30 days).
-    pub delay: Option<std::time::Duration>,
-    /// Running-time limit of each attempt (more than 0, at most 30 days):
-    /// past it the job ends FAILED with error kind TIMED_OUT.
-    pub timeout: Option<std::time::Duration>,
-    /// How many attempts the job may make in all (1 to 100; 0 means 1):
-    /// when the function fails with a retryable error it runs again after
-    /// an exponential backoff with jitter, while attempts remain.
-    pub max_attempts: u32,
-}
-
-impl Submission {
-    /// A submission of `function` with `args` and no options.
-    pub fn new(function: impl Into<String>, args: serde_json::Value) -> Self {
-        Self {
-            function: function.into(),
-            args,
-            ..Self::default()
-        }
-    }
-
-    /// Requires the job to run on `pool`.
-    #[must_use]
-    pub fn pool(mut self, pool: impl Into<String>) -> Self {
-        self.pool = Some(pool.into());
-        self
-    }
-
-    /// Sets the client request id.
-    #[must_use]
-    pub fn request_id(mut self, id: impl Into<String>) -> Self {
-        self.request_id = Some(id.into());
-        self
-    }
-
-    /// Adds a label.
-    #[must_use]
-    pub fn label(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
-        self.labels.insert(key.into(), value.into());
-        self
-    }
-
-    /// Sets the priority (-1000 to 1000; the server refuses others with
-    /// INVALID_ARGUMENT).
-    #[must_use]
-    pub fn priority(mut self, priority: i32) -> Self {
-        self.priority = priority;
-        self
-    }
-
-    /// Starts the job no sooner than `delay` after the server accepts it
-    /// (the job is pending meanwhile, and can be cancelled).
-    #[must_use]
-    pub fn delay(mut self, delay: std::time::Duration) -> Self {
-        self.delay = Some(delay);
-        self
-    }
-
-    /// Limits how long each attempt may run; see [`Submission::timeout`]'s
-    /// field.
-    #[must_use]
-    pub fn timeout(mut self, limit: std::time::Duration) -> Self {
-        self.timeout = Some(limit);
-        self
-    }
-
-    /// Allows up to `n` attempts in all for retryable failures.
-    #[must_use]
-    pub fn max_attempts(mut self, n: u32) -> Self {
-        self.max_attempts = n;
-        self
-    }
-
-    /// Starts the job no sooner than `at`.
-    #[must_use]
-    pub fn not_before(mut self, at: std::time::SystemTime) -> Self {
-        self.not_before = Some(at);
-        self
-    }
-}
-
-/// One function the server can run.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct FunctionInfo {
-    /// The name to submit it by.
-    pub name: String,
-    /// The pool it runs on ("async" or "blocking").
-    pub pool: String,
-    /// What it does and how to call it.
-    pub description: String,
-    /// The JSON Schema its argument must match, if it declared one; the
-    /// server refuses a submission that does not match it.
-    pub args_schema: Option<serde_json::Value>,
-    /// What it returns, in words, if it said.
-    pub returns: Option<String>,
 }
 
 impl JobClient {
@@ -210,8 +89,19 @@ impl JobClient {
         }
     }
 
-    /// The generated gRPC stub, for calls this library does not wrap. It
-    /// sends the client's token, if any.
+    /// **The raw generated gRPC client** ([`RpcClient`]), for calls this
+    /// library does not wrap or for sending hand-made requests. It shares
+    /// this client's connection and sends its token, if any. Its types are
+    /// `jobd_proto::pb`'s, not this library's.
+    ///
+    /// ```no_run
+    /// # async fn run(client: jobd_client::JobClient) -> Result<(), Box<dyn std::error::Error>> {
+    /// use jobd_proto::pb;
+    ///
+    /// let answer = client.rpc().list_functions(pb::ListFunctionsRequest {}).await?;
+    /// println!("{} functions", answer.into_inner().functions.len());
+    /// # Ok(()) }
+    /// ```
     #[must_use]
     pub fn rpc(&self) -> RpcClient {
         self.rpc.clone()
@@ -268,21 +158,23 @@ impl JobClient {
         submission: Submission,
     ) -> Result<(JobHandle, JobState), Error> {
         let (handle, state) = self.submit_raw(submission).await?;
-        Ok((handle, parse_state(state)?))
+        Ok((handle, wire::parse_state(state)?))
     }
 
     /// Submits and returns the raw wire state, so that [`Self::submit_with`]
     /// never fails over a state it does not look at.
     async fn submit_raw(&self, submission: Submission) -> Result<(JobHandle, i32), Error> {
-        let request = wire_submission(submission);
-        let answer = self
-            .with_retries(|mut rpc| {
-                let request = request.clone();
-                async move { rpc.submit(request).await }
-            })
-            .await?
-            .into_inner();
-        let id = parse_id(&answer.job_id)?;
+        let request = wire::submit_request(submission);
+        // Safe to repeat: every submission carries a request id, so a retry
+        // of one that did reach the server returns the same job instead of
+        // creating a second one.
+        let answer = retry::with_retries(|| {
+            let (mut rpc, request) = (self.rpc.clone(), request.clone());
+            async move { rpc.submit(request).await }
+        })
+        .await?
+        .into_inner();
+        let id = wire::parse_id(&answer.job_id)?;
         Ok((self.job(id), answer.state))
     }
 
@@ -309,59 +201,19 @@ impl JobClient {
         submissions: Vec<Submission>,
     ) -> Result<Vec<Result<JobHandle, Error>>, Error> {
         let request = pb::SubmitBatchRequest {
-            requests: submissions.into_iter().map(wire_submission).collect(),
+            requests: submissions.into_iter().map(wire::submit_request).collect(),
         };
-        let answer = self
-            .with_retries(|mut rpc| {
-                let request = request.clone();
-                async move { rpc.submit_batch(request).await }
-            })
-            .await?
-            .into_inner();
+        let answer = retry::with_retries(|| {
+            let (mut rpc, request) = (self.rpc.clone(), request.clone());
+            async move { rpc.submit_batch(request).await }
+        })
+        .await?
+        .into_inner();
         Ok(answer
             .results
             .into_iter()
-            .map(|result| match (result.job, result.error) {
-                (Some(job), _) => Ok(self.job(parse_id(&job.job_id)?)),
-                (None, Some(error)) => Err(Error::from(tonic::Status::new(
-                    tonic::Code::from_i32(error.code),
-                    error.message,
-                ))),
-                (None, None) => Err(Error::Protocol(
-                    "a batch result with neither job nor error".into(),
-                )),
-            })
+            .map(|result| wire::batch_item(result).map(|id| self.job(id)))
             .collect())
-    }
-
-    /// Runs a submit call, retrying when the connection failed or the server
-    /// was briefly unavailable. Safe because every submission carries a
-    /// request id: a retry of a submission that did reach the server returns
-    /// the same job instead of creating a second one.
-    async fn with_retries<T, F, Fut>(&self, mut call: F) -> Result<T, Error>
-    where
-        F: FnMut(RpcClient) -> Fut,
-        Fut: std::future::Future<Output = Result<T, tonic::Status>>,
-    {
-        let mut pauses = RETRY_PAUSES.iter();
-        loop {
-            match call(self.rpc.clone()).await {
-                Ok(answer) => return Ok(answer),
-                Err(status)
-                    if matches!(
-                        status.code(),
-                        tonic::Code::Unavailable | tonic::Code::Unknown
-                    ) =>
-                {
-                    let Some(&pause) = pauses.next() else {
-                        return Err(status.into());
-                    };
-                    tracing::debug!(%status, "submit failed; retrying with the same request id");
-                    tokio::time::sleep(pause).await;
-                }
-                Err(status) => return Err(status.into()),
-            }
-        }
     }
 
     /// A handle to an existing job, by id. No request is made.
@@ -385,92 +237,7 @@ impl JobClient {
         Ok(answer
             .functions
             .into_iter()
-            .map(|f| FunctionInfo {
-                name: f.name,
-                pool: f.pool,
-                description: f.description,
-                args_schema: f.args_schema.map(jobd_proto::value::to_json),
-                returns: Some(f.returns).filter(|r| !r.is_empty()),
-            })
+            .map(wire::function_info)
             .collect())
-    }
-}
-
-/// The pauses before each retry of a call cut off by a broken connection or
-/// a briefly unavailable server (submit retries, watch resumes): a call is
-/// tried once more after each, and together they ride out a server restart.
-pub(crate) const RETRY_PAUSES: [std::time::Duration; 3] = [
-    std::time::Duration::from_millis(50),
-    std::time::Duration::from_millis(200),
-    std::time::Duration::from_millis(800),
-];
-
-/// The wire form of a submission, with a fresh request id when the caller
-/// gave none, so that retries are idempotent.
-fn wire_submission(submission: Submission) -> pb::SubmitRequest {
-    pb::SubmitRequest {
-        function: submission.function,
-        args: Some(value::from_json(submission.args)),
-        pool: submission.pool.unwrap_or_default(),
-        request_id: submission
-            .request_id
-            .unwrap_or_else(|| uuid::Uuid::now_v7().to_string()),
-        labels: submission.labels,
-        priority: submission.priority,
-        // The server takes at most one of them.
-        delay: submission
-            .delay
-            .filter(|_| submission.not_before.is_none())
-            .map(crate::handle::wire_duration),
-        not_before: submission.not_before.map(Into::into),
-        timeout: submission.timeout.map(crate::handle::wire_duration),
-        max_attempts: submission.max_attempts,
-    }
-}
-
-/// Builds the endpoint for `addr`, adding `http://` to a bare `host:port`.
-pub(crate) fn endpoint(addr: &str) -> Result<Endpoint, Error> {
-    let uri = if addr.contains("://") {
-        addr.to_owned()
-    } else {
-        format!("http://{addr}")
-    };
-    let invalid = |reason: String| Error::InvalidAddress {
-        addr: addr.to_owned(),
-        reason,
-    };
-    let endpoint = Endpoint::from_shared(uri).map_err(|e| invalid(e.to_string()))?;
-    if endpoint.uri().host().is_none() {
-        return Err(invalid("no host".to_owned()));
-    }
-    // Small RPCs: do not let Nagle delay requests.
-    Ok(endpoint.tcp_nodelay(true))
-}
-
-pub(crate) fn parse_id(raw: &str) -> Result<JobId, Error> {
-    raw.parse()
-        .map_err(|e| Error::Protocol(format!("the server sent a bad job id: {e}")))
-}
-
-pub(crate) fn parse_state(raw: i32) -> Result<JobState, Error> {
-    JobState::try_from(raw)
-        .map_err(|raw| Error::Protocol(format!("the server sent an unknown job state {raw}")))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn bare_host_port_gets_a_scheme() {
-        assert_eq!(
-            endpoint("127.0.0.1:50051").unwrap().uri().to_string(),
-            "http://127.0.0.1:50051/"
-        );
-        assert!(endpoint("http://[::1]:1").is_ok());
-        assert!(matches!(
-            endpoint("http://"),
-            Err(Error::InvalidAddress { .. })
-        ));
     }
 }

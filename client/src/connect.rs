@@ -1,4 +1,5 @@
-//! How a client reaches a server that wants more than plaintext: TLS (a CA
+//! How a client reaches a server: the address (a bare `host:port` means
+//! `http://`), and for a server that wants more than plaintext, TLS (a CA
 //! to trust, a client certificate for mutual TLS) and a bearer token sent
 //! with every call. [`ConnectOptions`] collects them; [`CallCredentials`] is
 //! the interceptor that puts the token on each request.
@@ -108,7 +109,7 @@ impl ConnectOptions {
     ///
     /// [`Error::InvalidAddress`] or [`Error::InvalidOptions`].
     pub fn endpoint(&self, addr: &str) -> Result<Endpoint, Error> {
-        self.configure(crate::client::endpoint(addr)?)
+        self.configure(endpoint_for(addr)?)
     }
 
     /// Applies the TLS settings to `endpoint` (only for `https://`).
@@ -224,6 +225,25 @@ impl Interceptor for CallCredentials {
     }
 }
 
+/// Builds the endpoint for `addr`, adding `http://` to a bare `host:port`.
+fn endpoint_for(addr: &str) -> Result<Endpoint, Error> {
+    let uri = if addr.contains("://") {
+        addr.to_owned()
+    } else {
+        format!("http://{addr}")
+    };
+    let invalid = |reason: String| Error::InvalidAddress {
+        addr: addr.to_owned(),
+        reason,
+    };
+    let endpoint = Endpoint::from_shared(uri).map_err(|e| invalid(e.to_string()))?;
+    if endpoint.uri().host().is_none() {
+        return Err(invalid("no host".to_owned()));
+    }
+    // Small RPCs: do not let Nagle delay requests.
+    Ok(endpoint.tcp_nodelay(true))
+}
+
 /// An error and its causes on one line (tonic's TLS errors hide the useful
 /// part in a source).
 fn one_line(error: &dyn std::error::Error) -> String {
@@ -239,6 +259,19 @@ fn one_line(error: &dyn std::error::Error) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn bare_host_port_gets_a_scheme() {
+        assert_eq!(
+            endpoint_for("127.0.0.1:50051").unwrap().uri().to_string(),
+            "http://127.0.0.1:50051/"
+        );
+        assert!(endpoint_for("http://[::1]:1").is_ok());
+        assert!(matches!(
+            endpoint_for("http://"),
+            Err(Error::InvalidAddress { .. })
+        ));
+    }
 
     #[test]
     fn debug_hides_secrets() {

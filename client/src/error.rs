@@ -1,10 +1,15 @@
 //! The client's one error type: tells transport failures, unknown jobs,
-//! timeouts, job failure and cancellation apart.
+//! timeouts, job failure and cancellation apart. Also [`ErrorKind`], the
+//! kind of failure a job reports, which [`Error::JobFailed`] carries.
 
-use jobd_proto::{JobId, pb};
+use jobd_proto::JobId;
 
 /// Why a client call did not produce what was asked for.
+///
+/// Non-exhaustive: later versions may tell more failures apart, so a match
+/// on it needs a `_` arm (for most callers, "the request failed").
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum Error {
     /// The server address is not a valid URI.
     #[error("invalid server address {addr:?}: {reason}")]
@@ -36,7 +41,7 @@ pub enum Error {
         /// The job.
         id: JobId,
         /// Which kind of failure.
-        kind: pb::ErrorKind,
+        kind: ErrorKind,
         /// The job's error message.
         message: String,
     },
@@ -55,6 +60,54 @@ pub enum Error {
     /// A value could not be converted to or from the requested Rust type.
     #[error("cannot convert job value: {0}")]
     Json(#[from] serde_json::Error),
+}
+
+/// Which kind of failure a job that did not succeed reports, in
+/// [`Error::JobFailed`] and in a [`JobOutcome`](crate::JobOutcome)'s error.
+/// The server may add kinds; one this client does not know reads as
+/// [`ErrorKind::Unspecified`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum ErrorKind {
+    /// The server named no kind, or one this client does not know (a newer
+    /// server's).
+    Unspecified,
+    /// The function returned an error.
+    Failed,
+    /// The function panicked; the worker survived and the job failed.
+    Panicked,
+    /// The job was cancelled (before it started, aborted, or it honoured a
+    /// cooperative cancel request).
+    Cancelled,
+    /// The job was interrupted because the server stopped while it ran.
+    Interrupted,
+    /// The job ran longer than the timeout it was submitted with: an async
+    /// job was aborted; a blocking job was asked to stop and marked failed
+    /// (its function may still run to the end, unheeded).
+    TimedOut,
+    /// The function returned a value larger than the server's result cap
+    /// (`jobd --max-result-bytes`, measured as JSON); the value was dropped.
+    ResultTooLarge,
+}
+
+impl ErrorKind {
+    /// The kind's name in `snake_case`, as `jobctl -o json` prints it.
+    ///
+    /// ```
+    /// assert_eq!(jobd_client::ErrorKind::TimedOut.as_str(), "timed_out");
+    /// ```
+    #[must_use]
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Unspecified => "unspecified",
+            Self::Failed => "failed",
+            Self::Panicked => "panicked",
+            Self::Cancelled => "cancelled",
+            Self::Interrupted => "interrupted",
+            Self::TimedOut => "timed_out",
+            Self::ResultTooLarge => "result_too_large",
+        }
+    }
 }
 
 impl Error {

@@ -1,16 +1,21 @@
 //! A handle to one remote job: the network's `concurrent.futures.Future`.
 
 use std::{
-    collections::HashMap,
     future::{Future, IntoFuture},
     pin::Pin,
-    time::{Duration, Instant, SystemTime},
+    time::{Duration, Instant},
 };
 
-use jobd_proto::{JobId, JobState, pb, value};
+use jobd_proto::{JobId, JobState, pb};
 use serde::de::DeserializeOwned;
 
-use crate::{Error, JobClient, Progress, client::parse_state};
+use crate::{
+    answer::{CancelReport, JobInfo, JobOutcome, Progress},
+    client::JobClient,
+    error::Error,
+    retry::cut_short,
+    wire,
+};
 
 /// A submitted job. Ask it whether it is [`done`](Self::done), wait for its
 /// [`result`](Self::result), or `.await` it directly.
@@ -26,67 +31,6 @@ use crate::{Error, JobClient, Progress, client::parse_state};
 pub struct JobHandle {
     client: JobClient,
     id: JobId,
-}
-
-/// How a finished job ended, as data: a failed job is not an error here.
-#[derive(Debug, Clone, PartialEq)]
-pub struct JobOutcome {
-    /// SUCCEEDED, FAILED or CANCELLED.
-    pub state: JobState,
-    /// The value, or the job's error kind and message.
-    pub result: Result<serde_json::Value, (pb::ErrorKind, String)>,
-}
-
-/// Everything the server knows about a job (`GetJob`).
-#[derive(Debug, Clone, PartialEq)]
-pub struct JobInfo {
-    /// The job id.
-    pub id: JobId,
-    /// The function it runs.
-    pub function: String,
-    /// The pool it runs on.
-    pub pool: String,
-    /// Its state.
-    pub state: JobState,
-    /// Its argument.
-    pub args: serde_json::Value,
-    /// Its labels.
-    pub labels: HashMap<String, String>,
-    /// The request id it was submitted with, if any.
-    pub request_id: Option<String>,
-    /// When it was accepted.
-    pub submitted_at: Option<SystemTime>,
-    /// When its latest attempt started.
-    pub started_at: Option<SystemTime>,
-    /// When it finished.
-    pub finished_at: Option<SystemTime>,
-    /// How many attempts have started.
-    pub attempt: u32,
-    /// Its priority within its pool (higher starts first).
-    pub priority: i32,
-    /// For a delayed or scheduled job: the time before which it does not
-    /// start.
-    pub not_before: Option<SystemTime>,
-    /// Its running-time limit per attempt, if it has one.
-    pub timeout: Option<Duration>,
-    /// How many attempts retryable failures may use in all.
-    pub max_attempts: u32,
-    /// Its outcome, once finished.
-    pub outcome: Option<JobOutcome>,
-    /// The latest progress its current (or last) attempt reported, if any
-    /// (kept in the server's memory only).
-    pub progress: Option<Progress>,
-}
-
-/// What a cancel request achieved.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct CancelReport {
-    /// What happened (cancelled, aborted, requested, already done).
-    pub outcome: pb::CancelOutcome,
-    /// True if the job is now cancelled, as `Future.cancel()` returns.
-    pub cancelled: bool,
-    /// The job's state after the request.
-    pub state: JobState,
 }
 
 impl JobHandle {
@@ -123,7 +67,7 @@ impl JobHandle {
             })
             .await?
             .into_inner();
-        parse_state(answer.state)
+        wire::parse_state(answer.state)
     }
 
     /// Everything the server knows about the job.
@@ -142,7 +86,7 @@ impl JobHandle {
             .into_inner()
             .job
             .ok_or_else(|| Error::Protocol("GetJob answered without a job".to_owned()))?;
-        job_info(job)
+        wire::job_info(job)
     }
 
     /// The job's latest progress report (`GetJob`), or `None` if it has
@@ -214,7 +158,8 @@ impl JobHandle {
                 .result(pb::ResultRequest {
                     job_id: self.id.to_string(),
                     timeout: deadline
-                        .map(|d| wire_duration(d.saturating_duration_since(Instant::now()))),
+                        .map(|d| d.saturating_duration_since(Instant::now()))
+                        .map(wire::duration),
                 })
                 .await;
             match call {
@@ -225,9 +170,7 @@ impl JobHandle {
                 Err(status) => return Err(status.into()),
             }
         };
-        let state = parse_state(answer.state)?;
-        outcome(state, answer.value, answer.error)
-            .ok_or_else(|| Error::Protocol(format!("Result answered in state {state}")))
+        wire::result_outcome(answer)
     }
 
     /// Forgets the finished job on the server: its record and result.
@@ -271,27 +214,7 @@ impl JobHandle {
             })
             .await?
             .into_inner();
-        Ok(CancelReport {
-            outcome: pb::CancelOutcome::try_from(answer.outcome)
-                .unwrap_or(pb::CancelOutcome::Unspecified),
-            cancelled: answer.cancelled,
-            state: parse_state(answer.state)?,
-        })
-    }
-}
-
-impl JobOutcome {
-    /// The value, or the job's failure as an [`Error`].
-    ///
-    /// # Errors
-    ///
-    /// [`Error::JobFailed`] or [`Error::Cancelled`].
-    pub fn into_value(self, id: JobId) -> Result<serde_json::Value, Error> {
-        match self.result {
-            Ok(value) => Ok(value),
-            Err(_) if self.state == JobState::Cancelled => Err(Error::Cancelled { id }),
-            Err((kind, message)) => Err(Error::JobFailed { id, kind, message }),
-        }
+        wire::cancel_report(answer)
     }
 }
 
@@ -303,68 +226,4 @@ impl IntoFuture for JobHandle {
     fn into_future(self) -> Self::IntoFuture {
         Box::pin(async move { self.result().await })
     }
-}
-
-/// The shortest wait cap a jobd allows (`--max-wait` is at least 100 ms):
-/// a wait that ended sooner was not cut by the cap.
-const MIN_SERVER_CAP: Duration = Duration::from_millis(100);
-
-/// True when a wait that began at `asked` ended (with DEADLINE_EXCEEDED or
-/// an unfinished split) before the caller's own `deadline`, after long
-/// enough to be the server's cap on one wait: then the caller asks again.
-pub(crate) fn cut_short(asked: Instant, deadline: Option<Instant>) -> bool {
-    let now = Instant::now();
-    now.duration_since(asked) >= MIN_SERVER_CAP && deadline.is_none_or(|d| now < d)
-}
-
-pub(crate) fn wire_duration(d: Duration) -> prost_types::Duration {
-    prost_types::Duration {
-        seconds: i64::try_from(d.as_secs()).unwrap_or(i64::MAX),
-        // Always below 10^9, so it fits.
-        nanos: i32::try_from(d.subsec_nanos()).unwrap_or(0),
-    }
-}
-
-/// The outcome of a terminal job; `None` if the state is not terminal.
-pub(crate) fn outcome(
-    state: JobState,
-    value: Option<prost_types::Value>,
-    error: Option<pb::JobError>,
-) -> Option<JobOutcome> {
-    if !state.is_terminal() {
-        return None;
-    }
-    let result = match (state, error) {
-        (JobState::Succeeded, _) => Ok(value::option_to_json(value)),
-        (_, Some(e)) => Err((
-            pb::ErrorKind::try_from(e.kind).unwrap_or(pb::ErrorKind::Unspecified),
-            e.message,
-        )),
-        (_, None) => Err((pb::ErrorKind::Unspecified, state.to_string())),
-    };
-    Some(JobOutcome { state, result })
-}
-
-pub(crate) fn job_info(job: pb::Job) -> Result<JobInfo, Error> {
-    let state = parse_state(job.state)?;
-    let time = |t: Option<prost_types::Timestamp>| t.and_then(|t| SystemTime::try_from(t).ok());
-    Ok(JobInfo {
-        id: crate::client::parse_id(&job.id)?,
-        function: job.function,
-        pool: job.pool,
-        state,
-        args: value::option_to_json(job.args),
-        labels: job.labels,
-        request_id: Some(job.request_id).filter(|r| !r.is_empty()),
-        submitted_at: time(job.submit_time),
-        started_at: time(job.start_time),
-        finished_at: time(job.finish_time),
-        attempt: job.attempt,
-        priority: job.priority,
-        not_before: time(job.not_before),
-        timeout: job.timeout.and_then(|t| Duration::try_from(t).ok()),
-        max_attempts: job.max_attempts,
-        outcome: outcome(state, job.value, job.error),
-        progress: job.progress.map(crate::watch::progress),
-    })
 }

@@ -29,23 +29,48 @@
 //! [`JobClient::map`] is `Executor.map`: one function over many arguments,
 //! results in order (or as completed), with bounded jobs in flight.
 //!
+//! Every type in this API is the crate's own (or `jobd-proto`'s [`JobId`]
+//! and [`JobState`]); the one way to the generated gRPC code is
+//! [`JobClient::rpc`], the raw generated client, for calls this crate does
+//! not wrap.
+//!
 //! This crate's default `cli` feature builds the `jobctl` binary; library
 //! users depend on it with `default-features = false` and pay for none of the
 //! CLI's dependencies.
 
+// The modules form layers; each uses only the layers above it, so that the
+// module graph is a DAG. The one pair that refers both ways is `client` and
+// `handle`: a client makes handles, and a handle calls through its client.
+//
+// 1. `error`: the error enum and a failed job's kind.
+// 2. `answer`, `request`: the library's own data types, no calls
+//    (`request` names `answer::ResumePoint`).
+// 3. `wire` (every pb <-> own-type conversion), `retry` (what is asked
+//    again, and after which pause), `connect` (address, TLS, token).
+// 4. `client` <-> `handle`: the connection, and one job.
+// 5. `watch`, `map`, `sets`: more `JobClient` calls, each on its own stream
+//    or set of jobs.
+mod answer;
 mod client;
 mod connect;
 mod error;
 mod handle;
 mod map;
+mod request;
+mod retry;
 mod sets;
 mod watch;
+mod wire;
 
-pub use client::{FunctionInfo, JobClient, RpcClient, Submission};
+pub use answer::{
+    CancelOutcome, CancelReport, FunctionInfo, JobEvent, JobEventKind, JobInfo, JobOutcome,
+    JobPage, MapItem, Progress, ResumePoint,
+};
+pub use client::{JobClient, RpcClient};
 pub use connect::{CallCredentials, ConnectOptions};
-pub use error::Error;
-pub use handle::{CancelReport, JobHandle, JobInfo, JobOutcome};
-pub use jobd_proto::{JobId, JobState, pb};
-pub use map::{MapItem, MapOptions, MapResults};
-pub use sets::{JobPage, ListFilter, ReturnWhen, WaitResult};
-pub use watch::{JobEvent, JobEventKind, Progress, ResumePoint, Watch};
+pub use error::{Error, ErrorKind};
+pub use handle::JobHandle;
+pub use jobd_proto::{JobId, JobState};
+pub use map::MapResults;
+pub use request::{ListFilter, MapOptions, ReturnWhen, Submission, Watch};
+pub use sets::WaitResult;

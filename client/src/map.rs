@@ -8,20 +8,14 @@
 //! does not end the map.
 
 use std::{
-    collections::HashMap,
     pin::Pin,
     task::{Context, Poll},
-    time::Duration,
 };
 
 use futures::{Stream, StreamExt as _};
-use jobd_proto::{JobId, pb, value};
+use jobd_proto::{pb, value};
 
-use crate::{
-    Error, JobClient,
-    client::{parse_id, parse_state},
-    handle::{outcome, wire_duration},
-};
+use crate::{answer::MapItem, client::JobClient, error::Error, request::MapOptions, wire};
 
 /// Arguments sent per request message at most: big enough to amortise
 /// framing, small enough that a slow argument source is not held back.
@@ -31,133 +25,6 @@ const ARGS_PER_MESSAGE: usize = 64;
 /// server's default 4 MiB message limit: large arguments go in messages of
 /// their own instead of sinking the whole map with `OUT_OF_RANGE`.
 const BYTES_PER_MESSAGE: usize = 1024 * 1024;
-
-/// What to map and how: the function, the options every job shares, and
-/// how results come back. [`JobClient::map`] covers the common case.
-///
-/// ```
-/// use jobd_client::MapOptions;
-/// let options = MapOptions::new("sha256")
-///     .unordered()
-///     .max_in_flight(16)
-///     .priority(5)
-///     .label("batch", "nightly");
-/// assert!(!options.ordered);
-/// ```
-#[derive(Debug, Clone)]
-pub struct MapOptions {
-    /// The registered function to run on each argument.
-    pub function: String,
-    /// The pool to require ("async" or "blocking"); `None` for the
-    /// function's own.
-    pub pool: Option<String>,
-    /// Labels stored with every job.
-    pub labels: HashMap<String, String>,
-    /// Priority of every job, -1000 to 1000.
-    pub priority: i32,
-    /// Running-time limit of each attempt of each job.
-    pub timeout: Option<Duration>,
-    /// Attempts per job for retryable failures (0 or 1 for one attempt).
-    pub max_attempts: u32,
-    /// True (the default): results in argument order, as `Executor.map`.
-    /// False: each result as soon as its job finishes.
-    pub ordered: bool,
-    /// How many arguments may be submitted and unanswered at once; 0 for
-    /// the server's default (64). The server coerces larger values to its
-    /// maximum (1,024).
-    pub max_in_flight: u32,
-}
-
-impl MapOptions {
-    /// Maps `function`, ordered, with the server's default in-flight bound.
-    pub fn new(function: impl Into<String>) -> Self {
-        Self {
-            function: function.into(),
-            pool: None,
-            labels: HashMap::new(),
-            priority: 0,
-            timeout: None,
-            max_attempts: 0,
-            ordered: true,
-            max_in_flight: 0,
-        }
-    }
-
-    /// Results as the jobs finish, not in argument order.
-    #[must_use]
-    pub fn unordered(mut self) -> Self {
-        self.ordered = false;
-        self
-    }
-
-    /// At most `n` arguments submitted and unanswered at once.
-    #[must_use]
-    pub fn max_in_flight(mut self, n: u32) -> Self {
-        self.max_in_flight = n;
-        self
-    }
-
-    /// Requires the jobs to run on `pool`.
-    #[must_use]
-    pub fn pool(mut self, pool: impl Into<String>) -> Self {
-        self.pool = Some(pool.into());
-        self
-    }
-
-    /// Adds a label to every job.
-    #[must_use]
-    pub fn label(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
-        self.labels.insert(key.into(), value.into());
-        self
-    }
-
-    /// Sets every job's priority.
-    #[must_use]
-    pub fn priority(mut self, priority: i32) -> Self {
-        self.priority = priority;
-        self
-    }
-
-    /// Limits how long each attempt of each job may run.
-    #[must_use]
-    pub fn timeout(mut self, limit: Duration) -> Self {
-        self.timeout = Some(limit);
-        self
-    }
-
-    /// Allows up to `n` attempts per job for retryable failures.
-    #[must_use]
-    pub fn max_attempts(mut self, n: u32) -> Self {
-        self.max_attempts = n;
-        self
-    }
-
-    fn into_start(self) -> pb::MapStart {
-        pb::MapStart {
-            function: self.function,
-            pool: self.pool.unwrap_or_default(),
-            labels: self.labels,
-            priority: self.priority,
-            timeout: self.timeout.map(wire_duration),
-            max_attempts: self.max_attempts,
-            ordered: self.ordered,
-            max_in_flight: self.max_in_flight,
-        }
-    }
-}
-
-/// The answer for one argument of a map.
-#[derive(Debug)]
-pub struct MapItem {
-    /// The argument's position in the input, from 0.
-    pub index: u64,
-    /// The job that ran it; `None` when the server refused to submit it.
-    pub job: Option<JobId>,
-    /// The job's value; or [`Error::JobFailed`] / [`Error::Cancelled`] for
-    /// a job that did not succeed; or the refusal (e.g. [`Error::Rpc`] with
-    /// `RESOURCE_EXHAUSTED` when the pool's queue was full).
-    pub result: Result<serde_json::Value, Error>,
-}
 
 /// The results of a map, a [`Stream`] of one [`MapItem`] per argument. An
 /// `Err` item means the stream itself failed (transport, server shutdown)
@@ -184,7 +51,7 @@ impl Stream for MapResults {
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         self.responses
             .poll_next_unpin(cx)
-            .map(|next| next.map(|response| map_item(response?)))
+            .map(|next| next.map(|response| wire::map_item(response?)))
     }
 }
 
@@ -247,7 +114,7 @@ impl JobClient {
         S: Stream<Item = serde_json::Value> + Send + 'static,
     {
         let start = pb::MapRequest {
-            start: Some(options.into_start()),
+            start: Some(wire::map_start(options)),
             args: Vec::new(),
         };
         let requests = futures::stream::once(std::future::ready(start)).chain(
@@ -292,29 +159,6 @@ fn messages(chunk: Vec<serde_json::Value>) -> Vec<pb::MapRequest> {
         messages.push(pb::MapRequest { start: None, args });
     }
     messages
-}
-
-fn map_item(response: pb::MapResponse) -> Result<MapItem, Error> {
-    let index = response.index;
-    if let Some(rejected) = response.rejected {
-        return Ok(MapItem {
-            index,
-            job: None,
-            result: Err(Error::from(tonic::Status::new(
-                tonic::Code::from_i32(rejected.code),
-                rejected.message,
-            ))),
-        });
-    }
-    let id = parse_id(&response.job_id)?;
-    let state = parse_state(response.state)?;
-    let outcome = outcome(state, response.value, response.error)
-        .ok_or_else(|| Error::Protocol(format!("a map result for job {id} in state {state}")))?;
-    Ok(MapItem {
-        index,
-        job: Some(id),
-        result: outcome.into_value(id),
-    })
 }
 
 #[cfg(test)]

@@ -6,43 +6,20 @@
 //! `as_completed` keeps one `Result` call open per unfinished job, so
 //! neither polls.
 
-use std::{
-    collections::HashMap,
-    time::{Duration, Instant, SystemTime},
-};
+use std::time::{Duration, Instant};
 
 use futures::{Stream, TryStreamExt as _, stream::FuturesUnordered};
-use jobd_proto::{JobId, JobState, pb};
+use jobd_proto::JobId;
 
 use crate::{
-    Error, JobClient, JobHandle,
-    client::parse_id,
-    handle::{JobInfo, cut_short, job_info, wire_duration},
+    answer::{JobInfo, JobPage},
+    client::JobClient,
+    error::Error,
+    handle::JobHandle,
+    request::{ListFilter, ReturnWhen},
+    retry::cut_short,
+    wire,
 };
-
-/// When [`JobClient::wait`] answers, as `concurrent.futures.wait`'s
-/// `return_when`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum ReturnWhen {
-    /// As soon as any job is done (at once if one already is).
-    FirstCompleted,
-    /// As soon as any job ends failed; a cancelled job does not count, as in
-    /// Python. With no failure, when all are done.
-    FirstException,
-    /// When every job is done (Python's default).
-    #[default]
-    AllCompleted,
-}
-
-impl From<ReturnWhen> for pb::ReturnWhen {
-    fn from(when: ReturnWhen) -> Self {
-        match when {
-            ReturnWhen::FirstCompleted => Self::FirstCompleted,
-            ReturnWhen::FirstException => Self::FirstException,
-            ReturnWhen::AllCompleted => Self::AllCompleted,
-        }
-    }
-}
 
 /// What [`JobClient::wait`] found: Python's `(done, not_done)` pair, each in
 /// the order the jobs were given, without repeats.
@@ -52,82 +29,6 @@ pub struct WaitResult {
     pub done: Vec<JobHandle>,
     /// Jobs still pending or running.
     pub not_done: Vec<JobHandle>,
-}
-
-/// Which jobs [`JobClient::list_jobs`] returns; every condition given must
-/// hold, and the default matches every job.
-///
-/// ```
-/// use jobd_client::{JobState, ListFilter};
-/// let filter = ListFilter::default()
-///     .state(JobState::Failed)
-///     .function("sha256")
-///     .label("team", "infra");
-/// assert_eq!(filter.states, [JobState::Failed]);
-/// ```
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct ListFilter {
-    /// Only jobs in one of these states; empty means any state.
-    pub states: Vec<JobState>,
-    /// Only jobs of this function.
-    pub function: Option<String>,
-    /// Only jobs carrying all of these labels with these values.
-    pub labels: HashMap<String, String>,
-    /// Only jobs submitted strictly after this time.
-    pub submitted_after: Option<SystemTime>,
-    /// Only jobs submitted strictly before this time.
-    pub submitted_before: Option<SystemTime>,
-}
-
-impl ListFilter {
-    /// Also accepts jobs in `state`.
-    #[must_use]
-    pub fn state(mut self, state: JobState) -> Self {
-        self.states.push(state);
-        self
-    }
-
-    /// Only jobs of `function`.
-    #[must_use]
-    pub fn function(mut self, function: impl Into<String>) -> Self {
-        self.function = Some(function.into());
-        self
-    }
-
-    /// Only jobs with label `key` set to `value`.
-    #[must_use]
-    pub fn label(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
-        self.labels.insert(key.into(), value.into());
-        self
-    }
-
-    fn request(&self, page_size: u32, page_token: String) -> pb::ListJobsRequest {
-        pb::ListJobsRequest {
-            states: self
-                .states
-                .iter()
-                .map(|&s| pb::JobState::from(s).into())
-                .collect(),
-            function: self.function.clone().unwrap_or_default(),
-            labels: self.labels.clone(),
-            submitted_after: self.submitted_after.map(Into::into),
-            submitted_before: self.submitted_before.map(Into::into),
-            // The server coerces anything above its maximum (1,000).
-            page_size: i32::try_from(page_size).unwrap_or(i32::MAX),
-            page_token,
-        }
-    }
-}
-
-/// One page of [`JobClient::list_jobs`].
-#[derive(Debug, Clone)]
-pub struct JobPage {
-    /// The jobs, newest first.
-    pub jobs: Vec<JobInfo>,
-    /// Pass it to the next `list_jobs` call with the same filter for the
-    /// next page; `None` at the end. A page may be short (even empty) and
-    /// still have a next one.
-    pub next_page_token: Option<String>,
 }
 
 /// Page size of [`JobClient::list_all`]: the server's maximum, so a walk
@@ -178,29 +79,23 @@ impl JobClient {
         // remains, ask again. A FIRST_EXCEPTION split with jobs left cannot
         // tell a failure from the cap, so it is asked once more: a failure
         // is then answered at once, which ends the loop.
-        let answer = loop {
+        let (done, not_done) = loop {
             let asked = Instant::now();
-            let request = pb::WaitRequest {
-                job_ids: job_ids.clone(),
-                return_when: pb::ReturnWhen::from(return_when).into(),
-                timeout: deadline
-                    .map(|d| wire_duration(d.saturating_duration_since(Instant::now()))),
-            };
-            let answer = self.rpc().wait(request).await?.into_inner();
+            let remaining = deadline.map(|d| d.saturating_duration_since(Instant::now()));
+            let request = wire::wait_request(&job_ids, return_when, remaining);
+            let (done, not_done) = wire::wait_split(self.rpc().wait(request).await?.into_inner())?;
             let satisfied = match return_when {
-                ReturnWhen::FirstCompleted => !answer.done.is_empty(),
-                ReturnWhen::FirstException | ReturnWhen::AllCompleted => answer.not_done.is_empty(),
+                ReturnWhen::FirstCompleted => !done.is_empty(),
+                ReturnWhen::FirstException | ReturnWhen::AllCompleted => not_done.is_empty(),
             };
             if satisfied || !cut_short(asked, deadline) {
-                break answer;
+                break (done, not_done);
             }
         };
-        let handles = |ids: Vec<String>| -> Result<Vec<JobHandle>, Error> {
-            ids.iter().map(|id| Ok(self.job(parse_id(id)?))).collect()
-        };
+        let handles = |ids: Vec<JobId>| ids.into_iter().map(|id| self.job(id)).collect();
         Ok(WaitResult {
-            done: handles(answer.done)?,
-            not_done: handles(answer.not_done)?,
+            done: handles(done),
+            not_done: handles(not_done),
         })
     }
 
@@ -271,16 +166,8 @@ impl JobClient {
         page_size: u32,
         page_token: Option<String>,
     ) -> Result<JobPage, Error> {
-        let request = filter.request(page_size, page_token.unwrap_or_default());
-        let answer = self.rpc().list_jobs(request).await?.into_inner();
-        Ok(JobPage {
-            jobs: answer
-                .jobs
-                .into_iter()
-                .map(job_info)
-                .collect::<Result<_, _>>()?,
-            next_page_token: Some(answer.next_page_token).filter(|t| !t.is_empty()),
-        })
+        let request = wire::list_request(filter, page_size, page_token.unwrap_or_default());
+        wire::job_page(self.rpc().list_jobs(request).await?.into_inner())
     }
 
     /// Every job matching `filter`, newest first, fetched a page at a time
@@ -333,25 +220,5 @@ impl From<&JobHandle> for JobId {
 impl From<JobHandle> for JobId {
     fn from(job: JobHandle) -> Self {
         job.id()
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn filters_become_requests() {
-        let request = ListFilter::default()
-            .state(JobState::Running)
-            .function("hello")
-            .label("k", "v")
-            .request(5000, "tok".into());
-        assert_eq!(request.states, [pb::JobState::Running as i32]);
-        assert_eq!(request.function, "hello");
-        assert_eq!(request.labels.get("k").map(String::as_str), Some("v"));
-        assert_eq!(request.page_size, 5000);
-        assert_eq!(request.page_token, "tok");
-        assert_eq!(ListFilter::default().request(0, String::new()).function, "");
     }
 }

@@ -1,211 +1,21 @@
-//! `Watch`: a live stream of job events (state changes, progress, final
-//! outcomes) for a set of jobs or for every job matching a filter: the
-//! network's `add_done_callback`, with progress.
+//! [`JobClient::watch`]: a live stream of job events (state changes,
+//! progress, final outcomes) for a set of jobs or for every job matching a
+//! filter: the network's `add_done_callback`, with progress. Also the
+//! bookkeeping that resumes a broken stream without a gap or a repeat.
 
-use std::{
-    collections::{HashMap, HashSet},
-    time::SystemTime,
-};
+use std::collections::HashSet;
 
 use futures::{StreamExt as _, stream::BoxStream};
-use jobd_proto::{JobId, JobState, pb};
+use jobd_proto::{JobId, JobState};
 
 use crate::{
-    Error, JobClient, JobOutcome,
-    client::{RETRY_PAUSES, parse_id, parse_state},
-    handle::outcome,
+    answer::{JobEvent, JobEventKind, ResumePoint},
+    client::JobClient,
+    error::Error,
+    request::Watch,
+    retry::{RETRY_PAUSES, breaks_connection},
+    wire,
 };
-
-/// What to watch: job ids, or a filter (function, states, labels), not
-/// both; and optionally where to resume.
-///
-/// ```
-/// use jobd_client::{JobState, Watch};
-/// let finished_resizes = Watch::all()
-///     .function("resize")
-///     .state(JobState::Succeeded)
-///     .state(JobState::Failed)
-///     .label("team", "media");
-/// assert_eq!(finished_resizes.states.len(), 2);
-/// ```
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Watch {
-    /// The jobs to watch (1 to 1,000); empty to watch by filter.
-    pub ids: Vec<JobId>,
-    /// Only jobs of this function.
-    pub function: Option<String>,
-    /// Only events whose new state is one of these (progress events are
-    /// `Running`).
-    pub states: Vec<JobState>,
-    /// Only jobs carrying all of these labels with these values.
-    pub labels: HashMap<String, String>,
-    /// Resume after this event (see [`JobEvent::resume_point`]).
-    pub resume: Option<ResumePoint>,
-    /// Reconnect by itself when the stream breaks (see
-    /// [`Watch::auto_resume`]).
-    pub auto_resume: bool,
-}
-
-impl Watch {
-    /// Watches these jobs: a snapshot of each first (a finished job's final
-    /// event at once), then every change; the stream ends after the final
-    /// event of the last one.
-    pub fn ids(ids: impl IntoIterator<Item = JobId>) -> Self {
-        Self {
-            ids: ids.into_iter().collect(),
-            ..Self::default()
-        }
-    }
-
-    /// Watches every job's events from now on (narrow it with the filter
-    /// methods); the stream runs until dropped.
-    #[must_use]
-    pub fn all() -> Self {
-        Self::default()
-    }
-
-    /// Only jobs of `function`.
-    #[must_use]
-    pub fn function(mut self, function: impl Into<String>) -> Self {
-        self.function = Some(function.into());
-        self
-    }
-
-    /// Also events that move a job into `state`.
-    #[must_use]
-    pub fn state(mut self, state: JobState) -> Self {
-        self.states.push(state);
-        self
-    }
-
-    /// Only jobs with label `key` set to `value`.
-    #[must_use]
-    pub fn label(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
-        self.labels.insert(key.into(), value.into());
-        self
-    }
-
-    /// Resumes after `point`: the server replays the matching events since
-    /// then from its history, without snapshots.
-    #[must_use]
-    pub fn resume_after(mut self, point: ResumePoint) -> Self {
-        self.resume = Some(point);
-        self
-    }
-
-    /// With `true`, a stream that breaks (a transport error or
-    /// `UNAVAILABLE`) resumes by itself: the client watches again with the
-    /// last event's [`ResumePoint`] (and, for a watch of ids, only the ids
-    /// whose final event it has not had yet), so the stream goes on with
-    /// no gap and no repeat. It tries up to 3 times per break, pausing
-    /// 50 ms, 200 ms, then 800 ms before each try (a resumed stream that
-    /// breaks again before any event draws on the same 3), and then yields
-    /// the error: so a server that shut down still ends the stream, about a
-    /// second later. A server that restarted meanwhile refuses the resume with
-    /// `FAILED_PRECONDITION`: that error ends the stream, since the caller
-    /// must re-read the jobs' state. [`JobEventKind::Lagged`] events pass
-    /// through as they come.
-    ///
-    /// It cannot resume a break before the stream's first event (there is
-    /// no resume point yet, unless [`Watch::resume_after`] gave one), nor
-    /// one in the middle of a watch of ids' snapshots (resuming sends no
-    /// snapshots, so those not received would be lost): then the error
-    /// ends the stream as without this option.
-    ///
-    /// ```no_run
-    /// # async fn run(client: jobd_client::JobClient) -> Result<(), jobd_client::Error> {
-    /// use futures::StreamExt as _;
-    /// use jobd_client::Watch;
-    ///
-    /// let mut events = client
-    ///     .watch(Watch::all().function("resize").auto_resume(true))
-    ///     .await?;
-    /// while let Some(event) = events.next().await {
-    ///     // A dropped connection does not end the loop; a restarted
-    ///     // server does (FAILED_PRECONDITION).
-    ///     let event = event?;
-    ///     println!("{} {:?} {:?}", event.seq, event.job, event.state);
-    /// }
-    /// # Ok(()) }
-    /// ```
-    #[must_use]
-    pub fn auto_resume(mut self, on: bool) -> Self {
-        self.auto_resume = on;
-        self
-    }
-}
-
-/// Where a watch stream got to: pass it to [`Watch::resume_after`] after a
-/// reconnect to miss nothing the server still holds.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ResumePoint {
-    /// The server process's event numbering (it changes on restart).
-    pub epoch: String,
-    /// The last sequence number received.
-    pub seq: u64,
-}
-
-/// What a [`JobEvent`] reports.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum JobEventKind {
-    /// The job changed state.
-    State,
-    /// The running job reported progress.
-    Progress,
-    /// The job's state when the watch began (or again after a lag).
-    Snapshot,
-    /// The watcher fell behind (or resumed too late): [`JobEvent::missed`]
-    /// server events were skipped. A watch of ids continues with fresh
-    /// snapshots; a filter watch should re-read what it needs (list jobs).
-    Lagged,
-}
-
-/// How far a running job says it is.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Progress {
-    /// Done so far, 0.0 to 1.0.
-    pub fraction: f64,
-    /// The job's short note (at most 256 bytes), possibly empty.
-    pub message: String,
-    /// When the server took the report.
-    pub updated_at: Option<SystemTime>,
-}
-
-/// One event of a watch stream.
-#[derive(Debug, Clone, PartialEq)]
-pub struct JobEvent {
-    /// The server-wide sequence number of the event.
-    pub seq: u64,
-    /// The server process's event numbering.
-    pub epoch: String,
-    /// What it reports.
-    pub kind: JobEventKind,
-    /// The job; `None` for [`JobEventKind::Lagged`].
-    pub job: Option<JobId>,
-    /// The job's function (empty for `Lagged`).
-    pub function: String,
-    /// The job's state after the event; `None` for `Lagged`.
-    pub state: Option<JobState>,
-    /// The job's attempt number (0 before it first starts).
-    pub attempt: u32,
-    /// The job's latest progress report, if any.
-    pub progress: Option<Progress>,
-    /// A finished job's outcome (value or error), as data.
-    pub outcome: Option<JobOutcome>,
-    /// For `Lagged`: how many server events were skipped.
-    pub missed: u64,
-}
-
-impl JobEvent {
-    /// Where to resume after this event.
-    #[must_use]
-    pub fn resume_point(&self) -> ResumePoint {
-        ResumePoint {
-            epoch: self.epoch.clone(),
-            seq: self.seq,
-        }
-    }
-}
 
 impl JobClient {
     /// Streams job events for `watch`: `as_completed` and
@@ -266,25 +76,13 @@ impl JobClient {
         &self,
         watch: Watch,
     ) -> Result<BoxStream<'static, Result<JobEvent, Error>>, Error> {
-        let (stream_epoch, after_seq) = watch
-            .resume
-            .map(|point| (point.epoch, point.seq))
-            .unwrap_or_default();
-        let request = pb::WatchRequest {
-            job_ids: watch.ids.iter().map(ToString::to_string).collect(),
-            function: watch.function.unwrap_or_default(),
-            states: watch
-                .states
-                .into_iter()
-                .map(|s| pb::JobState::from(s).into())
-                .collect(),
-            labels: watch.labels,
-            after_seq,
-            stream_epoch,
-        };
-        let events = self.rpc().watch(request).await?.into_inner();
+        let events = self
+            .rpc()
+            .watch(wire::watch_request(watch))
+            .await?
+            .into_inner();
         Ok(events
-            .map(|event| job_event(event.map_err(Error::from)?))
+            .map(|event| wire::job_event(event.map_err(Error::from)?))
             .boxed())
     }
 }
@@ -434,83 +232,5 @@ impl Resuming {
             }
         }
         Err(error)
-    }
-}
-
-/// True for errors that mean the connection broke (or the server was
-/// briefly unavailable), as opposed to the server refusing the watch.
-fn breaks_connection(err: &Error) -> bool {
-    match err {
-        Error::Transport(_) => true,
-        // A connection that breaks mid-stream shows as UNKNOWN with the
-        // transport's error attached (an answer from the server has none).
-        Error::Rpc(status) => match status.code() {
-            tonic::Code::Unavailable => true,
-            tonic::Code::Unknown => std::error::Error::source(status).is_some(),
-            _ => false,
-        },
-        _ => false,
-    }
-}
-
-fn job_event(event: pb::WatchEvent) -> Result<JobEvent, Error> {
-    let kind = match pb::WatchEventKind::try_from(event.kind) {
-        Ok(pb::WatchEventKind::State) => JobEventKind::State,
-        Ok(pb::WatchEventKind::Progress) => JobEventKind::Progress,
-        Ok(pb::WatchEventKind::Snapshot) => JobEventKind::Snapshot,
-        Ok(pb::WatchEventKind::Lagged) => JobEventKind::Lagged,
-        _ => {
-            return Err(Error::Protocol(format!(
-                "the server sent an unknown watch event kind {}",
-                event.kind
-            )));
-        }
-    };
-    let (job, state) = if kind == JobEventKind::Lagged {
-        (None, None)
-    } else {
-        (
-            Some(parse_id(&event.job_id)?),
-            Some(parse_state(event.state)?),
-        )
-    };
-    Ok(JobEvent {
-        seq: event.seq,
-        epoch: event.stream_epoch,
-        kind,
-        job,
-        function: event.function,
-        state,
-        attempt: event.attempt,
-        progress: event.progress.map(progress),
-        outcome: state.and_then(|state| outcome(state, event.value, event.error)),
-        missed: event.missed,
-    })
-}
-
-pub(crate) fn progress(progress: pb::Progress) -> Progress {
-    Progress {
-        fraction: progress.fraction,
-        message: progress.message,
-        updated_at: progress
-            .update_time
-            .and_then(|t| SystemTime::try_from(t).ok()),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn only_a_broken_connection_is_resumed() {
-        let unavailable = Error::Rpc(tonic::Status::unavailable("draining"));
-        assert!(breaks_connection(&unavailable));
-        // UNKNOWN from the server itself (no transport error attached).
-        let answered = Error::Rpc(tonic::Status::unknown("odd"));
-        assert!(!breaks_connection(&answered));
-        let restarted = Error::Rpc(tonic::Status::failed_precondition("epoch"));
-        assert!(!breaks_connection(&restarted));
-        assert!(!breaks_connection(&Error::NotFound("gone".into())));
     }
 }

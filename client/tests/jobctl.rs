@@ -1091,6 +1091,24 @@ fn map_answers_failures_per_line_and_exits_1() {
 }
 
 #[test]
+fn map_exits_3_when_the_server_ends_the_stream_with_an_error() {
+    let server = TestServer::start();
+    // The third input alone makes a request over the server's 4 MiB message
+    // cap: the server answers the two inputs before it and then ends the Map
+    // stream OUT_OF_RANGE. The fourth input is never taken, so jobctl must
+    // not exit 0 as though every input had been answered.
+    let huge = format!("\"{}\"", "x".repeat(5 * 1024 * 1024));
+    let stdin = format!("1\n2\n{huge}\n4\n");
+    let run = server.jobctl_with_stdin(&["map", "echo"], &stdin).code(3);
+    assert_eq!(run.stdout, "1\n2\n", "{run:#?}");
+    let error = run.error_line();
+    assert!(error.starts_with("jobctl: "), "{error}");
+    assert!(error.contains("the map ended after 2 answers: "), "{error}");
+    assert!(error.contains("too large"), "{error}");
+    server.shutdown();
+}
+
+#[test]
 fn list_filters_by_submission_time() {
     let server = TestServer::start();
     let id = server.submit(&["hello"]);

@@ -5,7 +5,7 @@
 use std::{sync::Arc, time::Duration};
 
 use jobd::{JobError, Registry, StoreConfig};
-use jobd_client::{JobId, JobState, Submission, pb};
+use jobd_client::{ErrorKind, JobId, JobState, Submission};
 use serde_json::json;
 use tokio::sync::{Notify, mpsc};
 

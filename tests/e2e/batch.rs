@@ -3,7 +3,8 @@
 
 use std::time::Duration;
 
-use jobd_client::{JobClient, JobState, Submission, pb};
+use jobd_client::{JobClient, JobState, Submission};
+use jobd_proto::pb;
 use serde_json::json;
 use tonic::Code;
 

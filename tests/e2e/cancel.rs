@@ -1,6 +1,6 @@
 //! Cancel in every state, with the answer saying what happened.
 
-use jobd_client::{JobState, pb::CancelOutcome};
+use jobd_client::{CancelOutcome, JobState};
 use serde_json::json;
 
 use crate::harness::{TestServer, config, registry};

@@ -4,7 +4,8 @@
 use std::time::{Duration, Instant};
 
 use futures::future::join_all;
-use jobd_client::{JobId, Submission, pb};
+use jobd_client::{JobId, Submission};
+use jobd_proto::pb;
 use serde_json::json;
 use tonic::Code;
 

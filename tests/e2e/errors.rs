@@ -2,7 +2,8 @@
 
 use std::time::{Duration, Instant};
 
-use jobd_client::{JobId, pb};
+use jobd_client::JobId;
+use jobd_proto::pb;
 use serde_json::json;
 use tonic::Code;
 

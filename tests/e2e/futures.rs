@@ -12,7 +12,8 @@ use std::{
 };
 
 use futures::{StreamExt as _, TryStreamExt as _};
-use jobd_client::{JobClient, JobHandle, JobId, JobState, ListFilter, ReturnWhen, Submission, pb};
+use jobd_client::{JobClient, JobHandle, JobId, JobState, ListFilter, ReturnWhen, Submission};
+use jobd_proto::pb;
 use serde_json::json;
 use tonic::Code;
 

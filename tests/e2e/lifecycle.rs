@@ -3,7 +3,7 @@
 
 use std::time::{Duration, Instant, SystemTime};
 
-use jobd_client::{JobState, Submission, pb};
+use jobd_client::{ErrorKind, JobState, Submission};
 use serde_json::json;
 
 use crate::harness::{TestServer, config, registry};

@@ -4,7 +4,8 @@ use std::time::{Duration, Instant};
 
 use futures::{StreamExt as _, TryStreamExt as _};
 use jobd::JobError;
-use jobd_client::{Error, JobState, ListFilter, MapItem, MapOptions, ReturnWhen, pb};
+use jobd_client::{Error, JobState, ListFilter, MapItem, MapOptions, ReturnWhen};
+use jobd_proto::pb;
 use serde_json::json;
 use tonic::Code;
 

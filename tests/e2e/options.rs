@@ -7,7 +7,8 @@ use std::{
 };
 
 use jobd::{EngineConfig, Registry, StoreConfig};
-use jobd_client::{JobHandle, Submission, pb};
+use jobd_client::{ErrorKind, JobHandle, Submission};
+use jobd_proto::pb;
 use serde_json::json;
 use tonic::Code;
 

@@ -9,7 +9,10 @@ use std::{
 
 use futures::{StreamExt as _, stream::BoxStream};
 use jobd::EngineConfig;
-use jobd_client::{Error, JobEvent, JobEventKind, JobState, ResumePoint, Submission, Watch, pb};
+use jobd_client::{
+    Error, ErrorKind, JobEvent, JobEventKind, JobState, ResumePoint, Submission, Watch,
+};
+use jobd_proto::pb;
 use serde_json::json;
 
 use crate::harness::{TestServer, config, on_both_stores, registry, submit_noops};

@@ -48,7 +48,9 @@ Exit codes:
        cancelled or was refused
     2  usage error: bad flags, a malformed job id or label, a bad --addr,
        stdin of `map` that is not text
-    3  the request failed: jobd unreachable, unknown job or function, timeout
+    3  the request failed: jobd unreachable, unknown job or function, timeout;
+       for `map`: the server ended the map early (the answers before are
+       printed)
   130  interrupted by Ctrl-C while waiting (the job keeps running)
 
 TLS and tokens: an https:// address uses TLS (--ca-cert, or the system's
@@ -234,7 +236,10 @@ pub(crate) enum Command {
     /// compact JSON, and an input without a value as `error: REASON`; with
     /// -o json each line is {"index", "job_id", "state", "value" or
     /// "error"}. Exit code 1 if any job failed, was cancelled or was
-    /// refused by the server. Ctrl-C cancels the jobs not yet finished.
+    /// refused by the server; 3 if the server ended the map early (e.g. a
+    /// line over its message size limit, `jobd --max-message-bytes`), after
+    /// printing the answers it gave. Ctrl-C cancels the jobs not yet
+    /// finished.
     Map(crate::map::Map),
 
     /// Load a server with jobs and measure jobs/s and latency, next to the

@@ -1,9 +1,11 @@
 //! Why a jobctl run did not succeed, the exit code each reason maps to, and
 //! how it is told to the user: one line on stderr, never a Debug dump.
 //!
-//! The exit-code table is an exhaustive match over [`Failure`] and the client
-//! library's error (no `_` arm), so a new kind of failure cannot be added
-//! without choosing its code.
+//! The exit-code table is an exhaustive match over [`Failure`] (no `_` arm),
+//! so a new kind of failure cannot be added without choosing its code. The
+//! client library's error is `#[non_exhaustive]`: its variants are all
+//! listed, and one it adds later counts as a failed request (exit 3) until
+//! it is listed too.
 
 use std::{error::Error as _, io, process::ExitCode, time::Duration};
 
@@ -91,6 +93,17 @@ pub(crate) enum Failure {
         /// Inputs answered.
         total: u64,
     },
+    /// `map`: the Map stream ended with an error (the server refused a
+    /// later request, e.g. an input over its message size limit, or the
+    /// connection broke) after `answered` inputs were answered and printed.
+    /// Inputs after those got no answer, so this is never a success.
+    #[error("the map ended after {}: {}", answers(*.answered), .cause.describe())]
+    MapStopped {
+        /// Inputs answered (and printed) before the stream ended.
+        answered: u64,
+        /// Why it ended.
+        cause: Box<Failure>,
+    },
     /// `map`: stdin could not be read (e.g. it is not UTF-8 text).
     #[error("cannot read stdin: {0}")]
     Stdin(io::Error),
@@ -146,7 +159,8 @@ impl Failure {
             Self::Unreachable { .. }
             | Self::ConnectionLost { .. }
             | Self::TimedOut { .. }
-            | Self::NothingSucceeded { .. } => Exit::Rpc,
+            | Self::NothingSucceeded { .. }
+            | Self::MapStopped { .. } => Exit::Rpc,
             Self::ServerMemory { .. } | Self::File { .. } | Self::Stdin(_) => Exit::Usage,
             Self::Interrupted { .. } => Exit::Interrupted,
             Self::Job { .. } | Self::MapUnsuccessful { .. } | Self::Output(_) => {
@@ -164,6 +178,9 @@ impl Failure {
                 | ClientError::Rpc(_)
                 | ClientError::Protocol(_)
                 | ClientError::Json(_) => Exit::Rpc,
+                // A variant newer than this table: every variant but the
+                // job's own failures and bad options is a failed request.
+                _ => Exit::Rpc,
             },
         };
         exit as u8
@@ -173,6 +190,12 @@ impl Failure {
     /// both as a status, but only one made up by the client carries the
     /// transport error as its source.
     pub(crate) fn lost_connection(self, addr: &str) -> Self {
+        if let Self::MapStopped { answered, cause } = self {
+            return Self::MapStopped {
+                answered,
+                cause: Box::new(cause.lost_connection(addr)),
+            };
+        }
         match &self {
             Self::Client(ClientError::Rpc(status)) => match status.source() {
                 Some(cause) => Self::ConnectionLost {
@@ -207,6 +230,13 @@ pub(crate) fn usage_line(error: &clap::Error) -> String {
     let message = parts.join("; ");
     let message = message.strip_prefix("error: ").unwrap_or(&message);
     format!("jobctl: {message} (see --help)")
+}
+
+fn answers(count: u64) -> String {
+    match count {
+        1 => "1 answer".to_owned(),
+        _ => format!("{count} answers"),
+    }
 }
 
 fn unsuccessful(id: JobId, state: JobState, message: &str) -> String {
@@ -324,6 +354,39 @@ mod tests {
         let pipe = Failure::Output(io::Error::from(io::ErrorKind::BrokenPipe));
         assert_eq!(pipe.message(), None);
         assert_eq!(code(pipe), 0);
+    }
+
+    #[test]
+    fn a_map_that_stopped_early_exits_3_and_says_how_far_it_got() {
+        let stopped = |answered| Failure::MapStopped {
+            answered,
+            cause: Box::new(Failure::Client(ClientError::Rpc(
+                tonic::Status::out_of_range("message length too large"),
+            ))),
+        };
+        assert_eq!(stopped(2).code(), 3);
+        let message = stopped(2).message().unwrap();
+        assert!(
+            message.starts_with("jobctl: the map ended after 2 answers: jobd answered "),
+            "{message}"
+        );
+        assert!(message.ends_with(": message length too large"), "{message}");
+        assert!(stopped(1).message().unwrap().contains("after 1 answer:"));
+        // A connection that broke under the map is told as such.
+        let broken = Failure::MapStopped {
+            answered: 0,
+            cause: Box::new(Failure::Client(ClientError::Rpc(
+                tonic::Status::from_error(Box::new(io::Error::from(
+                    io::ErrorKind::ConnectionReset,
+                ))),
+            ))),
+        }
+        .lost_connection("http://h:1");
+        assert_eq!(
+            broken.message().unwrap(),
+            "jobctl: the map ended after 0 answers: lost the connection to jobd at http://h:1: \
+             connection reset"
+        );
     }
 
     #[test]

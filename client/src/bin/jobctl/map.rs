@@ -73,14 +73,27 @@ impl Map {
 }
 
 /// Runs the map and prints each answer as it arrives. Every input gets
-/// exactly one line; any job without a value makes the exit code 1.
+/// exactly one line; any job without a value makes the exit code 1. A
+/// stream that ends with an error instead (the server refused a later
+/// request, or the connection broke) leaves the inputs after the printed
+/// ones unanswered: [`Failure::MapStopped`], never a success.
 pub(crate) async fn run(client: &JobClient, format: Format, args: &Map) -> Result<(), Failure> {
     let read_error = Arc::new(Mutex::new(None));
     let lines = stdin_lines(Arc::clone(&read_error));
     let mut results = client.map_with(args.options(), lines).await?;
     let (mut total, mut failed) = (0_u64, 0_u64);
     let mut stdout = std::io::stdout().lock();
-    while let Some(item) = results.try_next().await? {
+    loop {
+        let item = match results.try_next().await {
+            Ok(Some(item)) => item,
+            Ok(None) => break,
+            Err(error) => {
+                return Err(Failure::MapStopped {
+                    answered: total,
+                    cause: Box::new(error.into()),
+                });
+            }
+        };
         total += 1;
         if item.result.is_err() {
             failed += 1;

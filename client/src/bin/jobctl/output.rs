@@ -7,8 +7,8 @@
 use std::{collections::BTreeMap, time::SystemTime};
 
 use jobd_client::{
-    CancelReport, Error as ClientError, FunctionInfo, JobId, JobInfo, JobOutcome, JobState,
-    MapItem, pb,
+    CancelOutcome, CancelReport, Error as ClientError, ErrorKind, FunctionInfo, JobId, JobInfo,
+    JobOutcome, JobState, MapItem,
 };
 use serde_json::{Value, json};
 
@@ -60,7 +60,7 @@ pub(crate) fn map_item(format: Format, item: &MapItem) -> String {
         }
         Err(ClientError::Cancelled { .. }) => (
             JobState::Cancelled.as_str(),
-            ("error", error(pb::ErrorKind::Cancelled, "cancelled")),
+            ("error", error(ErrorKind::Cancelled, "cancelled")),
         ),
         // No job was made: the server refused the argument.
         Err(refused) => (
@@ -97,20 +97,22 @@ pub(crate) fn done(format: Format, id: JobId, state: JobState) -> String {
 pub(crate) fn cancel(format: Format, id: JobId, report: &CancelReport) -> String {
     match format {
         Format::Text => match report.outcome {
-            pb::CancelOutcome::Cancelled => "cancelled".to_owned(),
-            pb::CancelOutcome::Aborted => "aborted".to_owned(),
-            pb::CancelOutcome::Requested => {
+            CancelOutcome::Cancelled => "cancelled".to_owned(),
+            CancelOutcome::Aborted => "aborted".to_owned(),
+            CancelOutcome::Requested => {
                 "requested (not cancelled yet: the blocking function must honour it)".to_owned()
             }
-            pb::CancelOutcome::AlreadyDone => "already done".to_owned(),
-            pb::CancelOutcome::Unspecified => format!(
+            CancelOutcome::AlreadyDone => "already done".to_owned(),
+            // Unspecified, or an outcome the library learnt after this
+            // match was written (the enum is non-exhaustive).
+            _ => format!(
                 "unknown outcome (the job is {}; this jobctl may be older than the server)",
                 report.state
             ),
         },
         Format::Json => json!({
             "job_id": id.to_string(),
-            "outcome": cancel_outcome_name(report.outcome),
+            "outcome": report.outcome.as_str(),
             "cancelled": report.cancelled,
             "state": report.state.as_str(),
         })
@@ -165,7 +167,7 @@ pub(crate) fn status(format: Format, job: &JobInfo) -> String {
             match job.outcome.as_ref().map(|o| &o.result) {
                 Some(Ok(value)) => rows.push(("value", value.to_string())),
                 Some(Err((kind, message))) => {
-                    rows.push(("error", format!("{}: {message}", error_kind_name(*kind))));
+                    rows.push(("error", format!("{}: {message}", kind.as_str())));
                 }
                 None => {}
             }
@@ -255,30 +257,8 @@ fn raw(value: &Value) -> String {
     }
 }
 
-pub(crate) fn error(kind: pb::ErrorKind, message: &str) -> Value {
-    json!({"kind": error_kind_name(kind), "message": message})
-}
-
-fn error_kind_name(kind: pb::ErrorKind) -> &'static str {
-    match kind {
-        pb::ErrorKind::Failed => "failed",
-        pb::ErrorKind::Panicked => "panicked",
-        pb::ErrorKind::Cancelled => "cancelled",
-        pb::ErrorKind::Interrupted => "interrupted",
-        pb::ErrorKind::TimedOut => "timed_out",
-        pb::ErrorKind::ResultTooLarge => "result_too_large",
-        pb::ErrorKind::Unspecified => "unspecified",
-    }
-}
-
-fn cancel_outcome_name(outcome: pb::CancelOutcome) -> &'static str {
-    match outcome {
-        pb::CancelOutcome::Cancelled => "cancelled",
-        pb::CancelOutcome::Aborted => "aborted",
-        pb::CancelOutcome::Requested => "requested",
-        pb::CancelOutcome::AlreadyDone => "already_done",
-        pb::CancelOutcome::Unspecified => "unspecified",
-    }
+pub(crate) fn error(kind: ErrorKind, message: &str) -> Value {
+    json!({"kind": kind.as_str(), "message": message})
 }
 
 /// RFC 3339 in UTC, as the protobuf JSON mapping writes timestamps.
@@ -325,7 +305,7 @@ mod tests {
 
         let failed = item(Err(ClientError::JobFailed {
             id,
-            kind: pb::ErrorKind::Panicked,
+            kind: ErrorKind::Panicked,
             message: "boom\nline two".into(),
         }));
         let text = map_item(Format::Text, &failed);
@@ -365,7 +345,7 @@ mod tests {
         assert_eq!(text(json!(null)), "null");
         let failed = JobOutcome {
             state: JobState::Failed,
-            result: Err((pb::ErrorKind::Failed, "boom".to_owned())),
+            result: Err((ErrorKind::Failed, "boom".to_owned())),
         };
         assert_eq!(outcome(Format::Text, id, &failed), None);
     }
@@ -382,7 +362,7 @@ mod tests {
         );
         let failed = JobOutcome {
             state: JobState::Failed,
-            result: Err((pb::ErrorKind::Panicked, "boom".to_owned())),
+            result: Err((ErrorKind::Panicked, "boom".to_owned())),
         };
         let line = outcome(Format::Json, id, &failed).unwrap();
         assert!(!line.contains('\n'));

@@ -187,7 +187,7 @@ fn line(format: Format, event: &JobEvent) -> String {
             let mut object = json!({
                 "seq": event.seq,
                 "epoch": event.epoch,
-                "kind": kind_name(event.kind),
+                "kind": event.kind.as_str(),
                 "job_id": event.job.map(|id| id.to_string()),
                 "function": Some(&event.function).filter(|f| !f.is_empty()),
                 "state": event.state.map(JobState::as_str),
@@ -235,13 +235,4 @@ fn describe(event: &JobEvent) -> String {
         );
     }
     parts.join("  ")
-}
-
-fn kind_name(kind: JobEventKind) -> &'static str {
-    match kind {
-        JobEventKind::State => "state",
-        JobEventKind::Progress => "progress",
-        JobEventKind::Snapshot => "snapshot",
-        JobEventKind::Lagged => "lagged",
-    }
 }

@@ -13,8 +13,8 @@ use std::{
 };
 
 use hdrhistogram::Histogram;
-use jobd_client::{CallCredentials, RpcClient};
-use jobd_client::{Error as ClientError, JobState, pb};
+use jobd_client::{CallCredentials, Error as ClientError, JobState, RpcClient};
+use jobd_proto::pb;
 use tokio::task::JoinSet;
 use tonic::transport::Channel;
 use tonic_health::pb::{

@@ -14,7 +14,8 @@ mod report;
 
 use std::{io::Write as _, num::NonZeroU64, time::Duration};
 
-use jobd_client::{ConnectOptions, Error as ClientError, JobClient, pb};
+use jobd_client::{ConnectOptions, Error as ClientError, JobClient};
+use jobd_proto::pb;
 use tonic::transport::Channel;
 
 pub(crate) use self::report::{Report, render};
