@@ -24,6 +24,41 @@ impl JobId {
         Self(uuid::Uuid::now_v7())
     }
 
+    /// A fresh id minted at `at` (what a server reads from its clock): a
+    /// UUIDv7 whose 12 bits after the millisecond hold the microsecond
+    /// within it (RFC 9562, method 3), then 62 random bits. Ids minted at
+    /// different microseconds sort by time; a server that gives each job its
+    /// own microsecond gets ids in submission order, whatever other clocks
+    /// in the process say.
+    ///
+    /// ```
+    /// use std::time::{Duration, UNIX_EPOCH};
+    /// use jobd_proto::JobId;
+    /// let t = UNIX_EPOCH + Duration::from_micros(1_700_000_000_000_001);
+    /// let a = JobId::minted_at(t);
+    /// assert!(a < JobId::minted_at(t + Duration::from_micros(1)));
+    /// assert!(a > JobId::minted_at(t - Duration::from_micros(1)));
+    /// assert_ne!(a, JobId::minted_at(t));
+    /// assert_eq!(a.as_uuid().get_version_num(), 7);
+    /// ```
+    #[must_use]
+    pub fn minted_at(at: std::time::SystemTime) -> Self {
+        let since = at.duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+        let millis = u64::try_from(since.as_millis()).unwrap_or(u64::MAX) & 0xFFFF_FFFF_FFFF;
+        let micros_in_milli = u16::try_from(since.subsec_micros() % 1000).unwrap_or(0);
+        let random = *uuid::Uuid::new_v4().as_bytes();
+        let mut bytes = [0u8; 16];
+        bytes[..6].copy_from_slice(&millis.to_be_bytes()[2..]);
+        bytes[6..8].copy_from_slice(&micros_in_milli.to_be_bytes());
+        bytes[8..].copy_from_slice(&random[8..]);
+        Self(
+            uuid::Builder::from_bytes(bytes)
+                .with_variant(uuid::Variant::RFC4122)
+                .with_version(uuid::Version::SortRand)
+                .into_uuid(),
+        )
+    }
+
     /// The underlying UUID.
     #[must_use]
     pub fn as_uuid(&self) -> &uuid::Uuid {

@@ -8,61 +8,35 @@
 use std::{num::NonZeroUsize, process::Output, time::Duration};
 
 use assert_cmd::Command;
-use jobd::{Engine, EngineConfig, JobError, ServeError};
+use jobd::{Engine, EngineConfig};
+use jobd_test_support::{BlockingServer, TestServer};
 use serde_json::{Value, json};
-use tokio::{runtime::Runtime, task::JoinHandle};
-use tokio_util::sync::CancellationToken;
 
 /// Bounds every jobctl run, so a hang fails the test instead of stalling it.
 const RUN_LIMIT: Duration = Duration::from_secs(120);
 
-struct TestServer {
+/// The workspace's test server (on a runtime of its own), with a `fail`
+/// function, and jobctl bench run against it.
+struct Target {
     addr: String,
     engine: Engine,
-    stop: CancellationToken,
-    task: Option<JoinHandle<Result<(), ServeError>>>,
-    /// Multi-threaded, so the server keeps answering while the test thread
-    /// waits for jobctl.
-    runtime: Runtime,
+    server: BlockingServer,
 }
 
-impl TestServer {
+impl Target {
     fn start() -> Self {
         Self::with_config(EngineConfig::default())
     }
 
     fn with_config(config: EngineConfig) -> Self {
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .expect("test runtime");
-        let listener = runtime
-            .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
-            .expect("bind 127.0.0.1:0");
-        let addr = format!("http://{}", listener.local_addr().expect("bound address"));
-        let engine = {
-            // The engine spawns its pools onto the current runtime.
-            let _context = runtime.enter();
-            let mut registry = jobd::builtins::registry();
-            registry.register_async("fail", "fails", |_ctx, _args| async {
-                Err(JobError::failed("failed on purpose"))
-            });
-            Engine::start(registry, config)
-        };
-        let stop = CancellationToken::new();
-        let task = runtime.spawn(jobd::serve(
-            listener,
-            engine.clone(),
-            stop.clone().cancelled_owned(),
-            Duration::from_secs(1),
-        ));
+        let (registry, _fixtures) = jobd_test_support::registry();
+        let server = BlockingServer::start(|| {
+            TestServer::start_with_grace(registry, config, Duration::from_secs(1))
+        });
         Self {
-            addr,
-            engine,
-            stop,
-            task: Some(task),
-            runtime,
+            addr: server.server().url(),
+            engine: server.engine().clone(),
+            server,
         }
     }
 
@@ -86,13 +60,8 @@ impl TestServer {
         serde_json::from_str(line).unwrap_or_else(|e| panic!("{line:?} is not JSON: {e}"))
     }
 
-    fn shutdown(mut self) {
-        self.stop.cancel();
-        let task = self.task.take().expect("shut down once");
-        match self.runtime.block_on(task) {
-            Ok(served) => served.expect("the server should stop cleanly"),
-            Err(join) => std::panic::resume_unwind(join.into_panic()),
-        }
+    fn shutdown(self) {
+        self.server.shutdown();
     }
 }
 
@@ -161,7 +130,7 @@ fn assert_sane(report: &Value) {
 
 #[test]
 fn submit_mode_counts_exactly_the_jobs_asked_for() {
-    let server = TestServer::start();
+    let server = Target::start();
     let report = server.bench(&["--mode", "submit", "--jobs", "2000"]);
     assert_eq!(report["mode"], "submit");
     assert_eq!(report["jobs"], 2000, "{report}");
@@ -179,7 +148,7 @@ fn submit_mode_counts_exactly_the_jobs_asked_for() {
 
 #[test]
 fn rounds_alternate_and_still_count_exactly_the_jobs_asked_for() {
-    let server = TestServer::start();
+    let server = Target::start();
     let report = server.bench(&["--mode", "submit", "--jobs", "1001", "--rounds", "4"]);
     assert_eq!(report["rounds"], 4, "{report}");
     assert_eq!(report["jobs"], 1001, "{report}");
@@ -199,7 +168,7 @@ fn rounds_alternate_and_still_count_exactly_the_jobs_asked_for() {
 
 #[test]
 fn roundtrip_mode_waits_for_every_result() {
-    let server = TestServer::start();
+    let server = Target::start();
     let report = server.bench(&[
         "--mode",
         "roundtrip",
@@ -219,7 +188,7 @@ fn roundtrip_mode_waits_for_every_result() {
 
 #[test]
 fn batch_mode_counts_jobs_and_cuts_the_last_batch_to_the_budget() {
-    let server = TestServer::start();
+    let server = Target::start();
     let report = server.bench(&[
         "--mode",
         "batch",
@@ -242,7 +211,7 @@ fn batch_mode_counts_jobs_and_cuts_the_last_batch_to_the_budget() {
 
 #[test]
 fn floor_mode_measures_health_checks_only() {
-    let server = TestServer::start();
+    let server = Target::start();
     let report = server.bench(&["--mode", "floor", "--jobs", "1000"]);
     assert_eq!(report["mode"], "floor");
     assert_eq!(report["floor_requests"], 1000, "{report}");
@@ -259,7 +228,7 @@ fn floor_mode_measures_health_checks_only() {
 
 #[test]
 fn text_output_is_a_table_with_the_ratio() {
-    let server = TestServer::start();
+    let server = Target::start();
     let run = server.jobctl(&["bench", "--jobs", "300", "--warmup", "0"]);
     assert_eq!(run.code, Some(0), "{run:#?}");
     assert_eq!(run.stderr, "", "{run:#?}");
@@ -278,7 +247,7 @@ fn text_output_is_a_table_with_the_ratio() {
 #[test]
 fn server_memory_is_read_before_and_after() {
     // The server runs in this test's process, so its pid is ours.
-    let server = TestServer::start();
+    let server = Target::start();
     let pid = std::process::id().to_string();
     let report = server.bench(&["--jobs", "200", "--server-pid", &pid]);
     assert_eq!(report["server_pid"], json!(std::process::id()));
@@ -304,7 +273,7 @@ fn server_memory_is_read_before_and_after() {
 fn rejected_jobs_are_counted_with_the_first_reason() {
     // Paused with room for 100: exactly 100 submits are accepted, the rest
     // find the queue full.
-    let server = TestServer::with_config(EngineConfig {
+    let server = Target::with_config(EngineConfig {
         paused: true,
         max_queued: NonZeroUsize::new(100).expect("nonzero"),
         ..EngineConfig::default()
@@ -327,7 +296,7 @@ fn rejected_jobs_are_counted_with_the_first_reason() {
 
 #[test]
 fn failed_jobs_fail_a_roundtrip() {
-    let server = TestServer::start();
+    let server = Target::start();
     let run = server.jobctl(&[
         "bench",
         "--mode",
@@ -346,7 +315,7 @@ fn failed_jobs_fail_a_roundtrip() {
 
 #[test]
 fn an_unknown_function_is_refused_before_any_load() {
-    let server = TestServer::start();
+    let server = Target::start();
     let run = server.jobctl(&["bench", "--function", "nope", "--jobs", "10"]);
     let line = run.failed_in_one_line();
     assert!(line.contains("\"nope\""), "{line}");

@@ -1,22 +1,22 @@
 //! `jobctl` as users run it: the real binary as a child process, against a
 //! real jobd served in-process on 127.0.0.1:0.
 //!
-//! Each test owns a [`TestServer`]: the listener is bound before serving, so
-//! no sleep is needed before connecting, and test functions that signal when
-//! they start let a test wait for "running" without guessing a delay.
+//! Each test owns a [`Target`]: the workspace's test server (the listener is
+//! bound before serving, so no sleep is needed before connecting), whose
+//! test functions signal when they start, so a test waits for "running"
+//! without guessing a delay.
 
 use std::{
     process::{Output, Stdio},
-    sync::mpsc,
+    sync::Mutex,
     time::Duration,
 };
 
 use assert_cmd::Command;
-use jobd::{Engine, EngineConfig, JobError, Registry, ServeError, StoreConfig};
+use jobd::{Engine, EngineConfig, StoreConfig};
+use jobd_test_support::{BlockingServer, Fixtures, TestServer};
 use predicates::prelude::*;
 use serde_json::{Value, json};
-use tokio::{runtime::Runtime, task::JoinHandle};
-use tokio_util::sync::CancellationToken;
 
 /// How long running jobs get to finish when a test server stops; tests
 /// cancel what they start, so this only bounds a failing test.
@@ -28,55 +28,33 @@ const RUN_LIMIT: Duration = Duration::from_secs(60);
 /// How long a test waits for a job to signal that it started.
 const START_LIMIT: Duration = Duration::from_secs(10);
 
-struct TestServer {
+/// A jobd served in-process with the fixture functions (the workspace's one
+/// test server, on a runtime of its own), and jobctl run against it.
+struct Target {
     addr: String,
     /// The server's engine, to observe it from the test.
     engine: Engine,
-    /// Receives the argument of every `*_started` job as it begins.
-    started: mpsc::Receiver<Value>,
-    stop: CancellationToken,
-    task: Option<JoinHandle<Result<(), ServeError>>>,
-    /// Multi-threaded, so the server keeps answering while the test thread
-    /// blocks on a jobctl child process.
-    runtime: Runtime,
+    /// Tells when a `*_started` job begins.
+    fixtures: Mutex<Fixtures>,
+    server: BlockingServer,
 }
 
-impl TestServer {
+impl Target {
     fn start() -> Self {
         Self::start_on(&StoreConfig::Memory)
     }
 
     /// A server on the given store (restart tests use a SQLite directory).
     fn start_on(store: &StoreConfig) -> Self {
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .expect("test runtime");
-        let (signal, started) = mpsc::channel();
-        let listener = runtime
-            .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
-            .expect("bind 127.0.0.1:0");
-        let addr = format!("http://{}", listener.local_addr().expect("bound address"));
-        let engine = {
-            // The engine spawns its pools onto the current runtime.
-            let _context = runtime.enter();
-            Engine::open(registry(signal), EngineConfig::default(), store).expect("open the store")
-        };
-        let stop = CancellationToken::new();
-        let task = runtime.spawn(jobd::serve(
-            listener,
-            engine.clone(),
-            stop.clone().cancelled_owned(),
-            GRACE,
-        ));
+        let (registry, fixtures) = jobd_test_support::registry();
+        let server = BlockingServer::start(|| {
+            TestServer::start_on(registry, EngineConfig::default(), GRACE, store)
+        });
         Self {
-            addr,
-            engine,
-            started,
-            stop,
-            task: Some(task),
-            runtime,
+            addr: server.server().url(),
+            engine: server.engine().clone(),
+            fixtures: Mutex::new(fixtures),
+            server,
         }
     }
 
@@ -106,9 +84,8 @@ impl TestServer {
 
     /// Blocks until a `*_started` job begins, and returns its argument.
     fn wait_started(&self) -> Value {
-        self.started
-            .recv_timeout(START_LIMIT)
-            .expect("the job should have started")
+        let mut fixtures = self.fixtures.lock().expect("one test thread");
+        self.server.block_on(fixtures.next_started())
     }
 
     /// Blocks until `count` callers wait on a job's result. Polls, because
@@ -128,52 +105,13 @@ impl TestServer {
     /// Stops the server as a crash would: every task and connection dropped
     /// at once, nothing drained.
     fn crash(self) {
-        self.runtime.shutdown_background();
+        self.server.crash();
     }
 
     /// Stops the server and re-raises its error or panic, if any.
-    fn shutdown(mut self) {
-        self.stop.cancel();
-        let task = self.task.take().expect("shut down once");
-        match self.runtime.block_on(task) {
-            Ok(served) => served.expect("the server should stop cleanly"),
-            Err(join) => std::panic::resume_unwind(join.into_panic()),
-        }
+    fn shutdown(self) {
+        self.server.shutdown();
     }
-}
-
-/// The built-ins plus functions that tell the test when they are running.
-fn registry(signal: mpsc::Sender<Value>) -> Registry {
-    let mut registry = jobd::builtins::registry();
-    let async_signal = signal.clone();
-    registry
-        .register_async(
-            "sleep_started",
-            "signals, then sleeps 60 s",
-            move |_ctx, args| {
-                let _ = async_signal.send(args);
-                async {
-                    tokio::time::sleep(Duration::from_secs(60)).await;
-                    Ok(json!("woke up"))
-                }
-            },
-        )
-        .register_blocking(
-            "polite_started",
-            "signals, then waits up to 60 s for a cancel and honours it",
-            move |ctx, args| {
-                let _ = signal.send(args);
-                ctx.sleep_blocking(Duration::from_secs(60))?;
-                Ok(json!("never cancelled"))
-            },
-        )
-        .register_async("boom", "panics", |_ctx, _args| async {
-            panic!("boom on purpose")
-        })
-        .register_async("fail", "fails", |_ctx, _args| async {
-            Err(JobError::failed("failed on purpose"))
-        });
-    registry
 }
 
 /// The jobctl binary with a clean environment: no address or log filter from
@@ -229,7 +167,7 @@ fn finished(output: Output) -> Run {
 }
 
 /// What a panic, a backtrace or a Debug dump of an error chain would leave
-/// behind. [`TestServer::jobctl`] also rejects "panicked" alone.
+/// behind. [`Target::jobctl`] also rejects "panicked" alone.
 const CRASH_SIGNS: [&str; 5] = [
     "panicked at",
     "Backtrace",
@@ -298,7 +236,7 @@ fn help_teaches_the_commands_with_examples() {
 
 #[test]
 fn submit_prints_an_id_and_result_prints_the_value() {
-    let server = TestServer::start();
+    let server = Target::start();
     let id = server.submit(&["hello"]);
     assert_eq!(
         server.jobctl(&["result", &id]).success().line(),
@@ -320,7 +258,7 @@ fn submit_prints_an_id_and_result_prints_the_value() {
 
 #[test]
 fn submit_wait_prints_the_result_instead_of_the_id() {
-    let server = TestServer::start();
+    let server = Target::start();
     let run = server
         .jobctl(&["submit", "--wait", "hello", "Ann"])
         .success();
@@ -330,7 +268,7 @@ fn submit_wait_prints_the_result_instead_of_the_id() {
 
 #[test]
 fn arguments_are_json_where_they_parse_and_several_become_an_array() {
-    let server = TestServer::start();
+    let server = Target::start();
     let echo = |args: &[&str]| {
         let command: Vec<&str> = ["submit", "--wait", "echo"]
             .into_iter()
@@ -350,7 +288,7 @@ fn arguments_are_json_where_they_parse_and_several_become_an_array() {
 
 #[test]
 fn json_output_is_one_object_per_answer() {
-    let server = TestServer::start();
+    let server = Target::start();
     let submitted = server
         .jobctl(&["--output", "json", "submit", "hello", "Ann"])
         .success()
@@ -392,7 +330,7 @@ fn json_output_is_one_object_per_answer() {
 
 #[test]
 fn done_says_false_while_running_and_true_once_finished() {
-    let server = TestServer::start();
+    let server = Target::start();
     let id = server.submit(&["sleep", "30"]);
     assert_eq!(server.jobctl(&["done", &id]).success().line(), "false");
     let cancelled = server.jobctl(&["cancel", &id]).success().line();
@@ -411,8 +349,8 @@ fn done_says_false_while_running_and_true_once_finished() {
 
 #[test]
 fn cancel_aborts_a_running_async_job_which_then_reports_cancelled() {
-    let server = TestServer::start();
-    let id = server.submit(&["sleep_started", "tag"]);
+    let server = Target::start();
+    let id = server.submit(&["async_started", "tag"]);
     assert_eq!(server.wait_started(), json!("tag"));
     assert_eq!(server.jobctl(&["cancel", &id]).success().line(), "aborted");
 
@@ -431,7 +369,7 @@ fn cancel_aborts_a_running_async_job_which_then_reports_cancelled() {
 
 #[test]
 fn cancel_of_a_running_blocking_job_is_a_request() {
-    let server = TestServer::start();
+    let server = Target::start();
     let id = server.submit(&["polite_started", "tag"]);
     server.wait_started();
     let report = server.jobctl(&["cancel", &id]).success().line();
@@ -448,7 +386,7 @@ fn cancel_of_a_running_blocking_job_is_a_request() {
 
 #[test]
 fn cancel_of_a_finished_job_says_already_done() {
-    let server = TestServer::start();
+    let server = Target::start();
     let id = server.submit(&["hello"]);
     server.jobctl(&["result", &id]).success();
     assert_eq!(
@@ -468,7 +406,7 @@ fn cancel_of_a_finished_job_says_already_done() {
 
 #[test]
 fn a_failed_job_exits_1_with_its_reason_on_one_line() {
-    let server = TestServer::start();
+    let server = Target::start();
     let id = server.submit(&["fail"]);
     let run = server.jobctl(&["result", &id]).code(1);
     assert_eq!(run.stdout, "");
@@ -496,11 +434,11 @@ fn a_failed_job_exits_1_with_its_reason_on_one_line() {
     );
 
     let run = server
-        .jobctl_job_may_panic(&["submit", "--wait", "boom"])
+        .jobctl_job_may_panic(&["submit", "--wait", "panic_async"])
         .code(1);
     let error = run.error_line();
     assert!(
-        error.contains(" failed: ") && error.contains("panicked: boom on purpose"),
+        error.contains(" failed: ") && error.contains("panicked: async boom"),
         "{error}"
     );
     server.shutdown();
@@ -508,7 +446,7 @@ fn a_failed_job_exits_1_with_its_reason_on_one_line() {
 
 #[test]
 fn schema_violations_exit_3_naming_every_field_on_one_line() {
-    let server = TestServer::start();
+    let server = Target::start();
     let run = server
         .jobctl(&["submit", "return_future", r#"{"message": 1, "delay": -1}"#])
         .code(3);
@@ -523,7 +461,7 @@ fn schema_violations_exit_3_naming_every_field_on_one_line() {
 
 #[test]
 fn status_shows_the_whole_job() {
-    let server = TestServer::start();
+    let server = Target::start();
     let id = server.submit(&[
         "hello",
         "Ann",
@@ -583,7 +521,7 @@ fn status_shows_the_whole_job() {
 
 #[test]
 fn functions_lists_names_pools_and_descriptions() {
-    let server = TestServer::start();
+    let server = Target::start();
     let text = server.jobctl(&["functions"]).success().stdout;
     let rows: Vec<Vec<&str>> = text
         .lines()
@@ -650,7 +588,7 @@ fn functions_lists_names_pools_and_descriptions() {
 
 #[test]
 fn result_timeout_exits_3_and_the_job_keeps_running() {
-    let server = TestServer::start();
+    let server = Target::start();
     let id = server.submit(&["sleep", "30"]);
     let run = server.jobctl(&["result", &id, "--timeout", "0.2"]).code(3);
     assert_eq!(run.stdout, "");
@@ -680,7 +618,7 @@ fn result_timeout_exits_3_and_the_job_keeps_running() {
 
 #[test]
 fn request_errors_exit_3_with_one_line() {
-    let server = TestServer::start();
+    let server = Target::start();
     let run = server.jobctl(&["submit", "no_such_function"]).code(3);
     assert_eq!(run.stdout, "");
     assert!(
@@ -708,7 +646,7 @@ fn request_errors_exit_3_with_one_line() {
 
 #[test]
 fn usage_errors_exit_2() {
-    let server = TestServer::start();
+    let server = Target::start();
     let usage_error = |args: &[&str]| {
         let run = server.jobctl(args).code(2);
         assert_eq!(run.stdout, "");
@@ -775,8 +713,8 @@ fn an_unreachable_server_is_one_line_and_exit_3() {
 
 #[test]
 fn a_server_that_dies_mid_wait_is_one_line_and_exit_3() {
-    let server = TestServer::start();
-    let id = server.submit(&["sleep_started"]);
+    let server = Target::start();
+    let id = server.submit(&["async_started"]);
     server.wait_started();
     let waiting = jobctl_std()
         .args(["--addr", &server.addr, "result", &id])
@@ -801,7 +739,7 @@ fn result_after_a_restart_prints_the_stored_result() {
     let store = StoreConfig::Sqlite {
         dir: dir.path().to_owned(),
     };
-    let first = TestServer::start_on(&store);
+    let first = Target::start_on(&store);
     let id = first.submit(&["hello", "Ann"]);
     assert_eq!(
         first.jobctl(&["result", &id]).success().line(),
@@ -809,7 +747,7 @@ fn result_after_a_restart_prints_the_stored_result() {
     );
     first.shutdown();
 
-    let second = TestServer::start_on(&store);
+    let second = Target::start_on(&store);
     assert_eq!(
         second.jobctl(&["result", &id]).success().line(),
         "Hello, Ann!"
@@ -820,7 +758,7 @@ fn result_after_a_restart_prints_the_stored_result() {
 
 #[test]
 fn a_request_id_makes_submit_idempotent() {
-    let server = TestServer::start();
+    let server = Target::start();
     let first = server.submit(&["--request-id", "order-1", "echo", "x"]);
     let again = server.submit(&["--request-id", "order-1", "echo", "x"]);
     assert_eq!(first, again);
@@ -832,10 +770,10 @@ fn a_request_id_makes_submit_idempotent() {
 
 #[test]
 fn wait_prints_the_done_and_not_done_split_and_exits_0() {
-    let server = TestServer::start();
+    let server = Target::start();
     let quick = server.submit(&["hello", "Ann"]);
     server.jobctl(&["result", &quick]).success();
-    let slow = server.submit(&["sleep_started"]);
+    let slow = server.submit(&["async_started"]);
     server.wait_started();
 
     let run = server.jobctl(&["wait", &slow, &quick, "--return-when", "first"]);
@@ -863,7 +801,7 @@ fn wait_prints_the_done_and_not_done_split_and_exits_0() {
 
 #[test]
 fn list_prints_json_lines_through_a_pipe_with_filters_and_a_limit() {
-    let server = TestServer::start();
+    let server = Target::start();
     let labelled = server.submit(&["hello", "Ann", "--label", "team=x"]);
     server.jobctl(&["result", &labelled]).success();
     let other = server.submit(&["echo", "1"]);
@@ -893,7 +831,7 @@ fn list_prints_json_lines_through_a_pipe_with_filters_and_a_limit() {
 
 #[test]
 fn delete_forgets_a_finished_job_and_refuses_a_running_one() {
-    let server = TestServer::start();
+    let server = Target::start();
     let finished = server.submit(&["hello"]);
     server.jobctl(&["result", &finished]).success();
     assert_eq!(
@@ -903,7 +841,7 @@ fn delete_forgets_a_finished_job_and_refuses_a_running_one() {
     let run = server.jobctl(&["status", &finished]).code(3);
     assert!(run.error_line().contains("was deleted"), "{run:#?}");
 
-    let running = server.submit(&["sleep_started"]);
+    let running = server.submit(&["async_started"]);
     server.wait_started();
     let run = server.jobctl(&["delete", &running]).code(3);
     assert!(run.error_line().contains("cancel it first"), "{run:#?}");
@@ -918,7 +856,7 @@ fn delete_forgets_a_finished_job_and_refuses_a_running_one() {
 
 #[test]
 fn watch_prints_json_lines_until_the_watched_jobs_finish() {
-    let server = TestServer::start();
+    let server = Target::start();
     let counted = server.submit(&["count", r#"{"steps": 3, "seconds": 0.3}"#]);
     let failed = server.submit(&["fail"]);
     // A failed job among the watched ones: exit 1, as `result` does.
@@ -965,7 +903,7 @@ fn watch_prints_json_lines_until_the_watched_jobs_finish() {
 
 #[test]
 fn watch_by_filter_follows_new_jobs_until_count() {
-    let server = TestServer::start();
+    let server = Target::start();
     let watcher = jobctl_std()
         .args(["--addr", &server.addr, "-o", "json", "watch"])
         .args([
@@ -999,7 +937,7 @@ fn watch_by_filter_follows_new_jobs_until_count() {
     server.shutdown();
 }
 
-impl TestServer {
+impl Target {
     /// Runs jobctl against this server with `stdin` as its input.
     fn jobctl_with_stdin(&self, args: &[&str], stdin: &str) -> Run {
         let run = execute(
@@ -1018,7 +956,7 @@ impl TestServer {
 
 #[test]
 fn map_prints_one_result_per_input_line_in_order() {
-    let server = TestServer::start();
+    let server = Target::start();
     let run = server
         .jobctl_with_stdin(&["map", "hello"], "Ann\n\n\"Bob\"\n{\"name\": \"Cy\"}\n")
         .success();
@@ -1043,7 +981,7 @@ fn map_prints_one_result_per_input_line_in_order() {
 
 #[test]
 fn map_answers_failures_per_line_and_exits_1() {
-    let server = TestServer::start();
+    let server = Target::start();
     // "oops" breaks sleep's argument schema: the server refuses that input
     // alone, in its place, and the map goes on.
     let run = server
@@ -1092,7 +1030,7 @@ fn map_answers_failures_per_line_and_exits_1() {
 
 #[test]
 fn map_exits_3_when_the_server_ends_the_stream_with_an_error() {
-    let server = TestServer::start();
+    let server = Target::start();
     // The third input alone makes a request over the server's 4 MiB message
     // cap: the server answers the two inputs before it and then ends the Map
     // stream OUT_OF_RANGE. The fourth input is never taken, so jobctl must
@@ -1110,7 +1048,7 @@ fn map_exits_3_when_the_server_ends_the_stream_with_an_error() {
 
 #[test]
 fn list_filters_by_submission_time() {
-    let server = TestServer::start();
+    let server = Target::start();
     let id = server.submit(&["hello"]);
     server.jobctl(&["result", &id]).success();
     let listed = |args: &[&str]| {

@@ -4,32 +4,26 @@
 //! submitting, an untrusted server and unreadable files fail with one line
 //! and the documented exit code.
 
-#[path = "../../server/tests/support/pki.rs"]
-#[allow(dead_code, unreachable_pub)]
-mod pki;
-
 use std::{os::unix::fs::PermissionsExt as _, path::PathBuf, sync::Arc, time::Duration};
 
 use assert_cmd::Command;
-use jobd::{Engine, EngineConfig, Security, ServeError, auth::TokenSet, tls::TlsConfig};
+use jobd::{Security, auth::TokenSet, tls::TlsConfig};
+use jobd_test_support::{BlockingServer, TestServer, pki::Pki};
 use predicates::prelude::*;
-use tokio::{runtime::Runtime, task::JoinHandle};
-use tokio_util::sync::CancellationToken;
 
 const WRITER: &str = "jobctl-writer-token-0123456789";
 const READER: &str = "jobctl-reader-token-0123456789";
 
+/// The workspace's test server with TLS and two tokens.
 struct SecureServer {
     addr: String,
-    pki: pki::Pki,
-    stop: CancellationToken,
-    task: Option<JoinHandle<Result<(), ServeError>>>,
-    runtime: Runtime,
+    pki: Pki,
+    server: Option<BlockingServer>,
 }
 
 impl SecureServer {
     fn start() -> Self {
-        let pki = pki::Pki::new();
+        let pki = Pki::new();
         let server = pki.pair("server");
         let tls = TlsConfig::from_files(&server.cert, &server.key, None).unwrap();
         let tokens = TokenSet::parse(
@@ -42,35 +36,11 @@ impl SecureServer {
             tokens: Some(Arc::new(tokens)),
             auth_reflection: false,
         };
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .unwrap();
-        let listener = runtime
-            .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
-            .unwrap();
-        let addr = format!(
-            "https://localhost:{}",
-            listener.local_addr().unwrap().port()
-        );
-        let stop = CancellationToken::new();
-        let engine = runtime
-            .block_on(async { Engine::start(jobd::builtins::registry(), EngineConfig::default()) });
-        let task = runtime.spawn(jobd::serve_with_security(
-            listener,
-            engine,
-            stop.clone().cancelled_owned(),
-            Duration::from_secs(1),
-            jobd::ServerLimits::default(),
-            security,
-        ));
+        let server = BlockingServer::start(|| TestServer::start_secure(security));
         Self {
-            addr,
+            addr: server.server().https_url(),
             pki,
-            stop,
-            task: Some(task),
-            runtime,
+            server: Some(server),
         }
     }
 
@@ -105,9 +75,8 @@ impl SecureServer {
 
 impl Drop for SecureServer {
     fn drop(&mut self) {
-        self.stop.cancel();
-        if let Some(task) = self.task.take() {
-            let _ = self.runtime.block_on(task);
+        if let Some(server) = self.server.take() {
+            server.shutdown();
         }
     }
 }

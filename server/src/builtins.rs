@@ -205,7 +205,7 @@ async fn count(ctx: &Ctx, args: &Value) -> Result<Value, JobError> {
 
 /// The concurrent.futures example: sleep (really blocking the thread, and
 /// deliberately deaf to cancel, as `time.sleep` is), then return the message.
-fn return_future(_ctx: Ctx, args: Value) -> Result<Value, JobError> {
+fn return_future(ctx: Ctx, args: Value) -> Result<Value, JobError> {
     const DEFAULT_DELAY: f64 = 3.0;
     let (message, delay) = match &args {
         Value::String(msg) => (
@@ -229,7 +229,7 @@ fn return_future(_ctx: Ctx, args: Value) -> Result<Value, JobError> {
         }
         _ => return Err(JobError::bad_args("expected a message")),
     };
-    std::thread::sleep(delay);
+    ctx.sleep_blocking_uninterruptible(delay);
     Ok(Value::String(message))
 }
 

@@ -1,15 +1,23 @@
 //! The context a running job receives: who it is, whether someone asked it
 //! to stop, and where to report its progress.
+//!
+//! It holds a cancel signal and a progress sink, not the store: the same
+//! `Ctx` works for a job run by a thread of this process, and for one run
+//! elsewhere, whose reports travel another way to the store.
 
 use std::{fmt, sync::Arc, time::Duration};
 
 use jobd_proto::JobId;
 use tokio_util::sync::CancellationToken;
 
-use crate::{
-    job::{JobError, Progress},
-    store::table::JobTable,
-};
+use crate::job::JobError;
+
+/// Where a running job's reports go (for a job run here: the store, under
+/// the attempt's lease).
+pub(crate) trait Reports: Send + Sync + 'static {
+    /// Reports `fraction` done, with a short `message`.
+    fn progress(&self, fraction: f64, message: &str);
+}
 
 /// Passed to every job function.
 ///
@@ -36,8 +44,8 @@ pub struct Ctx {
     cancel: CancellationToken,
     /// Lets blocking jobs wait on the async cancel signal and timers.
     runtime: tokio::runtime::Handle,
-    /// Where progress reports go (the live job table: memory only).
-    progress: Arc<JobTable>,
+    /// Where progress reports go.
+    reports: Arc<dyn Reports>,
 }
 
 impl fmt::Debug for Ctx {
@@ -56,14 +64,14 @@ impl Ctx {
         attempt: u32,
         cancel: CancellationToken,
         runtime: tokio::runtime::Handle,
-        progress: Arc<JobTable>,
+        reports: Arc<dyn Reports>,
     ) -> Self {
         Self {
             job_id,
             attempt,
             cancel,
             runtime,
-            progress,
+            reports,
         }
     }
 
@@ -86,17 +94,7 @@ impl Ctx {
     /// }
     /// ```
     pub fn set_progress(&self, fraction: f64, message: &str) {
-        let progress = Progress::new(fraction, message);
-        let (id, attempt) = (self.job_id, self.attempt);
-        if let Some(due) = self.progress.set_progress(id, attempt, progress) {
-            // Coalesced: announce the latest report when its window ends.
-            // At most one such timer per job is pending at a time.
-            let table = Arc::clone(&self.progress);
-            self.runtime.spawn(async move {
-                tokio::time::sleep_until(due.into()).await;
-                table.flush_progress(id, attempt);
-            });
-        }
+        self.reports.progress(fraction, message);
     }
 
     /// The running job's id.
@@ -132,12 +130,28 @@ impl Ctx {
     /// blocking-pool functions only. Async jobs use `tokio::time::sleep` and
     /// are aborted on cancel anyway.
     pub fn sleep_blocking(&self, duration: Duration) -> Result<(), JobError> {
+        self.sleep_blocking_until(duration, true)
+    }
+
+    /// Blocks the calling thread for `duration` on the server's clock,
+    /// deaf to cancel requests (as Python's `time.sleep` is): for functions
+    /// that model work which cannot be interrupted. A test running on a
+    /// paused clock does not wait for it in real time.
+    ///
+    /// # Panics
+    ///
+    /// When called from async code, as [`Ctx::sleep_blocking`].
+    pub fn sleep_blocking_uninterruptible(&self, duration: Duration) {
+        let _ = self.sleep_blocking_until(duration, false);
+    }
+
+    fn sleep_blocking_until(&self, duration: Duration, cancellable: bool) -> Result<(), JobError> {
         let cancel = &self.cancel;
         // Blocking-pool threads are plain OS threads outside the runtime, so
         // they may drive this small future to completion themselves.
         self.runtime.block_on(async {
             tokio::select! {
-                () = cancel.cancelled() => Err(JobError::Cancelled),
+                () = cancel.cancelled(), if cancellable => Err(JobError::Cancelled),
                 () = tokio::time::sleep(duration) => Ok(()),
             }
         })

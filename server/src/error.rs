@@ -4,7 +4,8 @@
 use jobd_proto::JobId;
 
 use crate::{
-    function::{ArgsViolation, PoolKind},
+    function::ArgsViolation,
+    job::PoolName,
     store::{Gone, StoreError},
 };
 
@@ -77,7 +78,7 @@ pub enum Error {
     #[error("the {pool} pool's queue is full ({capacity} jobs waiting); retry later")]
     QueueFull {
         /// The pool that is full.
-        pool: PoolKind,
+        pool: PoolName,
         /// Its queue capacity (`--max-queued`).
         capacity: usize,
     },

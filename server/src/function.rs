@@ -16,8 +16,12 @@ use std::{collections::BTreeMap, fmt, future::Future, pin::Pin, sync::Arc};
 
 use crate::{ctx::Ctx, job::Outcome};
 
-/// The two kinds of pool a function can run on.
+/// The kind of executor a function runs on: how its code is run and how a
+/// cancel reaches it. A pool (see [`PoolName`](crate::PoolName)) is an
+/// executor of one kind; new kinds may be added, so match with a wildcard
+/// arm.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
 pub enum PoolKind {
     /// Tokio tasks with a concurrency limit: for I/O-bound work.
     Async,

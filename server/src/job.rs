@@ -3,6 +3,7 @@
 
 use std::{
     collections::BTreeMap,
+    fmt,
     sync::Arc,
     time::{Duration, SystemTime},
 };
@@ -10,6 +11,45 @@ use std::{
 use jobd_proto::{JobId, JobState};
 
 use crate::function::PoolKind;
+
+/// The name of a pool, as a Submit asks for it (a string on the wire):
+/// "async" and "blocking" today. Kept apart from the [`PoolKind`] that runs
+/// it, so that a pool is found by name and new kinds of executor do not
+/// change what clients send.
+///
+/// ```
+/// use jobd::{PoolKind, PoolName};
+/// assert_eq!(PoolName::of(PoolKind::Blocking).as_str(), "blocking");
+/// assert_eq!(PoolName::from("async"), PoolName::of(PoolKind::Async));
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct PoolName(Arc<str>);
+
+impl PoolName {
+    /// The default pool of executors of `kind`.
+    #[must_use]
+    pub fn of(kind: PoolKind) -> Self {
+        Self::from(kind.as_str())
+    }
+
+    /// The name as clients send it.
+    #[must_use]
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl From<&str> for PoolName {
+    fn from(name: &str) -> Self {
+        Self(Arc::from(name))
+    }
+}
+
+impl fmt::Display for PoolName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
 
 /// Why a job function did not produce a value.
 ///
@@ -94,7 +134,7 @@ pub struct JobRecord {
     /// The registered function it runs.
     pub function: Arc<str>,
     /// The pool it runs on.
-    pub pool: PoolKind,
+    pub pool: PoolName,
     /// Where it is in its life.
     pub state: JobState,
     /// The argument it was submitted with.
@@ -112,6 +152,10 @@ pub struct JobRecord {
     pub timeout: Option<Duration>,
     /// How many attempts retryable failures may use in all (at least 1).
     pub max_attempts: u32,
+    /// Whether an attempt lost with the process or worker running it may
+    /// run again (the function's registration said so when the job was
+    /// submitted); if not, the job fails instead.
+    pub retry_safe: bool,
     /// When the server accepted it.
     pub submitted_at: SystemTime,
     /// When the latest attempt started.
@@ -135,7 +179,7 @@ impl JobRecord {
         Self {
             id: JobId::new(),
             function: Arc::from(function),
-            pool,
+            pool: PoolName::of(pool),
             state: JobState::Pending,
             args: serde_json::Value::Null,
             labels: BTreeMap::new(),
@@ -144,7 +188,8 @@ impl JobRecord {
             not_before: None,
             timeout: None,
             max_attempts: 1,
-            submitted_at: SystemTime::now(),
+            retry_safe: true,
+            submitted_at: crate::Clock::system().now(),
             started_at: None,
             finished_at: None,
             attempt: 0,
@@ -154,13 +199,8 @@ impl JobRecord {
     }
 }
 
-/// How far a running job says it is (see [`crate::Ctx::set_progress`]).
-///
-/// ```
-/// let p = jobd::Progress::new(1.5, "almost");
-/// assert_eq!(p.fraction(), 1.0); // clamped into 0..=1
-/// assert_eq!(p.message(), "almost");
-/// ```
+/// How far a running job says it is (see [`crate::Ctx::set_progress`]), as
+/// the server took the report.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Progress {
     fraction: f64,
@@ -175,9 +215,9 @@ impl Progress {
     pub const MAX_MESSAGE_BYTES: usize = 256;
 
     /// A report of `fraction` done (clamped into 0..=1; NaN counts as 0)
-    /// with a short `message`, stamped now.
+    /// with a short `message`, taken at `at`.
     #[must_use]
-    pub fn new(fraction: f64, message: &str) -> Self {
+    pub(crate) fn new(fraction: f64, message: &str, at: SystemTime) -> Self {
         let fraction = if fraction.is_nan() {
             0.0
         } else {
@@ -190,7 +230,7 @@ impl Progress {
         Self {
             fraction,
             message: Arc::from(&message[..end]),
-            at: SystemTime::now(),
+            at,
         }
     }
 
@@ -228,14 +268,16 @@ mod tests {
 
     #[test]
     fn progress_is_clamped_and_its_message_cut_at_a_character_boundary() {
-        assert_eq!(Progress::new(f64::NAN, "").fraction(), 0.0);
-        assert_eq!(Progress::new(-3.0, "").fraction(), 0.0);
-        assert_eq!(Progress::new(0.25, "").fraction(), 0.25);
+        let at = SystemTime::UNIX_EPOCH;
+        assert_eq!(Progress::new(f64::NAN, "", at).fraction(), 0.0);
+        assert_eq!(Progress::new(-3.0, "", at).fraction(), 0.0);
+        assert_eq!(Progress::new(1.5, "", at).fraction(), 1.0);
+        assert_eq!(Progress::new(0.25, "", at).fraction(), 0.25);
         // 255 ASCII bytes then a 2-byte character straddling the limit.
         let long = format!("{}é{}", "a".repeat(255), "b".repeat(100));
-        let cut = Progress::new(0.5, &long);
+        let cut = Progress::new(0.5, &long, at);
         assert_eq!(cut.message(), "a".repeat(255));
         let exact = "c".repeat(Progress::MAX_MESSAGE_BYTES);
-        assert_eq!(Progress::new(0.5, &exact).message(), exact);
+        assert_eq!(Progress::new(0.5, &exact, at).message(), exact);
     }
 }

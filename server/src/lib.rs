@@ -7,7 +7,8 @@
 //! Job state is durable by default (embedded SQLite; see [`store`]).
 //!
 //! This crate is both the `jobd` binary and a library for embedding: build a
-//! [`Registry`] of your own functions, [`Engine::start`] it, and [`serve`] it.
+//! [`Registry`] of your own functions, [`Engine::start`] it (or
+//! [`Engine::open`] it on a durable store), and [`serve`] it.
 //!
 //! ```no_run
 //! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
@@ -22,19 +23,24 @@
 //! });
 //! let engine = Engine::start(registry, EngineConfig::default());
 //! let listener = tokio::net::TcpListener::bind("127.0.0.1:50051").await?;
-//! jobd::serve(listener, engine, std::future::pending(), Duration::from_secs(30)).await?;
+//! let ctrl_c = async { let _ = tokio::signal::ctrl_c().await; };
+//! jobd::serve(listener, engine)
+//!     .with_graceful_shutdown(ctrl_c, Duration::from_secs(30))
+//!     .await?;
 //! # Ok(()) }
 //! ```
 //!
 //! Module map: [`function`] (the registry), [`ctx`] (what a running job
-//! sees), [`job`] (records and outcomes), `engine` (queues, pools, the job
-//! table, the event hub behind `Watch`), `grpc` (the wire), [`server`]
-//! (assembly and shutdown), [`limits`] (transport limits and load
-//! shedding), [`auth`] (bearer tokens), [`tls`] (certificates),
-//! [`builtins`] (the shipped functions).
+//! sees), [`job`] (records and outcomes), [`clock`] (the one source of
+//! time), `engine` (admission and the executors that run jobs), [`store`]
+//! (where job state lives, behind one interface: in memory or in SQLite),
+//! `grpc` (the wire), [`server`] (assembly and shutdown), [`limits`]
+//! (transport limits and load shedding), [`auth`] (bearer tokens),
+//! [`tls`] (certificates), [`builtins`] (the shipped functions).
 
 pub mod auth;
 pub mod builtins;
+pub mod clock;
 pub mod ctx;
 mod engine;
 mod error;
@@ -46,15 +52,16 @@ pub mod server;
 pub mod store;
 pub mod tls;
 
+pub use clock::Clock;
 pub use ctx::Ctx;
 pub use engine::{
-    CancelOutcome, Engine, EngineConfig, ListFilter, ListPage, ReturnWhen, SubmitSpec, WaitSplit,
-    WatchEvent, WatchEventKind, WatchFilter, WatchSpec,
+    CancelOutcome, Engine, EngineConfig, ReturnWhen, SubmitSpec, WaitSplit, WatchEvent,
+    WatchEventKind, WatchFilter, WatchSpec,
 };
 pub use error::Error;
 pub use function::{ArgsViolation, InvalidSchema, PoolKind, Registry};
 pub use grpc::JobService;
-pub use job::{Finished, JobError, JobRecord, Outcome, Progress};
+pub use job::{Finished, JobError, JobRecord, Outcome, PoolName, Progress};
 pub use limits::ServerLimits;
-pub use server::{Security, ServeError, serve, serve_with_limits, serve_with_security};
-pub use store::{Gone, StoreConfig, StoreError};
+pub use server::{Security, Serve, ServeError, serve};
+pub use store::{Gone, ListFilter, ListPage, StoreConfig, StoreError};

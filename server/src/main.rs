@@ -18,7 +18,7 @@ use tracing_subscriber::EnvFilter;
 
 /// Jobs are allocated on the gRPC threads and often freed on the store's
 /// writer thread; glibc's malloc pays for that hand-off in arena locking, and
-/// mimalloc does not (see README, Benchmarks).
+/// mimalloc does not (see docs/benchmarks.md).
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
@@ -240,13 +240,16 @@ struct Args {
     #[arg(long, env = "JOBD_MAX_WAITERS", default_value = "3072")]
     max_waiters: NonZeroUsize,
 
-    /// TEST ONLY: cap the database at this many pages, to make "disk full"
-    /// happen on demand in tests.
+    /// TEST ONLY (built with the `fault-injection` feature): cap the
+    /// database at this many pages, to make "disk full" happen on demand.
+    #[cfg(feature = "fault-injection")]
     #[arg(long, hide = true)]
     unsafe_max_db_pages: Option<u64>,
 
-    /// TEST ONLY: acknowledge Submit before its commit, breaking durability
-    /// on purpose so the crash test can prove it detects loss.
+    /// TEST ONLY (built with the `fault-injection` feature): acknowledge
+    /// Submit before its commit, breaking durability on purpose so the
+    /// crash test can prove it detects loss.
+    #[cfg(feature = "fault-injection")]
     #[arg(long, hide = true)]
     unsafe_ack_before_commit: bool,
 }
@@ -405,8 +408,12 @@ async fn run(args: Args) -> anyhow::Result<()> {
         priority_aging: args.priority_aging,
         max_args_bytes: args.max_args_bytes.get(),
         max_result_bytes: args.max_result_bytes.get(),
-        unsafe_ack_before_commit: args.unsafe_ack_before_commit,
-        unsafe_max_db_pages: args.unsafe_max_db_pages,
+        clock: jobd::Clock::system(),
+        #[cfg(feature = "fault-injection")]
+        faults: jobd::store::Faults {
+            ack_before_commit: args.unsafe_ack_before_commit,
+            max_db_pages: args.unsafe_max_db_pages,
+        },
     };
     let mut registry = jobd::builtins::registry();
     for name in &args.not_safe_to_retry {
@@ -457,15 +464,11 @@ async fn run(args: Args) -> anyhow::Result<()> {
         auth_reflection = security.auth_reflection,
         "security"
     );
-    jobd::serve_with_security(
-        listener,
-        engine,
-        shutdown_signal(),
-        args.shutdown_grace,
-        limits,
-        security,
-    )
-    .await?;
+    jobd::serve(listener, engine)
+        .limits(limits)
+        .security(security)
+        .with_graceful_shutdown(shutdown_signal(), args.shutdown_grace)
+        .await?;
     tracing::info!("stopped");
     Ok(())
 }

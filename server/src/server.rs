@@ -6,7 +6,12 @@
 //! transport, and the token check wrapped around the whole of JobService
 //! (health always open, reflection open unless `auth_reflection`).
 
-use std::{future::Future, sync::Arc, time::Duration};
+use std::{
+    future::{Future, IntoFuture},
+    pin::Pin,
+    sync::Arc,
+    time::Duration,
+};
 
 use jobd_proto::pb::job_service_server::JobServiceServer;
 use tokio::net::TcpListener;
@@ -23,8 +28,7 @@ use crate::{
 };
 
 /// Who may connect and call: TLS and bearer tokens. `Default` is neither
-/// (plaintext, every call allowed), as [`serve`] and [`serve_with_limits`]
-/// use.
+/// (plaintext, every call allowed), as [`serve`] starts with.
 ///
 /// ```
 /// let tokens = jobd::auth::TokenSet::parse("inline", "0123456789abcdef0123 name=ci")?;
@@ -61,107 +65,128 @@ pub enum ServeError {
     Transport(#[from] tonic::transport::Error),
 }
 
-/// Serves `engine` on `listener` with the default [`ServerLimits`]; see
-/// [`serve_with_limits`].
-///
-/// ```no_run
-/// # async fn run() -> Result<(), Box<dyn std::error::Error>> {
-/// use std::time::Duration;
-/// use jobd::{builtins, Engine, EngineConfig};
-///
-/// let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-/// println!("listening on {}", listener.local_addr()?);
-/// let engine = Engine::start(builtins::registry(), EngineConfig::default());
-/// jobd::serve(listener, engine, async { let _ = tokio::signal::ctrl_c().await; }, Duration::from_secs(30)).await?;
-/// # Ok(()) }
-/// ```
-///
-/// # Errors
-///
-/// [`ServeError`] if reflection cannot be built or the transport fails.
-pub async fn serve(
-    listener: TcpListener,
-    engine: Engine,
-    shutdown: impl Future<Output = ()> + Send,
-    grace: Duration,
-) -> Result<(), ServeError> {
-    serve_with_limits(listener, engine, shutdown, grace, ServerLimits::default()).await
-}
+/// The default time running jobs get to finish after the shutdown signal.
+const DEFAULT_GRACE: Duration = Duration::from_secs(30);
 
-/// Serves `engine` on `listener` within `limits` until `shutdown` resolves, then drains:
-/// health turns `NOT_SERVING`, no new connections or calls are accepted, no
-/// pending job starts, running jobs get `grace` to finish (then they are
-/// interrupted), waiting callers are answered, and the function returns.
+/// Serves `engine` on `listener`: `jobd.v1.JobService`, health and
+/// reflection, with the default [`ServerLimits`], no TLS and no tokens,
+/// until the transport fails. Set those, and a shutdown signal, on the
+/// returned [`Serve`], then await it.
 ///
 /// ```no_run
 /// # async fn run() -> Result<(), Box<dyn std::error::Error>> {
 /// use std::time::Duration;
-/// use jobd::{builtins, Engine, EngineConfig};
+/// use jobd::{builtins, Engine, EngineConfig, ServerLimits};
 ///
 /// let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
 /// println!("listening on {}", listener.local_addr()?);
 /// let engine = Engine::start(builtins::registry(), EngineConfig::default());
-/// let limits = jobd::ServerLimits { max_connections: 64, ..Default::default() };
 /// let shutdown = async { let _ = tokio::signal::ctrl_c().await; };
-/// jobd::serve_with_limits(listener, engine, shutdown, Duration::from_secs(30), limits).await?;
+/// jobd::serve(listener, engine)
+///     .limits(ServerLimits { max_connections: 64, ..Default::default() })
+///     .with_graceful_shutdown(shutdown, Duration::from_secs(30))
+///     .await?;
 /// # Ok(()) }
 /// ```
-///
-/// # Errors
-///
-/// [`ServeError`] if reflection cannot be built or the transport fails.
-pub async fn serve_with_limits(
-    listener: TcpListener,
-    engine: Engine,
-    shutdown: impl Future<Output = ()> + Send,
-    grace: Duration,
-    limits: ServerLimits,
-) -> Result<(), ServeError> {
-    serve_with_security(
+#[must_use = "a server does nothing until awaited"]
+pub fn serve(listener: TcpListener, engine: Engine) -> Serve {
+    Serve {
         listener,
         engine,
-        shutdown,
-        grace,
-        limits,
-        Security::default(),
-    )
-    .await
+        limits: ServerLimits::default(),
+        security: Security::default(),
+        shutdown: Box::pin(std::future::pending()),
+        grace: DEFAULT_GRACE,
+    }
 }
 
-/// As [`serve_with_limits`], with TLS and bearer-token authentication as
-/// `security` says.
-///
-/// ```no_run
-/// # async fn run() -> Result<(), Box<dyn std::error::Error>> {
-/// use std::{path::Path, sync::Arc, time::Duration};
-/// use jobd::{builtins, auth::TokenSet, tls::TlsConfig, Engine, EngineConfig, Security};
-///
-/// let security = Security {
-///     tls: Some(TlsConfig::from_files(Path::new("server.pem"), Path::new("server.key"), None)?),
-///     tokens: Some(Arc::new(TokenSet::load(Path::new("tokens"))?)),
-///     auth_reflection: false,
-/// };
-/// let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-/// let engine = Engine::start(builtins::registry(), EngineConfig::default());
-/// let shutdown = async { let _ = tokio::signal::ctrl_c().await; };
-/// jobd::serve_with_security(
-///     listener, engine, shutdown, Duration::from_secs(30), Default::default(), security,
-/// ).await?;
-/// # Ok(()) }
-/// ```
-///
-/// # Errors
-///
-/// [`ServeError`] if reflection cannot be built, the TLS configuration is
-/// refused, or the transport fails.
-pub async fn serve_with_security(
+/// A server being set up; see [`serve`]. Awaiting it serves until the
+/// shutdown signal, then drains: health turns `NOT_SERVING`, no new
+/// connections or calls are accepted, no pending job starts, running jobs
+/// get the grace period to finish (then they are interrupted), waiting
+/// callers are answered, and the future resolves.
+#[must_use = "a server does nothing until awaited"]
+pub struct Serve {
     listener: TcpListener,
     engine: Engine,
-    shutdown: impl Future<Output = ()> + Send,
-    grace: Duration,
     limits: ServerLimits,
     security: Security,
-) -> Result<(), ServeError> {
+    shutdown: Pin<Box<dyn Future<Output = ()> + Send>>,
+    grace: Duration,
+}
+
+impl std::fmt::Debug for Serve {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Serve")
+            .field("listener", &self.listener)
+            .field("limits", &self.limits)
+            .field("security", &self.security)
+            .field("grace", &self.grace)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Serve {
+    /// Serves within `limits` instead of the defaults.
+    pub fn limits(mut self, limits: ServerLimits) -> Self {
+        self.limits = limits;
+        self
+    }
+
+    /// Serves with TLS and bearer-token authentication as `security` says.
+    ///
+    /// ```no_run
+    /// # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+    /// use std::{path::Path, sync::Arc};
+    /// use jobd::{builtins, auth::TokenSet, tls::TlsConfig, Engine, EngineConfig, Security};
+    ///
+    /// let security = Security {
+    ///     tls: Some(TlsConfig::from_files(Path::new("server.pem"), Path::new("server.key"), None)?),
+    ///     tokens: Some(Arc::new(TokenSet::load(Path::new("tokens"))?)),
+    ///     auth_reflection: false,
+    /// };
+    /// let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    /// let engine = Engine::start(builtins::registry(), EngineConfig::default());
+    /// jobd::serve(listener, engine).security(security).await?;
+    /// # Ok(()) }
+    /// ```
+    pub fn security(mut self, security: Security) -> Self {
+        self.security = security;
+        self
+    }
+
+    /// Drains when `signal` resolves, giving running jobs `grace` to
+    /// finish.
+    pub fn with_graceful_shutdown(
+        mut self,
+        signal: impl Future<Output = ()> + Send + 'static,
+        grace: Duration,
+    ) -> Self {
+        self.shutdown = Box::pin(signal);
+        self.grace = grace;
+        self
+    }
+}
+
+impl IntoFuture for Serve {
+    type Output = Result<(), ServeError>;
+    type IntoFuture = Pin<Box<dyn Future<Output = Self::Output> + Send>>;
+
+    fn into_future(self) -> Self::IntoFuture {
+        Box::pin(run(self))
+    }
+}
+
+/// Serves until the shutdown signal, then drains.
+async fn run(serve: Serve) -> Result<(), ServeError> {
+    let Serve {
+        listener,
+        engine,
+        limits,
+        security,
+        shutdown,
+        grace,
+    } = serve;
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<JobServiceServer<JobService>>().await;
 

@@ -4,8 +4,6 @@
 //! access, and none of the refused calls creates a job. Also: bad token files
 //! and unprotected non-loopback addresses stop jobd at start.
 
-mod support;
-
 use std::{
     os::unix::fs::PermissionsExt as _,
     path::{Path, PathBuf},
@@ -15,8 +13,8 @@ use std::{
 
 use jobd_client::{ConnectOptions, JobClient};
 use jobd_proto::pb::{self, job_service_client::JobServiceClient};
+use jobd_test_support::{JobdProcess, jobd_binary, refused_start};
 use serde_json::json;
-use support::{JobdProcess, refused_start};
 use tonic::{
     Code,
     metadata::MetadataValue,
@@ -51,7 +49,7 @@ fn start_with_tokens(extra: &[&str]) -> (JobdProcess, tempfile::TempDir) {
         tokens.to_str().unwrap(),
     ];
     args.extend_from_slice(extra);
-    (JobdProcess::start(&args), dir)
+    (JobdProcess::start(jobd_binary!(), &args), dir)
 }
 
 async fn channel(server: &JobdProcess) -> Channel {
@@ -322,7 +320,7 @@ fn bad_token_files_stop_jobd_at_start() {
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
         let mut args = listen.to_vec();
         args.push(path.to_str().unwrap());
-        let stderr = refused_start(&args);
+        let stderr = refused_start(jobd_binary!(), &args);
         assert!(stderr.contains(expected), "{name}: {stderr}");
         assert!(stderr.contains("--auth-token-file"), "{name}: {stderr}");
     };
@@ -347,16 +345,19 @@ fn bad_token_files_stop_jobd_at_start() {
     );
     let mut args = listen.to_vec();
     args.push("/nonexistent/tokens");
-    assert!(refused_start(&args).contains("cannot read /nonexistent/tokens"));
+    assert!(refused_start(jobd_binary!(), &args).contains("cannot read /nonexistent/tokens"));
     // A token never shows up in an error.
-    let stderr = refused_start(&[
-        "--listen",
-        "127.0.0.1:0",
-        "--auth-token-file",
-        write_private(&dir.path().join("dup"), &format!("{WRITER}\n{WRITER}\n"))
-            .to_str()
-            .unwrap(),
-    ]);
+    let stderr = refused_start(
+        jobd_binary!(),
+        &[
+            "--listen",
+            "127.0.0.1:0",
+            "--auth-token-file",
+            write_private(&dir.path().join("dup"), &format!("{WRITER}\n{WRITER}\n"))
+                .to_str()
+                .unwrap(),
+        ],
+    );
     assert!(
         stderr.contains("line 2: the same token appears twice"),
         "{stderr}"
@@ -369,21 +370,24 @@ fn non_loopback_addresses_need_tls_and_authentication() {
     let dir = tempfile::tempdir().unwrap();
     let tokens = token_file(dir.path());
     for listen in ["0.0.0.0:0", "[::]:0"] {
-        let stderr = refused_start(&["--listen", listen, "--store", "memory"]);
+        let stderr = refused_start(jobd_binary!(), &["--listen", listen, "--store", "memory"]);
         assert!(
             stderr.contains("refusing to listen") && stderr.contains("--insecure-listen"),
             "{stderr}"
         );
     }
     // Tokens alone would travel in clear.
-    let stderr = refused_start(&[
-        "--listen",
-        "0.0.0.0:0",
-        "--store",
-        "memory",
-        "--auth-token-file",
-        tokens.to_str().unwrap(),
-    ]);
+    let stderr = refused_start(
+        jobd_binary!(),
+        &[
+            "--listen",
+            "0.0.0.0:0",
+            "--store",
+            "memory",
+            "--auth-token-file",
+            tokens.to_str().unwrap(),
+        ],
+    );
     assert!(stderr.contains("without TLS"), "{stderr}");
 }
 
@@ -393,6 +397,7 @@ fn non_loopback_addresses_need_tls_and_authentication() {
 fn insecure_listen_accepts_the_risk() {
     let data = tempfile::tempdir().unwrap();
     let server = JobdProcess::start_in(
+        jobd_binary!(),
         data.path(),
         "0.0.0.0:0",
         &["--store", "memory", "--insecure-listen"],

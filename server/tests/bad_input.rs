@@ -7,8 +7,6 @@
 //! string field, undecodable protobuf, unknown methods) go out as raw bytes
 //! through tonic's generic client with a pass-through codec.
 
-mod support;
-
 use std::time::Duration;
 
 use http::uri::PathAndQuery;
@@ -16,8 +14,8 @@ use jobd_proto::{
     JobId,
     pb::{self, job_service_client::JobServiceClient},
 };
+use jobd_test_support::{JobdProcess, job_count, jobd_binary};
 use prost::bytes::{Buf as _, BufMut as _};
-use support::{JobdProcess, job_count};
 use tonic::{
     Code, Status,
     codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder},
@@ -368,17 +366,20 @@ async fn run(channel: &Channel, pending: &str, call: Call) -> (Code, Option<Stat
 async fn every_bad_input_gets_its_status_code_and_creates_no_job() {
     let max_args = MAX_ARGS_BYTES.to_string();
     let max_message = MAX_MESSAGE_BYTES.to_string();
-    let server = JobdProcess::start(&[
-        "--store",
-        "memory",
-        "--paused",
-        "--max-wait",
-        "1s",
-        "--max-args-bytes",
-        &max_args,
-        "--max-message-bytes",
-        &max_message,
-    ]);
+    let server = JobdProcess::start(
+        jobd_binary!(),
+        &[
+            "--store",
+            "memory",
+            "--paused",
+            "--max-wait",
+            "1s",
+            "--max-args-bytes",
+            &max_args,
+            "--max-message-bytes",
+            &max_message,
+        ],
+    );
     let channel = tonic::transport::Endpoint::from_shared(server.url())
         .unwrap()
         .connect()

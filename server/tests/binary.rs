@@ -1,17 +1,15 @@
 //! The `jobd` binary as a user runs it: flags, the printed address, the
 //! built-in functions over the network, and SIGTERM.
 
-mod support;
-
 use std::time::{Duration, Instant};
 
 use jobd_client::JobClient;
+use jobd_test_support::{JobdProcess, jobd_binary, refused_start};
 use serde_json::json;
-use support::{JobdProcess, refused_start};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn serves_builtins_on_the_printed_address() {
-    let server = JobdProcess::start(&[]);
+    let server = JobdProcess::start(jobd_binary!(), &[]);
     let client = JobClient::connect(server.url()).await.unwrap();
     let job = client.submit("hello", json!("Ann")).await.unwrap();
     assert_eq!(job.result().await.unwrap(), json!("Hello, Ann!"));
@@ -32,7 +30,7 @@ async fn serves_builtins_on_the_printed_address() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn seed_example_with_two_blocking_workers() {
-    let server = JobdProcess::start(&["--blocking-workers", "2"]);
+    let server = JobdProcess::start(jobd_binary!(), &["--blocking-workers", "2"]);
     let client = JobClient::connect(server.url()).await.unwrap();
     let start = Instant::now();
     let hello = client
@@ -57,7 +55,7 @@ async fn seed_example_with_two_blocking_workers() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_drains_running_jobs_then_exits_zero() {
-    let mut server = JobdProcess::start(&["--shutdown-grace", "10s"]);
+    let mut server = JobdProcess::start(jobd_binary!(), &["--shutdown-grace", "10s"]);
     let client = JobClient::connect(server.url()).await.unwrap();
     let job = client
         .submit("return_future", json!(["drained", 1]))
@@ -121,6 +119,6 @@ fn bad_flags_fail_with_one_clear_line() {
 fn port_in_use_is_a_clear_error_not_a_panic() {
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = taken.local_addr().unwrap().to_string();
-    let err = refused_start(&["--listen", &addr]);
+    let err = refused_start(jobd_binary!(), &["--listen", &addr]);
     assert!(err.contains("cannot listen on"), "{err}");
 }

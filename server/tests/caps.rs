@@ -3,14 +3,12 @@
 //! again past it), how many may block at once (`--max-waiters`), and how
 //! large a result may be (`--max-result-bytes`).
 
-mod support;
-
 use std::time::{Duration, Instant};
 
 use jobd_client::{JobClient, ReturnWhen};
 use jobd_proto::pb::{self, job_service_client::JobServiceClient};
+use jobd_test_support::{JobdProcess, jobd_binary, submit_noop};
 use serde_json::json;
-use support::{JobdProcess, submit_noop};
 use tonic::Code;
 
 fn seconds(seconds: i64) -> Option<prost_types::Duration> {
@@ -19,7 +17,7 @@ fn seconds(seconds: i64) -> Option<prost_types::Duration> {
 
 #[tokio::test]
 async fn a_wait_longer_than_the_cap_is_cut_and_the_client_asks_again() {
-    let server = JobdProcess::start(&["--store", "memory", "--max-wait", "1s"]);
+    let server = JobdProcess::start(jobd_binary!(), &["--store", "memory", "--max-wait", "1s"]);
     let client = JobClient::connect(server.url()).await.unwrap();
     let job = client.submit("sleep", json!(2.5)).await.unwrap();
 
@@ -86,7 +84,10 @@ async fn a_wait_longer_than_the_cap_is_cut_and_the_client_asks_again() {
 
 #[tokio::test]
 async fn waiters_beyond_the_cap_are_refused_at_once_and_others_still_work() {
-    let server = JobdProcess::start(&["--store", "memory", "--paused", "--max-waiters", "2"]);
+    let server = JobdProcess::start(
+        jobd_binary!(),
+        &["--store", "memory", "--paused", "--max-waiters", "2"],
+    );
     let mut jobs = JobServiceClient::connect(server.url()).await.unwrap();
     let pending = submit_noop(&mut jobs).await;
     let spawn_waiter = || {
@@ -166,7 +167,10 @@ async fn waiters_beyond_the_cap_are_refused_at_once_and_others_still_work() {
 
 #[tokio::test]
 async fn a_result_over_the_cap_fails_the_job_as_data() {
-    let server = JobdProcess::start(&["--store", "memory", "--max-result-bytes", "1000"]);
+    let server = JobdProcess::start(
+        jobd_binary!(),
+        &["--store", "memory", "--max-result-bytes", "1000"],
+    );
     let client = JobClient::connect(server.url()).await.unwrap();
     let small = client.submit("echo", json!("x".repeat(900))).await.unwrap();
     assert_eq!(small.result().await.unwrap(), json!("x".repeat(900)));
@@ -178,7 +182,7 @@ async fn a_result_over_the_cap_fails_the_job_as_data() {
     let outcome = big.outcome(None).await.unwrap();
     assert_eq!(outcome.state, jobd_client::JobState::Failed);
     let (kind, message) = outcome.result.unwrap_err();
-    assert_eq!(kind, pb::ErrorKind::ResultTooLarge);
+    assert_eq!(kind, jobd_client::ErrorKind::ResultTooLarge);
     assert!(
         message.contains("1002 bytes") && message.contains("--max-result-bytes"),
         "{message}"

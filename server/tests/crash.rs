@@ -8,8 +8,6 @@
 //! have two jobs. A second run with a deliberate bug (acknowledge before
 //! commit) proves the test can see a loss.
 
-mod support;
-
 use std::{
     collections::{HashMap, HashSet},
     path::Path,
@@ -21,8 +19,8 @@ use std::{
 };
 
 use jobd_proto::pb::{self, job_service_client::JobServiceClient};
+use jobd_test_support::{JobdProcess, free_listen, jobd_binary};
 use rand::Rng as _;
-use support::{JobdProcess, free_listen};
 use tonic::transport::Endpoint;
 
 const SUBMITTERS: usize = 4;
@@ -130,7 +128,7 @@ async fn crash_run(extra_args: &[&str]) -> Report {
     let dir = tempfile::tempdir().unwrap();
     let listen = free_listen();
     let url = format!("http://{listen}");
-    let mut server = JobdProcess::start_in(dir.path(), &listen, extra_args);
+    let mut server = JobdProcess::start_in(jobd_binary!(), dir.path(), &listen, extra_args);
 
     let stop = Arc::new(AtomicBool::new(false));
     let ledger = Arc::new(Mutex::new(Ledger::default()));
@@ -152,7 +150,7 @@ async fn crash_run(extra_args: &[&str]) -> Report {
         tokio::time::sleep(Duration::from_millis(pause)).await;
         server.kill9();
         kills += 1;
-        server = JobdProcess::start_in(dir.path(), &listen, extra_args);
+        server = JobdProcess::start_in(jobd_binary!(), dir.path(), &listen, extra_args);
     }
     stop.store(true, Ordering::Relaxed);
     for task in tasks {

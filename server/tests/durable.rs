@@ -3,16 +3,14 @@
 //! not safe to retry), and a data directory that cannot be used is refused
 //! with a clear message instead of a silent fallback to memory.
 
-mod support;
-
 use std::{
     path::Path,
     time::{Duration, Instant},
 };
 
 use jobd_client::{JobClient, JobHandle, JobState};
+use jobd_test_support::{JobdProcess, free_listen, jobd_binary, refused_start};
 use serde_json::json;
-use support::{JobdProcess, free_listen, refused_start};
 
 /// Waits until the job's start is on disk: the claim rides in the next
 /// group commit, and only a durable claim makes a crash count against the
@@ -40,7 +38,7 @@ async fn until_running(dir: &Path, job: &JobHandle) {
 
 async fn restart(server: &mut JobdProcess, dir: &Path, listen: &str, args: &[&str]) -> JobClient {
     server.kill9();
-    *server = JobdProcess::start_in(dir, listen, args);
+    *server = JobdProcess::start_in(jobd_binary!(), dir, listen, args);
     JobClient::connect(server.url()).await.unwrap()
 }
 
@@ -49,7 +47,7 @@ async fn results_and_pending_jobs_survive_restarts_in_order() {
     let dir = tempfile::tempdir().unwrap();
     let listen = free_listen();
     let args = ["--blocking-workers", "1"];
-    let mut server = JobdProcess::start_in(dir.path(), &listen, &args);
+    let mut server = JobdProcess::start_in(jobd_binary!(), dir.path(), &listen, &args);
     let client = JobClient::connect(server.url()).await.unwrap();
 
     let greeting = client.submit("hello", json!("Ann")).await.unwrap();
@@ -100,7 +98,7 @@ async fn results_and_pending_jobs_survive_restarts_in_order() {
 async fn a_job_that_keeps_crashing_the_server_is_failed_as_a_poison_pill() {
     let dir = tempfile::tempdir().unwrap();
     let listen = free_listen();
-    let mut server = JobdProcess::start_in(dir.path(), &listen, &[]);
+    let mut server = JobdProcess::start_in(jobd_binary!(), dir.path(), &listen, &[]);
     let mut client = JobClient::connect(server.url()).await.unwrap();
     let job = client
         .submit("return_future", json!(["boom", 60]))
@@ -126,7 +124,7 @@ async fn functions_not_safe_to_retry_fail_instead_of_running_twice() {
     let dir = tempfile::tempdir().unwrap();
     let listen = free_listen();
     let args = ["--not-safe-to-retry", "return_future"];
-    let mut server = JobdProcess::start_in(dir.path(), &listen, &args);
+    let mut server = JobdProcess::start_in(jobd_binary!(), dir.path(), &listen, &args);
     let client = JobClient::connect(server.url()).await.unwrap();
     let job = client
         .submit("return_future", json!(["once", 60]))
@@ -137,7 +135,7 @@ async fn functions_not_safe_to_retry_fail_instead_of_running_twice() {
     let outcome = client.job(job.id()).outcome(None).await.unwrap();
     assert_eq!(outcome.state, JobState::Failed);
     let (kind, message) = outcome.result.unwrap_err();
-    assert_eq!(kind, jobd_client::pb::ErrorKind::Interrupted);
+    assert_eq!(kind, jobd_client::ErrorKind::Interrupted);
     assert!(message.contains("interrupted by restart"), "{message}");
     assert_eq!(client.job(job.id()).status().await.unwrap().attempt, 1);
     server.terminate();
@@ -148,7 +146,12 @@ async fn disk_full_fails_stop_and_loses_nothing_acknowledged() {
     let dir = tempfile::tempdir().unwrap();
     let listen = free_listen();
     // A database capped at 40 pages fills up after a few hundred jobs.
-    let mut server = JobdProcess::start_in(dir.path(), &listen, &["--unsafe-max-db-pages", "40"]);
+    let mut server = JobdProcess::start_in(
+        jobd_binary!(),
+        dir.path(),
+        &listen,
+        &["--unsafe-max-db-pages", "40"],
+    );
     let client = JobClient::connect(server.url()).await.unwrap();
     let big = "x".repeat(500);
     let mut acked = Vec::new();
@@ -189,9 +192,9 @@ async fn disk_full_fails_stop_and_loses_nothing_acknowledged() {
 
 #[test]
 fn a_data_dir_in_use_by_another_jobd_is_refused() {
-    let server = JobdProcess::start(&[]);
+    let server = JobdProcess::start(jobd_binary!(), &[]);
     let dir = server.data_dir().to_str().unwrap().to_owned();
-    let err = refused_start(&["--data-dir", &dir]);
+    let err = refused_start(jobd_binary!(), &["--data-dir", &dir]);
     assert!(err.contains("in use by another running jobd"), "{err}");
 }
 
@@ -199,7 +202,10 @@ fn a_data_dir_in_use_by_another_jobd_is_refused() {
 fn a_corrupt_database_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join(jobd::store::DB_FILE), vec![0xA5; 64 * 1024]).unwrap();
-    let err = refused_start(&["--data-dir", dir.path().to_str().unwrap()]);
+    let err = refused_start(
+        jobd_binary!(),
+        &["--data-dir", dir.path().to_str().unwrap()],
+    );
     assert!(err.contains("cannot open the job database"), "{err}");
     assert!(err.contains("not a database"), "{err}");
 }
@@ -207,7 +213,10 @@ fn a_corrupt_database_is_refused() {
 #[test]
 fn an_unwritable_data_dir_is_refused() {
     // /proc refuses new entries even to root, unlike a chmod-ed directory.
-    let err = refused_start(&["--data-dir", "/proc/jobd-test-cannot-exist/data"]);
+    let err = refused_start(
+        jobd_binary!(),
+        &["--data-dir", "/proc/jobd-test-cannot-exist/data"],
+    );
     assert!(err.contains("data directory"), "{err}");
     assert!(err.contains("cannot create it"), "{err}");
 }
@@ -216,7 +225,7 @@ fn an_unwritable_data_dir_is_refused() {
 async fn a_job_killed_mid_attempt_keeps_its_attempt_count_across_the_restart() {
     let dir = tempfile::tempdir().unwrap();
     let listen = free_listen();
-    let mut server = JobdProcess::start_in(dir.path(), &listen, &[]);
+    let mut server = JobdProcess::start_in(jobd_binary!(), dir.path(), &listen, &[]);
     let client = JobClient::connect(server.url()).await.unwrap();
     let job = client
         .submit_with(jobd_client::Submission::new("sleep", json!(2)).max_attempts(3))

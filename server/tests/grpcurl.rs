@@ -4,12 +4,10 @@
 //! `.ci/run` installs grpcurl; a developer without it gets a printed skip,
 //! but under `CI=true` a missing grpcurl fails the run.
 
-mod support;
-
 use std::process::{Command, Output};
 
+use jobd_test_support::{JobdProcess, jobd_binary, tools::require_grpcurl};
 use serde_json::Value;
-use support::{JobdProcess, grpcurl_available};
 
 /// Runs grpcurl in plaintext mode; callers put the address after the flags.
 fn grpcurl(args: &[&str]) -> Output {
@@ -39,10 +37,8 @@ fn call(server: &JobdProcess, method: &str, body: &str) -> Value {
 
 #[test]
 fn list_and_describe_through_reflection() {
-    if !grpcurl_available() {
-        return;
-    }
-    let server = JobdProcess::start(&[]);
+    require_grpcurl();
+    let server = JobdProcess::start(jobd_binary!(), &[]);
     let addr = server.addr.to_string();
     let out = grpcurl(&[&addr, "list"]);
     assert!(
@@ -100,10 +96,8 @@ fn list_and_describe_through_reflection() {
 
 #[test]
 fn list_functions_shows_argument_schemas_as_json() {
-    if !grpcurl_available() {
-        return;
-    }
-    let server = JobdProcess::start(&[]);
+    require_grpcurl();
+    let server = JobdProcess::start(jobd_binary!(), &[]);
     let listed = call(&server, "jobd.v1.JobService/ListFunctions", "{}");
     let hello = listed["functions"]
         .as_array()
@@ -126,10 +120,8 @@ fn list_functions_shows_argument_schemas_as_json() {
 
 #[test]
 fn submit_done_result_get_job_in_json() {
-    if !grpcurl_available() {
-        return;
-    }
-    let server = JobdProcess::start(&[]);
+    require_grpcurl();
+    let server = JobdProcess::start(jobd_binary!(), &[]);
     let submitted = call(
         &server,
         "jobd.v1.JobService/Submit",
@@ -176,10 +168,8 @@ fn submit_done_result_get_job_in_json() {
 
 #[test]
 fn failed_jobs_are_answers_and_bad_requests_are_status_codes() {
-    if !grpcurl_available() {
-        return;
-    }
-    let server = JobdProcess::start(&[]);
+    require_grpcurl();
+    let server = JobdProcess::start(jobd_binary!(), &[]);
     let addr = server.addr.to_string();
     let failing = call(
         &server,
@@ -244,10 +234,8 @@ fn failed_jobs_are_answers_and_bad_requests_are_status_codes() {
 
 #[test]
 fn standard_health_check() {
-    if !grpcurl_available() {
-        return;
-    }
-    let server = JobdProcess::start(&[]);
+    require_grpcurl();
+    let server = JobdProcess::start(jobd_binary!(), &[]);
     let overall = call(&server, "grpc.health.v1.Health/Check", "{}");
     assert_eq!(overall["status"], "SERVING");
     let service = call(
@@ -260,10 +248,8 @@ fn standard_health_check() {
 
 #[test]
 fn watch_streams_a_job_with_progress_to_its_final_event() {
-    if !grpcurl_available() {
-        return;
-    }
-    let server = JobdProcess::start(&[]);
+    require_grpcurl();
+    let server = JobdProcess::start(jobd_binary!(), &[]);
     let addr = server.addr.to_string();
     let submitted = call(
         &server,
@@ -331,10 +317,8 @@ fn watch_streams_a_job_with_progress_to_its_final_event() {
 
 #[test]
 fn map_streams_one_answer_per_argument() {
-    if !grpcurl_available() {
-        return;
-    }
-    let server = JobdProcess::start(&["--store", "memory"]);
+    require_grpcurl();
+    let server = JobdProcess::start(jobd_binary!(), &["--store", "memory"]);
     let addr = server.addr.to_string();
     // Two request messages: the start with two arguments, then one more.
     let body = r#"{"start": {"function": "echo", "ordered": true}, "args": [1, "a"]}

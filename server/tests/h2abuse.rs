@@ -11,8 +11,6 @@
 //! it). Without them the tests say so loudly and pass, except under
 //! `CI=true`, where a missing tool fails the run.
 
-mod support;
-
 use std::{
     io::{BufRead as _, BufReader, Write as _},
     process::{Command, Stdio},
@@ -20,8 +18,8 @@ use std::{
 };
 
 use jobd_proto::pb::{self, job_service_client::JobServiceClient};
+use jobd_test_support::{JobdProcess, jobd_binary, submit_noop, tools::require_h2};
 use serde_json::Value;
-use support::{JobdProcess, h2_available, submit_noop};
 use tonic::{Code, transport::Channel};
 use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
 
@@ -79,18 +77,19 @@ async fn abuse_while_behaving(server: &JobdProcess, channel: &Channel, mode: &st
 
 #[tokio::test]
 async fn reset_floods_are_cut_off_while_other_clients_keep_working() {
-    if !h2_available() {
-        return;
-    }
-    let server = JobdProcess::start(&[
-        "--store",
-        "memory",
-        "--paused",
-        "--max-pending-accept-resets",
-        "20",
-        "--max-local-error-resets",
-        "100",
-    ]);
+    require_h2();
+    let server = JobdProcess::start(
+        jobd_binary!(),
+        &[
+            "--store",
+            "memory",
+            "--paused",
+            "--max-pending-accept-resets",
+            "20",
+            "--max-local-error-resets",
+            "100",
+        ],
+    );
     let channel = server.channel().await;
     behave(&channel).await;
 
@@ -130,19 +129,20 @@ const RSS_GROWTH_BOUND_KIB: u64 = 32 * 1024;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn waiters_that_never_read_and_a_connection_flood_keep_memory_bounded() {
-    if !h2_available() {
-        return;
-    }
+    require_h2();
     const WAITERS: usize = 2000;
-    let server = JobdProcess::start(&[
-        "--store",
-        "memory",
-        "--paused",
-        "--max-waiters",
-        &WAITERS.to_string(),
-        "--max-connections",
-        "64",
-    ]);
+    let server = JobdProcess::start(
+        jobd_binary!(),
+        &[
+            "--store",
+            "memory",
+            "--paused",
+            "--max-waiters",
+            &WAITERS.to_string(),
+            "--max-connections",
+            "64",
+        ],
+    );
     let channel = server.channel().await;
     behave(&channel).await;
     let mut jobs = JobServiceClient::new(channel.clone());

@@ -2,12 +2,10 @@
 //! small by its flag, pushed past, and the refusal checked with the status a
 //! client sees, while the server keeps serving everyone else.
 
-mod support;
-
 use std::time::{Duration, Instant};
 
 use jobd_proto::pb::{self, job_service_client::JobServiceClient};
-use support::{JobdProcess, job_count};
+use jobd_test_support::{JobdProcess, job_count, jobd_binary};
 use tonic::{Code, transport::Channel};
 use tonic_health::pb::{
     HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
@@ -106,7 +104,10 @@ fn help_mentions_every_limit_flag() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn oversized_submit_is_refused_and_creates_no_job() {
-    let server = JobdProcess::start(&["--store", "memory", "--max-message-bytes", "65536"]);
+    let server = JobdProcess::start(
+        jobd_binary!(),
+        &["--store", "memory", "--max-message-bytes", "65536"],
+    );
     let mut jobs = JobServiceClient::new(server.channel().await);
 
     let refused = jobs
@@ -138,7 +139,10 @@ async fn oversized_submit_is_refused_and_creates_no_job() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn in_flight_limit_sheds_job_service_but_not_health() {
     // Paused pools: the job never runs, so its Result calls stay in flight.
-    let server = JobdProcess::start(&["--store", "memory", "--paused", "--max-in-flight", "2"]);
+    let server = JobdProcess::start(
+        jobd_binary!(),
+        &["--store", "memory", "--paused", "--max-in-flight", "2"],
+    );
     let channel = server.channel().await;
     let mut jobs = JobServiceClient::new(channel.clone());
     let job_id = jobs
@@ -218,7 +222,10 @@ async fn in_flight_limit_sheds_job_service_but_not_health() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connections_beyond_the_cap_are_closed_while_existing_ones_keep_working() {
-    let server = JobdProcess::start(&["--store", "memory", "--max-connections", "2"]);
+    let server = JobdProcess::start(
+        jobd_binary!(),
+        &["--store", "memory", "--max-connections", "2"],
+    );
     // An answered call proves the server accepted the connection, so both
     // hold a slot.
     let first = server.channel().await;
@@ -292,13 +299,16 @@ async fn connections_beyond_the_cap_are_closed_while_existing_ones_keep_working(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn per_connection_limit_sheds_only_that_connection() {
-    let server = JobdProcess::start(&[
-        "--store",
-        "memory",
-        "--paused",
-        "--max-in-flight-per-connection",
-        "2",
-    ]);
+    let server = JobdProcess::start(
+        jobd_binary!(),
+        &[
+            "--store",
+            "memory",
+            "--paused",
+            "--max-in-flight-per-connection",
+            "2",
+        ],
+    );
     let greedy = server.channel().await;
     let mut jobs = JobServiceClient::new(greedy.clone());
     let job_id = jobs

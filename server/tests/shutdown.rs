@@ -9,8 +9,6 @@
 //! one finished, the others were never started); and after a restart on the
 //! same data directory every acknowledged id must be there.
 
-mod support;
-
 use std::{
     collections::HashMap,
     sync::{
@@ -24,8 +22,8 @@ use jobd_proto::{
     JobState,
     pb::{self, job_service_client::JobServiceClient},
 };
+use jobd_test_support::{JobdProcess, jobd_binary};
 use serde_json::json;
-use support::JobdProcess;
 use tokio::sync::Notify;
 use tonic::transport::{Channel, Endpoint};
 
@@ -119,6 +117,7 @@ async fn sigterm_under_load_drains_and_loses_no_acknowledged_job() {
     let dir = tempfile::tempdir().unwrap();
     let grace = format!("{}s", GRACE.as_secs());
     let mut server = JobdProcess::start_in(
+        jobd_binary!(),
         dir.path(),
         "127.0.0.1:0",
         &["--shutdown-grace", &grace, "--blocking-workers", "2"],
@@ -221,7 +220,7 @@ async fn sigterm_under_load_drains_and_loses_no_acknowledged_job() {
 
     // After a restart (paused, so states stay as they were left) every
     // acknowledged job is there.
-    let restarted = JobdProcess::start_in(dir.path(), "127.0.0.1:0", &["--paused"]);
+    let restarted = JobdProcess::start_in(jobd_binary!(), dir.path(), "127.0.0.1:0", &["--paused"]);
     let mut rpc = JobServiceClient::new(channel(&restarted.url()));
     assert_eq!(
         get_state(&mut rpc, &marker).await.unwrap(),

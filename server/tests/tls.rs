@@ -5,8 +5,6 @@
 //! mid-handshake is cut off by the handshake timeout; unusable certificate
 //! files stop jobd at start.
 
-mod support;
-
 use std::{
     io::Read as _,
     os::unix::fs::PermissionsExt as _,
@@ -16,8 +14,10 @@ use std::{
 };
 
 use jobd_client::{ConnectOptions, Error, JobClient};
+use jobd_test_support::{
+    JobdProcess, jobd_binary, pki::Pki, refused_start, refused_start_output, tools::require_grpcurl,
+};
 use serde_json::json;
-use support::{JobdProcess, grpcurl_available, pki::Pki, refused_start, refused_start_output};
 
 const TOKEN: &str = "tls-test-token-0123456789abcdef";
 
@@ -35,7 +35,7 @@ fn tls_args(pki: &Pki) -> Vec<String> {
 
 fn start(args: &[String]) -> JobdProcess {
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    JobdProcess::start(&args)
+    JobdProcess::start(jobd_binary!(), &args)
 }
 
 /// A refusal by the transport (the TLS handshake or the connection broke),
@@ -200,42 +200,54 @@ fn unusable_certificates_stop_jobd_at_start() {
     let server = pki.pair("server");
     let client = pki.pair("client");
     // A key that is not the certificate's.
-    let stderr = refused_start(&[
-        "--tls-cert",
-        &path(&server.cert),
-        "--tls-key",
-        &path(&client.key),
-    ]);
+    let stderr = refused_start(
+        jobd_binary!(),
+        &[
+            "--tls-cert",
+            &path(&server.cert),
+            "--tls-key",
+            &path(&client.key),
+        ],
+    );
     assert!(stderr.contains("not usable"), "{stderr}");
     // A certificate file that is not PEM.
-    let stderr = refused_start(&[
-        "--tls-cert",
-        &path(&server.key),
-        "--tls-key",
-        &path(&server.key),
-    ]);
+    let stderr = refused_start(
+        jobd_binary!(),
+        &[
+            "--tls-cert",
+            &path(&server.key),
+            "--tls-key",
+            &path(&server.key),
+        ],
+    );
     assert!(stderr.contains("--tls-cert"), "{stderr}");
-    let stderr = refused_start(&[
-        "--tls-cert",
-        "/nonexistent.pem",
-        "--tls-key",
-        &path(&server.key),
-    ]);
+    let stderr = refused_start(
+        jobd_binary!(),
+        &[
+            "--tls-cert",
+            "/nonexistent.pem",
+            "--tls-key",
+            &path(&server.key),
+        ],
+    );
     assert!(
         stderr.contains("cannot read certificate /nonexistent.pem"),
         "{stderr}"
     );
-    let stderr = refused_start(&[
-        "--tls-cert",
-        &path(&server.cert),
-        "--tls-key",
-        &path(&server.key),
-        "--tls-client-ca",
-        &path(&server.key),
-    ]);
+    let stderr = refused_start(
+        jobd_binary!(),
+        &[
+            "--tls-cert",
+            &path(&server.cert),
+            "--tls-key",
+            &path(&server.key),
+            "--tls-client-ca",
+            &path(&server.key),
+        ],
+    );
     assert!(stderr.contains("client CA"), "{stderr}");
     // --tls-cert without --tls-key is a usage error.
-    let stderr = refused_start_output(&["--tls-cert", &path(&server.cert)]);
+    let stderr = refused_start_output(jobd_binary!(), &["--tls-cert", &path(&server.cert)]);
     assert!(stderr.contains("--tls-key"), "{stderr}");
     // The private key never shows up in an error.
     assert!(!stderr.contains("PRIVATE KEY"));
@@ -244,9 +256,7 @@ fn unusable_certificates_stop_jobd_at_start() {
 /// README's grpcurl example: `-cacert` and an `authorization` header.
 #[test]
 fn grpcurl_with_a_ca_certificate_and_a_bearer_token() {
-    if !grpcurl_available() {
-        return;
-    }
+    require_grpcurl();
     let pki = Pki::new();
     let tokens = pki.dir.path().join("tokens");
     std::fs::write(&tokens, format!("{TOKEN}\n")).unwrap();

@@ -113,7 +113,7 @@ async fn attempts_carry_on_across_restarts_and_stop_at_max_attempts() {
     assert_eq!(outcome.state, JobState::Failed);
     assert_eq!(
         outcome.result,
-        Err((pb::ErrorKind::Failed, "attempt 4 failed".to_owned()))
+        Err((ErrorKind::Failed, "attempt 4 failed".to_owned()))
     );
     assert_eq!(attempts.recv().await, Some(3));
     assert_eq!(attempts.recv().await, Some(4));

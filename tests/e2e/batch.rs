@@ -1,7 +1,7 @@
 //! SubmitBatch, pausing the pools, and the client's automatic request ids
 //! and retries.
 
-use std::time::Duration;
+use std::{future::IntoFuture as _, time::Duration};
 
 use jobd_client::{JobClient, JobState, Submission};
 use jobd_proto::pb;
@@ -126,12 +126,11 @@ async fn the_client_sets_a_request_id_and_retries_until_the_server_is_up() {
     let (registry, _fx) = registry();
     let engine = jobd::Engine::start(registry, jobd::EngineConfig::default());
     let stop = tokio_util::sync::CancellationToken::new();
-    let server = tokio::spawn(jobd::serve(
-        listener,
-        engine,
-        stop.clone().cancelled_owned(),
-        Duration::from_secs(1),
-    ));
+    let server = tokio::spawn(
+        jobd::serve(listener, engine)
+            .with_graceful_shutdown(stop.clone().cancelled_owned(), Duration::from_secs(1))
+            .into_future(),
+    );
     let (value, request_id) = submit.await.unwrap().unwrap();
     assert_eq!(value, json!("Hello, late!"));
     assert!(

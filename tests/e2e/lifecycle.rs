@@ -246,9 +246,9 @@ async fn failed_and_panicked_jobs_are_data_not_rpc_errors() {
     let server = TestServer::start(registry, config(8, 1, 100)).await;
     let client = server.client().await;
     for (function, kind, needle) in [
-        ("fail", pb::ErrorKind::Failed, "failed on purpose"),
-        ("panic_async", pb::ErrorKind::Panicked, "async boom"),
-        ("panic_blocking", pb::ErrorKind::Panicked, "blocking boom"),
+        ("fail", ErrorKind::Failed, "failed on purpose"),
+        ("panic_async", ErrorKind::Panicked, "async boom"),
+        ("panic_blocking", ErrorKind::Panicked, "blocking boom"),
     ] {
         let job = client.submit(function, json!(1)).await.unwrap();
         let outcome = job.outcome(None).await.unwrap();

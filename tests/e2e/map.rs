@@ -1,6 +1,9 @@
 //! The `Map` stream and `JobClient::map`: Executor.map across the network.
 
-use std::time::{Duration, Instant};
+use std::{
+    future::IntoFuture as _,
+    time::{Duration, Instant},
+};
 
 use futures::{StreamExt as _, TryStreamExt as _};
 use jobd::JobError;
@@ -381,13 +384,12 @@ async fn an_open_map_holds_an_in_flight_slot_until_it_ends() {
         max_in_flight: 1,
         ..jobd::ServerLimits::default()
     };
-    let serving = tokio::spawn(jobd::serve_with_limits(
-        listener,
-        engine,
-        stop.clone().cancelled_owned(),
-        Duration::from_secs(1),
-        limits,
-    ));
+    let serving = tokio::spawn(
+        jobd::serve(listener, engine)
+            .limits(limits)
+            .with_graceful_shutdown(stop.clone().cancelled_owned(), Duration::from_secs(1))
+            .into_future(),
+    );
     let client = jobd_client::JobClient::connect(&url).await.unwrap();
     // A map whose arguments never come: its handler has long returned.
     let open = client

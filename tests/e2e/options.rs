@@ -227,8 +227,8 @@ async fn a_delayed_job_can_be_cancelled_and_gives_its_slot_back() {
     let server = TestServer::start(registry, config(4, 1, 1)).await;
     let job = submit_one(&server, "never", |s| s.delay(Duration::from_secs(600))).await;
     assert_eq!(
-        server.engine.queued(),
-        (0, 1),
+        server.engine.queued("blocking"),
+        1,
         "the delayed job holds its slot"
     );
     let report = job.cancel().await.unwrap();
@@ -237,7 +237,7 @@ async fn a_delayed_job_can_be_cancelled_and_gives_its_slot_back() {
         job.status().await.unwrap().state,
         jobd_client::JobState::Cancelled
     );
-    assert_eq!(server.engine.queued(), (0, 0));
+    assert_eq!(server.engine.queued("blocking"), 0);
     // The one slot is free again.
     let next = submit_one(&server, "next", |s| s).await;
     finish_all(&[next]).await;
@@ -328,7 +328,7 @@ async fn bad_delays_are_invalid_argument() {
 }
 
 /// Waits (bounded) for the job and returns its failure kind and message.
-async fn failure(job: &JobHandle) -> (pb::ErrorKind, String) {
+async fn failure(job: &JobHandle) -> (ErrorKind, String) {
     match job.result_timeout(Duration::from_secs(30)).await {
         Err(jobd_client::Error::JobFailed { kind, message, .. }) => (kind, message),
         other => panic!("expected a failed job, got {other:?}"),
@@ -347,7 +347,7 @@ async fn a_timeout_aborts_an_async_job() {
         .unwrap();
     fx.started.recv().await.unwrap();
     let (kind, message) = failure(&job).await;
-    assert_eq!(kind, pb::ErrorKind::TimedOut, "{message}");
+    assert_eq!(kind, ErrorKind::TimedOut, "{message}");
     let info = job.status().await.unwrap();
     assert_eq!(info.state, jobd_client::JobState::Failed);
     assert_eq!(info.timeout, Some(Duration::from_millis(200)));
@@ -370,7 +370,7 @@ async fn a_timeout_fails_a_blocking_job_at_the_limit() {
     fx.started.recv().await.unwrap();
     let begun = std::time::Instant::now();
     let (kind, message) = failure(&stubborn).await;
-    assert_eq!(kind, pb::ErrorKind::TimedOut, "{message}");
+    assert_eq!(kind, ErrorKind::TimedOut, "{message}");
     assert!(
         begun.elapsed() < Duration::from_millis(2500),
         "{:?}",
@@ -386,7 +386,7 @@ async fn a_timeout_fails_a_blocking_job_at_the_limit() {
         .unwrap();
     fx.started.recv().await.unwrap();
     let (kind, message) = failure(&polite).await;
-    assert_eq!(kind, pb::ErrorKind::TimedOut, "{message}");
+    assert_eq!(kind, ErrorKind::TimedOut, "{message}");
     server.shutdown().await;
 }
 
@@ -419,7 +419,7 @@ async fn a_timeout_survives_a_restart() {
     server.engine.set_paused(false);
     fx.started.recv().await.unwrap();
     let (kind, message) = failure(&job).await;
-    assert_eq!(kind, pb::ErrorKind::TimedOut, "{message}");
+    assert_eq!(kind, ErrorKind::TimedOut, "{message}");
     server.shutdown().await;
 }
 
@@ -509,7 +509,7 @@ async fn retries_on(store: &StoreConfig) {
         .await
         .unwrap();
     let (kind, message) = failure(&job).await;
-    assert_eq!(kind, pb::ErrorKind::Failed);
+    assert_eq!(kind, ErrorKind::Failed);
     assert_eq!(message, "call 3 failed");
     assert_eq!(calls.load(Ordering::SeqCst), 3);
     assert_eq!(job.status().await.unwrap().attempt, 3);

@@ -57,7 +57,7 @@ async fn jobs_still_running_after_the_grace_period_are_interrupted() {
     let outcome = waiter.await.unwrap().unwrap();
     assert_eq!(outcome.state, JobState::Failed);
     let (kind, message) = outcome.result.unwrap_err();
-    assert_eq!(kind, jobd_client::pb::ErrorKind::Interrupted);
+    assert_eq!(kind, jobd_client::ErrorKind::Interrupted);
     assert!(message.contains("shut down"), "{message}");
     assert_eq!(engine.state(stuck.id()).await.unwrap(), JobState::Failed);
 }

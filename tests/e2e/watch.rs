@@ -113,7 +113,7 @@ async fn a_watcher_that_connects_after_the_end_gets_the_final_event_at_once() {
                 assert_eq!(event.job, Some(failed.id()));
                 assert_eq!(outcome.state, JobState::Failed);
                 let (kind, message) = outcome.result.unwrap_err();
-                assert_eq!(kind, pb::ErrorKind::Failed);
+                assert_eq!(kind, ErrorKind::Failed);
                 assert!(message.contains("failed on purpose"), "{message}");
             }
         }

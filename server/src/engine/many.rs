@@ -7,17 +7,16 @@
 //! when enough of them have ended; listing needs a filter and a cursor that
 //! stay meaningful while jobs come and go.
 
-use std::{
-    collections::{BTreeMap, HashSet},
-    sync::Arc,
-    time::{Duration, SystemTime, UNIX_EPOCH},
-};
+use std::{collections::HashSet, time::Duration};
 
 use futures::{FutureExt as _, StreamExt as _, stream::FuturesUnordered};
 use jobd_proto::{JobId, JobState};
 
-use super::{Engine, run_to_completion};
-use crate::{Error, job::JobRecord};
+use super::{Engine, missing_error};
+use crate::{
+    Error,
+    store::{Deleted, ListFilter, ListPage},
+};
 
 /// When [`Engine::wait_many`] answers, as `concurrent.futures.wait`'s
 /// `return_when`.
@@ -43,60 +42,6 @@ pub struct WaitSplit {
     pub not_done: Vec<JobId>,
 }
 
-/// Which jobs a listing returns; every condition given must hold. The
-/// default matches every job.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct ListFilter {
-    /// Only jobs in one of these states; empty means any.
-    pub states: Vec<JobState>,
-    /// Only jobs of this function.
-    pub function: Option<String>,
-    /// Only jobs carrying all of these labels with these values.
-    pub labels: BTreeMap<String, String>,
-    /// Only jobs submitted strictly after this time.
-    pub submitted_after: Option<SystemTime>,
-    /// Only jobs submitted strictly before this time.
-    pub submitted_before: Option<SystemTime>,
-}
-
-impl ListFilter {
-    /// True when `record` passes every condition. Times compare in whole
-    /// microseconds, the resolution the durable store keeps, so a job
-    /// matches the same way whether it is read from memory or from disk.
-    #[must_use]
-    pub fn matches(&self, record: &JobRecord) -> bool {
-        let submitted = micros(record.submitted_at);
-        (self.states.is_empty() || self.states.contains(&record.state))
-            && self
-                .function
-                .as_deref()
-                .is_none_or(|f| *record.function == *f)
-            && self
-                .labels
-                .iter()
-                .all(|(key, value)| record.labels.get(key) == Some(value))
-            && self.submitted_after.is_none_or(|t| submitted > micros(t))
-            && self.submitted_before.is_none_or(|t| submitted < micros(t))
-    }
-}
-
-/// Microseconds since the epoch (times before it count as 0), as the durable
-/// store writes them.
-pub(crate) fn micros(t: SystemTime) -> i64 {
-    t.duration_since(UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX))
-}
-
-/// One page of a listing.
-#[derive(Debug, Clone, Default)]
-pub struct ListPage {
-    /// The jobs, newest first.
-    pub jobs: Vec<JobRecord>,
-    /// Where the next page starts (it holds ids below this one); `None` at
-    /// the end.
-    pub next: Option<JobId>,
-}
-
 impl Engine {
     /// Waits, without polling, until `return_when` holds for `ids` or
     /// `limit` passes, and returns which jobs are done at that moment.
@@ -118,7 +63,7 @@ impl Engine {
         // that is never done. The states found are also Python's first step,
         // collecting the futures that are already done.
         let states = futures::future::try_join_all(ids.iter().map(|&id| self.state(id))).await?;
-        let mut progress = Progress {
+        let mut tally = Tally {
             done: HashSet::new(),
             failed: false,
             total: ids.len(),
@@ -126,13 +71,13 @@ impl Engine {
         };
         for (&id, &state) in ids.iter().zip(&states) {
             if state.is_terminal() {
-                progress.record(id, state);
+                tally.record(id, state);
             }
         }
-        if !progress.satisfied() {
+        if !tally.satisfied() {
             let mut waits: FuturesUnordered<_> = ids
                 .iter()
-                .filter(|id| !progress.done.contains(id))
+                .filter(|id| !tally.done.contains(id))
                 .map(|&id| self.wait(id).map(move |finished| (id, finished)))
                 .collect();
             loop {
@@ -146,21 +91,18 @@ impl Engine {
                 let Some((id, finished)) = next else {
                     break;
                 };
-                progress.finished(id, finished)?;
-                if progress.satisfied() {
+                tally.finished(id, finished)?;
+                if tally.satisfied() {
                     // Take in whatever else has finished meanwhile, so the
                     // split is as of now, not as of the first wake-up.
                     while let Some(Some((id, finished))) = waits.next().now_or_never() {
-                        progress.finished(id, finished)?;
+                        tally.finished(id, finished)?;
                     }
                     break;
                 }
             }
         }
-        let (done, not_done) = ids
-            .iter()
-            .copied()
-            .partition(|id| progress.done.contains(id));
+        let (done, not_done) = ids.iter().copied().partition(|id| tally.done.contains(id));
         Ok(WaitSplit { done, not_done })
     }
 
@@ -182,6 +124,7 @@ impl Engine {
             .store
             .list(filter, before, page_size.max(1))
             .await
+            .map_err(Error::Store)
     }
 
     /// Forgets a finished job, its record and result; afterwards the id is
@@ -193,17 +136,16 @@ impl Engine {
     /// `JobNotFinished` for a pending or running job, `JobNotFound`,
     /// `JobGone` (already deleted or expired), `Store`.
     pub async fn delete(&self, id: JobId) -> Result<(), Error> {
-        let inner = Arc::clone(&self.inner);
-        run_to_completion(
-            self.is_durable(),
-            async move { inner.store.delete(id).await },
-        )
-        .await
+        match self.inner.store.delete(id).await.map_err(Error::Store)? {
+            Deleted::Removed => Ok(()),
+            Deleted::Unfinished(state) => Err(Error::JobNotFinished { id, state }),
+            Deleted::Missing(missing) => Err(missing_error(id, missing)),
+        }
     }
 }
 
 /// What a wait has seen so far.
-struct Progress {
+struct Tally {
     done: HashSet<JobId>,
     /// A job ended failed (FIRST_EXCEPTION's condition).
     failed: bool,
@@ -211,7 +153,7 @@ struct Progress {
     return_when: ReturnWhen,
 }
 
-impl Progress {
+impl Tally {
     fn record(&mut self, id: JobId, state: JobState) {
         self.done.insert(id);
         self.failed |= state == JobState::Failed;
@@ -251,18 +193,18 @@ mod tests {
 
     #[test]
     fn return_when_follows_python() {
-        let progress = |return_when, done: usize, failed| Progress {
+        let tally = |return_when, done: usize, failed| Tally {
             done: (0..done).map(|_| JobId::new()).collect(),
             failed,
             total: 3,
             return_when,
         };
-        assert!(!progress(ReturnWhen::FirstCompleted, 0, false).satisfied());
-        assert!(progress(ReturnWhen::FirstCompleted, 1, false).satisfied());
-        assert!(!progress(ReturnWhen::FirstException, 2, false).satisfied());
-        assert!(progress(ReturnWhen::FirstException, 1, true).satisfied());
-        assert!(progress(ReturnWhen::FirstException, 3, false).satisfied());
-        assert!(!progress(ReturnWhen::AllCompleted, 2, true).satisfied());
-        assert!(progress(ReturnWhen::AllCompleted, 3, false).satisfied());
+        assert!(!tally(ReturnWhen::FirstCompleted, 0, false).satisfied());
+        assert!(tally(ReturnWhen::FirstCompleted, 1, false).satisfied());
+        assert!(!tally(ReturnWhen::FirstException, 2, false).satisfied());
+        assert!(tally(ReturnWhen::FirstException, 1, true).satisfied());
+        assert!(tally(ReturnWhen::FirstException, 3, false).satisfied());
+        assert!(!tally(ReturnWhen::AllCompleted, 2, true).satisfied());
+        assert!(tally(ReturnWhen::AllCompleted, 3, false).satisfied());
     }
 }

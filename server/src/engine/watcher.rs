@@ -1,38 +1,39 @@
 //! `Watch`: a stream of job events for a set of ids or a filter, read from
-//! the event hub's shared history ([`super::events`]).
+//! the store's event stream.
 //!
-//! A watcher is a cursor into that history plus a small bounded batch, never
-//! a queue of its own: when it reads too slowly and the history moves past
-//! its cursor, it gets a `Lagged` event saying how many events it missed
-//! instead of losing them silently or holding them in memory. A watch of ids
-//! then re-reads each unfinished id's state (a `Snapshot`), so it still
-//! sees every final event; a filter watch continues with the oldest event
-//! held.
+//! A watcher is a cursor into the store's event history plus what it is
+//! about to send, never a queue of its own: when it reads too slowly and the
+//! history moves past its cursor, it gets a `Lagged` event saying how many
+//! events it missed instead of losing them silently or holding them in
+//! memory. A watch of ids then re-reads each unfinished id's state (a
+//! `Snapshot`), so it still sees every final event; a filter watch continues
+//! with the oldest event held.
 //!
 //! The stream is polled by the transport, which stops polling while the
 //! client does not read (HTTP/2 flow control): nothing is produced ahead of
 //! the reader, and dropping the stream (the client went away) frees
 //! everything, its watcher slot included. No task is spawned per watcher.
+//! A store error (a failed read of a job's labels or outcome) ends the
+//! stream with that error, never drops an event silently.
 
 use std::{
     collections::{BTreeMap, HashSet, VecDeque},
     sync::Arc,
 };
 
-use futures::stream::{self, BoxStream, StreamExt as _};
-use jobd_proto::{JobId, JobState};
-
-use super::{
-    Engine, Inner,
-    events::{Event, EventKind, Gap, WatcherSlot},
+use futures::{
+    FutureExt as _,
+    stream::{self, BoxStream, StreamExt as _},
 };
+use jobd_proto::{JobId, JobState};
+use tokio::sync::OwnedSemaphorePermit;
+
+use super::{Engine, Inner, found};
 use crate::{
     Error,
     job::{JobRecord, Outcome, Progress},
+    store::{Event, EventItem, EventKind, StoreError},
 };
-
-/// Events read from the history at a time (the most a watcher holds).
-const BATCH: usize = 256;
 
 /// What to watch: `ids`, or the jobs matching `filter` (when `ids` is
 /// empty); and optionally where to resume.
@@ -161,22 +162,21 @@ impl Engine {
         if !inner.accepting.load(std::sync::atomic::Ordering::Acquire) {
             return Err(Error::ShuttingDown);
         }
-        let events = &inner.events;
-        let slot = events
-            .subscribe()
-            .map_err(|_| Error::TooManyWatchers(events.max_watchers()))?;
+        let slot = Arc::clone(&inner.watchers)
+            .try_acquire_owned()
+            .map_err(|_| Error::TooManyWatchers(inner.max_watchers))?;
+        let head = inner.store.event_head();
         if let Some((epoch, after)) = &spec.resume {
-            if **events.epoch() != **epoch {
+            if *head.epoch != **epoch {
                 return Err(Error::EpochMismatch {
                     asked: epoch.clone(),
-                    current: events.epoch().to_string(),
+                    current: head.epoch.to_string(),
                 });
             }
-            let latest = events.latest();
-            if *after > latest {
+            if *after > head.seq {
                 return Err(Error::ResumeAhead {
                     asked: *after,
-                    latest,
+                    latest: head.seq,
                 });
             }
         }
@@ -185,16 +185,16 @@ impl Engine {
             _slot: slot,
             mode: Mode::Filter(spec.filter),
             cursor: 0,
-            batch: VecDeque::new(),
+            events: None,
             ready: VecDeque::new(),
             stopping: false,
             ended: false,
         };
         if spec.ids.is_empty() {
-            watcher.cursor = match spec.resume {
+            watcher.follow(match spec.resume {
                 Some((_, after)) => after,
-                None => events.latest(),
-            };
+                None => head.seq,
+            });
         } else {
             watcher.mode = Mode::Ids(Ids {
                 watched: spec.ids.iter().copied().collect(),
@@ -217,15 +217,19 @@ impl Engine {
     /// Identifies this process's event numbering (see [`WatchEvent::seq`]):
     /// a fresh UUIDv7 on every start.
     #[must_use]
-    pub fn stream_epoch(&self) -> &str {
-        self.inner.events.epoch()
+    pub fn stream_epoch(&self) -> String {
+        self.inner.store.event_head().epoch.to_string()
     }
 
     /// (job events held for `Watch`, open watch streams): the history never
     /// holds more than `EngineConfig::event_history`.
     #[must_use]
     pub fn event_stats(&self) -> (usize, usize) {
-        self.inner.events.stats()
+        let inner = &self.inner;
+        (
+            inner.store.stats().events_held,
+            inner.max_watchers - inner.watchers.available_permits(),
+        )
     }
 }
 
@@ -248,20 +252,26 @@ struct Ids {
 
 struct Watcher {
     inner: Arc<Inner>,
-    _slot: WatcherSlot,
+    _slot: OwnedSemaphorePermit,
     mode: Mode,
-    /// The sequence number of the last history event consumed.
+    /// The sequence number of the last event consumed.
     cursor: u64,
-    /// Events read from the history, not yet looked at.
-    batch: VecDeque<Event>,
+    /// The store's events after the cursor.
+    events: Option<BoxStream<'static, Result<EventItem, StoreError>>>,
     /// Events ready to send (snapshots, lag notices).
     ready: VecDeque<WatchEvent>,
-    /// The engine stopped: send what the history holds, then end.
+    /// The engine stopped: send what the store holds now, then end.
     stopping: bool,
     ended: bool,
 }
 
 impl Watcher {
+    /// Reads the store's events from `after` on.
+    fn follow(&mut self, after: u64) {
+        self.cursor = after;
+        self.events = Some(self.inner.store.events(after));
+    }
+
     async fn next(&mut self) -> Option<Result<WatchEvent, Error>> {
         loop {
             if let Some(event) = self.ready.pop_front() {
@@ -277,47 +287,60 @@ impl Watcher {
                 self.ended = true;
                 return None;
             }
-            if let Some(event) = self.batch.pop_front() {
-                self.cursor = event.seq;
-                if let Some(out) = self.admit(event).await {
-                    return Some(Ok(out));
-                }
-                continue;
-            }
-            let hub = Arc::clone(&self.inner.events);
-            let published = hub.published();
-            tokio::pin!(published);
-            // Registered before reading, so a publish after the read wakes us.
-            published.as_mut().enable();
-            match hub.read_after(self.cursor, BATCH, &mut self.batch) {
-                Err(gap) => {
-                    if let Err(err) = self.lagged(gap).await {
+            let events = self.events.as_mut()?;
+            let item = if self.stopping {
+                // Drained: deliver what is there now, then end.
+                match events.next().now_or_never() {
+                    Some(item) => item,
+                    None => {
                         self.ended = true;
-                        return Some(Err(err));
+                        return Some(Err(Error::ShuttingDown));
                     }
-                    continue;
                 }
-                Ok(()) if !self.batch.is_empty() => continue,
-                Ok(()) => {}
-            }
-            if self.stopping {
+            } else {
+                tokio::select! {
+                    biased;
+                    item = events.next() => item,
+                    () = self.inner.stopped.cancelled() => {
+                        self.stopping = true;
+                        continue;
+                    }
+                }
+            };
+            let result = match item {
+                Some(Ok(EventItem::Event(event))) => {
+                    self.cursor = event.seq;
+                    match self.admit(event).await {
+                        Ok(Some(out)) => return Some(Ok(out)),
+                        Ok(None) => continue,
+                        Err(err) => Err(err),
+                    }
+                }
+                Some(Ok(EventItem::Lagged {
+                    missed,
+                    resumed_after,
+                })) => self.lagged(missed, resumed_after).await,
+                Some(Err(err)) => Err(Error::Store(err)),
+                None => Err(Error::Store(StoreError::Unavailable(
+                    "the job event stream ended".into(),
+                ))),
+            };
+            if let Err(err) = result {
                 self.ended = true;
-                return Some(Err(Error::ShuttingDown));
-            }
-            tokio::select! {
-                biased;
-                () = &mut published => {}
-                () = self.inner.stopped.cancelled() => self.stopping = true,
+                return Some(Err(err));
             }
         }
     }
 
     /// The event to send for `event`, if this watch wants it.
-    async fn admit(&mut self, event: Event) -> Option<WatchEvent> {
+    async fn admit(&mut self, event: Event) -> Result<Option<WatchEvent>, Error> {
+        // The job as it is now, read only when the event needs it: for a
+        // label filter, and for a final event's outcome.
+        let mut job: Option<Option<JobRecord>> = None;
         match &mut self.mode {
             Mode::Ids(ids) => {
                 if !ids.watched.contains(&event.id) || ids.final_sent.contains(&event.id) {
-                    return None;
+                    return Ok(None);
                 }
                 if event.state.is_terminal() {
                     ids.owed.remove(&event.id);
@@ -330,18 +353,35 @@ impl Watcher {
                         .function
                         .as_deref()
                         .is_some_and(|f| *event.function != *f)
-                    || !self.inner.store.has_labels(event.id, &filter.labels).await
                 {
-                    return None;
+                    return Ok(None);
+                }
+                if !filter.labels.is_empty() {
+                    let record = current(&self.inner, event.id).await?;
+                    // A job gone by now (deleted or expired) is not shown.
+                    let matches = record.as_ref().is_some_and(|record| {
+                        filter
+                            .labels
+                            .iter()
+                            .all(|(key, value)| record.labels.get(key) == Some(value))
+                    });
+                    if !matches {
+                        return Ok(None);
+                    }
+                    job = Some(record);
                 }
             }
         }
         let outcome = if event.state.is_terminal() {
-            self.inner.store.finished(event.id).await.map(|f| f.outcome)
+            let record = match job {
+                Some(record) => record,
+                None => current(&self.inner, event.id).await?,
+            };
+            record.and_then(|record| record.outcome)
         } else {
             None
         };
-        Some(WatchEvent {
+        Ok(Some(WatchEvent {
             seq: event.seq,
             kind: match event.kind {
                 EventKind::State => WatchEventKind::State,
@@ -354,22 +394,21 @@ impl Watcher {
             progress: event.progress,
             outcome,
             missed: 0,
-        })
+        }))
     }
 
     /// The history moved past the cursor: say so, then carry on as the
     /// mode allows.
-    async fn lagged(&mut self, gap: Gap) -> Result<(), Error> {
-        self.batch.clear();
+    async fn lagged(&mut self, missed: u64, resumed_after: u64) -> Result<(), Error> {
         match self.mode {
             Mode::Filter(_) => {
                 self.ready
-                    .push_back(WatchEvent::lagged(gap.oldest - 1, gap.missed));
-                self.cursor = gap.oldest - 1;
+                    .push_back(WatchEvent::lagged(resumed_after, missed));
+                self.cursor = resumed_after;
                 Ok(())
             }
             Mode::Ids(_) => {
-                let latest = self.inner.events.latest();
+                let latest = self.inner.store.event_head().seq;
                 self.ready
                     .push_back(WatchEvent::lagged(latest, latest - self.cursor));
                 self.snapshot_ids(false).await
@@ -387,12 +426,13 @@ impl Watcher {
         };
         // Read the newest number first: every event after it is sent too,
         // so no change between the two reads is lost (at worst repeated).
-        let latest = self.inner.events.latest();
+        let latest = self.inner.store.event_head().seq;
         let mut order: Vec<JobId> = ids.watched.difference(&ids.final_sent).copied().collect();
         order.sort_unstable();
         for id in order {
-            let record = match self.inner.store.get(id).await {
+            let record = match found(id, self.inner.store.get(id).await) {
                 Ok(record) => record,
+                Err(err @ Error::Store(_)) => return Err(err),
                 Err(err) if subscribing => return Err(err),
                 Err(_) => {
                     ids.owed.remove(&id);
@@ -411,8 +451,8 @@ impl Watcher {
                 record,
             ));
         }
-        self.cursor = latest;
         ids.done_at = latest;
+        self.follow(latest);
         Ok(())
     }
 
@@ -425,14 +465,19 @@ impl Watcher {
             return Ok(());
         };
         for &id in &ids.watched {
-            if !self.inner.store.state(id).await?.is_terminal() {
+            if !self.inner.state(id).await?.is_terminal() {
                 ids.owed.insert(id);
             }
         }
         // Read after the states: a state seen finished was published at or
         // before this number.
-        ids.done_at = self.inner.events.latest();
-        self.cursor = after;
+        ids.done_at = self.inner.store.event_head().seq;
+        self.follow(after);
         Ok(())
     }
+}
+
+/// The job as the store has it now; `None` if it is gone.
+async fn current(inner: &Inner, id: JobId) -> Result<Option<JobRecord>, Error> {
+    Ok(inner.store.get(id).await.map_err(Error::Store)?.ok())
 }

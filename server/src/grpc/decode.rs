@@ -13,8 +13,10 @@ use sha2::{Digest as _, Sha256};
 
 use crate::{
     Error,
-    engine::{ListFilter, ReturnWhen, SubmitSpec, WatchFilter, WatchSpec},
-    function::{MAX_FUNCTION_NAME_LEN, PoolKind, is_valid_function_name},
+    engine::{ReturnWhen, SubmitSpec, WatchFilter, WatchSpec},
+    function::{MAX_FUNCTION_NAME_LEN, is_valid_function_name},
+    job::PoolName,
+    store::ListFilter,
 };
 
 /// At most this many labels per job.
@@ -88,8 +90,8 @@ pub(crate) fn timeout(
 fn not_before(
     delay: Option<prost_types::Duration>,
     at: Option<prost_types::Timestamp>,
+    now: SystemTime,
 ) -> Result<Option<SystemTime>, Error> {
-    let now = SystemTime::now();
     let (field, not_before) = match (timeout("delay", delay)?, at) {
         (Some(_), Some(_)) => {
             return Err(Error::invalid(
@@ -119,10 +121,14 @@ fn not_before(
     Ok(Some(not_before))
 }
 
-impl TryFrom<pb::SubmitRequest> for SubmitSpec {
+/// A request as the server received it, at `.1` on the server's clock
+/// (what a relative time in it, such as a `delay`, counts from).
+pub(crate) struct Received<T>(pub(crate) T, pub(crate) SystemTime);
+
+impl TryFrom<Received<pb::SubmitRequest>> for SubmitSpec {
     type Error = Error;
 
-    fn try_from(req: pb::SubmitRequest) -> Result<Self, Error> {
+    fn try_from(Received(req, now): Received<pb::SubmitRequest>) -> Result<Self, Error> {
         if !is_valid_function_name(&req.function) {
             return Err(Error::invalid(
                 "function",
@@ -137,11 +143,20 @@ impl TryFrom<pb::SubmitRequest> for SubmitSpec {
                 },
             ));
         }
+        // A pool name follows the function-name rules; whether this server
+        // has such a pool, and whether the function runs on it, is the
+        // engine's to say.
         let pool = match req.pool.as_str() {
             "" => None,
-            name => Some(PoolKind::from_name(name).ok_or_else(|| {
-                Error::invalid("pool", "must be \"async\", \"blocking\" or empty")
-            })?),
+            name if is_valid_function_name(name) => Some(PoolName::from(name)),
+            _ => {
+                return Err(Error::invalid(
+                    "pool",
+                    format!(
+                        "must be empty or a pool name of 1-{MAX_FUNCTION_NAME_LEN} characters of [A-Za-z0-9_.:-] (see ListFunctions)"
+                    ),
+                ));
+            }
         };
         let request_id = match req.request_id.as_str() {
             "" => None,
@@ -166,7 +181,7 @@ impl TryFrom<pb::SubmitRequest> for SubmitSpec {
                 ),
             ));
         }
-        let not_before = not_before(req.delay, req.not_before)?;
+        let not_before = not_before(req.delay, req.not_before, now)?;
         let run_timeout = match timeout("timeout", req.timeout)? {
             Some(limit) if limit.is_zero() || limit > MAX_DELAY => {
                 return Err(Error::invalid(
@@ -217,10 +232,10 @@ pub(crate) struct MapPlan {
     pub(crate) max_in_flight: usize,
 }
 
-impl TryFrom<Option<pb::MapStart>> for MapPlan {
+impl TryFrom<Received<Option<pb::MapStart>>> for MapPlan {
     type Error = Error;
 
-    fn try_from(start: Option<pb::MapStart>) -> Result<Self, Error> {
+    fn try_from(Received(start, now): Received<Option<pb::MapStart>>) -> Result<Self, Error> {
         let start = start.ok_or_else(|| {
             Error::invalid(
                 "start",
@@ -229,15 +244,18 @@ impl TryFrom<Option<pb::MapStart>> for MapPlan {
         })?;
         // The options mean what they mean in Submit, so they are checked by
         // Submit's own rules.
-        let template = SubmitSpec::try_from(pb::SubmitRequest {
-            function: start.function,
-            pool: start.pool,
-            labels: start.labels,
-            priority: start.priority,
-            timeout: start.timeout,
-            max_attempts: start.max_attempts,
-            ..pb::SubmitRequest::default()
-        })?;
+        let template = SubmitSpec::try_from(Received(
+            pb::SubmitRequest {
+                function: start.function,
+                pool: start.pool,
+                labels: start.labels,
+                priority: start.priority,
+                timeout: start.timeout,
+                max_attempts: start.max_attempts,
+                ..pb::SubmitRequest::default()
+            },
+            now,
+        ))?;
         let max_in_flight = match usize::try_from(start.max_in_flight) {
             Ok(0) => DEFAULT_MAP_IN_FLIGHT,
             Ok(n) => n.min(MAX_MAP_IN_FLIGHT),
@@ -512,8 +530,14 @@ fn filter_fingerprint(filter: &ListFilter) -> [u8; 8] {
     }
     for time in [filter.submitted_after, filter.submitted_before] {
         match time {
-            Some(t) => hasher.update(crate::engine::micros(t).to_le_bytes()),
-            None => hasher.update([0xff; 9]),
+            // At full precision: filters a nanosecond apart list different
+            // jobs, so their pages must not be mixed.
+            Some(t) => hasher.update(
+                t.duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_nanos())
+                    .to_le_bytes(),
+            ),
+            None => hasher.update([0xff; 17]),
         }
     }
     let digest = hasher.finalize();
@@ -570,7 +594,11 @@ mod tests {
             ..Default::default()
         };
         f(&mut req);
-        SubmitSpec::try_from(req)
+        SubmitSpec::try_from(Received(req, now()))
+    }
+
+    fn now() -> SystemTime {
+        crate::Clock::system().now()
     }
 
     fn field_of(result: Result<SubmitSpec, Error>) -> &'static str {
@@ -588,7 +616,7 @@ mod tests {
                 ..Default::default()
             };
             f(&mut start);
-            MapPlan::try_from(Some(start))
+            MapPlan::try_from(Received(Some(start), now()))
         };
         let default = plan(|_| {}).unwrap();
         assert_eq!(default.max_in_flight, DEFAULT_MAP_IN_FLIGHT);
@@ -613,7 +641,7 @@ mod tests {
             })
         ));
         assert!(matches!(
-            MapPlan::try_from(None),
+            MapPlan::try_from(Received(None, now())),
             Err(Error::InvalidArgument { field: "start", .. })
         ));
         let again = pb::MapRequest {
@@ -635,7 +663,12 @@ mod tests {
     fn refuses_bad_fields_naming_them() {
         assert_eq!(field_of(submit(|r| r.function.clear())), "function");
         assert_eq!(field_of(submit(|r| r.function = "a b".into())), "function");
-        assert_eq!(field_of(submit(|r| r.pool = "gpu".into())), "pool");
+        assert_eq!(field_of(submit(|r| r.pool = "no pool".into())), "pool");
+        assert_eq!(
+            submit(|r| r.pool = "gpu".into()).unwrap().pool,
+            Some(PoolName::from("gpu")),
+            "a well-formed name is the engine's to judge"
+        );
         assert_eq!(field_of(submit(|r| r.priority = 1001)), "priority");
         assert_eq!(field_of(submit(|r| r.priority = -1001)), "priority");
         assert_eq!(submit(|r| r.priority = -1000).unwrap().priority, -1000);
@@ -648,7 +681,7 @@ mod tests {
         assert_eq!(
             field_of(submit(|r| {
                 r.delay = Some(secs(1));
-                r.not_before = Some(SystemTime::now().into());
+                r.not_before = Some(now().into());
             })),
             "not_before"
         );
@@ -927,7 +960,7 @@ mod properties {
     proptest! {
         #[test]
         fn submit_decoding_never_panics_and_names_the_field(req in submit_request()) {
-            let result = SubmitSpec::try_from(req.clone());
+            let result = SubmitSpec::try_from(Received(req.clone(), crate::Clock::system().now()));
             if let Some(field) = refused_field(result.as_ref().map(drop).map_err(Clone::clone)) {
                 prop_assert!(SUBMIT_FIELDS.contains(&field), "unknown field {}", field);
             }

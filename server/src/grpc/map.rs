@@ -57,7 +57,7 @@ pub(super) async fn start(
         // Closed before asking for anything: nothing to answer.
         return Ok(ReceiverStream::new(rx));
     };
-    let plan = decode::MapPlan::try_from(first.start)?;
+    let plan = decode::MapPlan::try_from(decode::Received(first.start, engine.clock().now()))?;
     engine.check(&plan.template)?;
     let map = Map {
         engine,

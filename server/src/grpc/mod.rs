@@ -14,6 +14,7 @@ use jobd_proto::{JobState, pb, value};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tonic::{Request, Response, Status};
 
+use self::decode::Received;
 use crate::{
     Error,
     engine::{CancelOutcome, Engine, SubmitSpec, WatchEvent, WatchEventKind, WatchSpec},
@@ -95,7 +96,7 @@ impl pb::job_service_server::JobService for JobService {
         &self,
         request: Request<pb::SubmitRequest>,
     ) -> Result<Response<pb::SubmitResponse>, Status> {
-        let spec = SubmitSpec::try_from(request.into_inner())?;
+        let spec = SubmitSpec::try_from(Received(request.into_inner(), self.engine.clock().now()))?;
         let (id, state) = self.engine.submit(spec).await?;
         Ok(Response::new(pb::SubmitResponse {
             job_id: id.to_string(),
@@ -108,19 +109,22 @@ impl pb::job_service_server::JobService for JobService {
         request: Request<pb::SubmitBatchRequest>,
     ) -> Result<Response<pb::SubmitBatchResponse>, Status> {
         let requests = request.into_inner().requests;
+        let now = self.engine.clock().now();
         decode::batch_len(requests.len())?;
         // Malformed items are answered in place; the rest go to the engine
         // together so they share commits.
         let mut valid = Vec::with_capacity(requests.len());
         let decoded: Vec<Option<Error>> = requests
             .into_iter()
-            .map(|request| match SubmitSpec::try_from(request) {
-                Ok(spec) => {
-                    valid.push(spec);
-                    None
-                }
-                Err(err) => Some(err),
-            })
+            .map(
+                |request| match SubmitSpec::try_from(Received(request, now)) {
+                    Ok(spec) => {
+                        valid.push(spec);
+                        None
+                    }
+                    Err(err) => Some(err),
+                },
+            )
             .collect();
         let mut admitted = self.engine.submit_batch(valid).await.into_iter();
         let results = decoded
@@ -263,7 +267,7 @@ impl pb::job_service_server::JobService for JobService {
     ) -> Result<Response<Self::WatchStream>, Status> {
         let spec = WatchSpec::try_from(request.into_inner())?;
         let events = self.engine.watch(spec).await?;
-        let epoch = self.engine.stream_epoch().to_owned();
+        let epoch = self.engine.stream_epoch();
         Ok(Response::new(
             events
                 .map(move |event| {

@@ -106,7 +106,7 @@ mod tests {
             ),
             (
                 Error::QueueFull {
-                    pool: PoolKind::Async,
+                    pool: crate::PoolName::of(PoolKind::Async),
                     capacity: 1,
                 },
                 Code::ResourceExhausted,

@@ -1,38 +1,55 @@
-//! Where job state lives. The engine talks to `Store` only; behind it sit
-//! the live in-memory `table` (every unfinished job, and finished ones
-//! until evicted) and, by default, the durable SQLite store.
+//! The store boundary: where job state lives, behind one interface,
+//! [`JobStore`], that every store implements and the engine alone calls.
 //!
-//! The promise with the durable store: once Submit answers OK, the job is on
+//! The interface speaks only of the domain: jobs ([`JobRecord`]), leases,
+//! events, listings, and its own [`StoreError`]. It knows nothing of the
+//! engine, its executors or the API: the engine asks for the next job of a
+//! pool and gets a [`Lease`] (the attempt plus a fencing token); every later
+//! write about that attempt carries the lease and is refused as
+//! [`Applied::Stale`] once the lease is no longer current, whoever holds an
+//! old one. A cancel is recorded here; how it is honoured (dropping a
+//! future, firing a token, killing a process, messaging a worker) is the
+//! executor's business.
+//!
+//! Two stores implement it: [`memory`] (ephemeral) and [`sqlite`] (durable,
+//! embedded). Both build on [`live`], the in-memory machinery they share:
+//! the job table, each pool's queue (priority with aging, delayed jobs) and
+//! the event hub. With SQLite, that machinery is a cache of live jobs which
+//! only the SQLite store reads or writes. One conformance suite
+//! (`conformance`, in tests) runs against each store.
+//!
+//! The promise of the durable store: once Submit answers OK, the job is on
 //! disk and will reach a terminal state whatever happens to the process.
-//! Everything a client can observe is durable before it is visible: a job is
-//! committed before its id is returned, and a terminal outcome is committed
-//! before any reader or waiter sees it. Only the pending -> running claim
-//! rides in the next batch unwaited; after a crash every job still marked
-//! running is known to have been interrupted. Execution is at-least-once.
+//! Everything a client can observe is durable before it is visible: a job
+//! is committed before its id is returned, and a terminal outcome before any
+//! reader or waiter sees it. Execution is at-least-once.
 
+mod listing;
+pub(crate) mod live;
+mod memory;
 mod sqlite;
-pub(crate) mod table;
+
+#[cfg(test)]
+mod conformance;
 
 use std::{
+    collections::BTreeMap,
     path::PathBuf,
     sync::Arc,
     time::{Duration, SystemTime},
 };
 
+use futures::{future::BoxFuture, stream::BoxStream};
 use jobd_proto::{JobId, JobState};
 use sha2::{Digest as _, Sha256};
 
-pub use self::sqlite::{DB_FILE, LOCK_FILE, POISON_LIMIT};
-pub(crate) use self::table::{CancelPlan, Claim, WaitFor};
-use self::{
-    sqlite::{Deleted, Inserted, Lookup, NewJob, Publish, SqliteStore},
-    table::JobTable,
+pub use self::{
+    listing::{ListFilter, ListPage},
+    sqlite::{DB_FILE, LOCK_FILE, POISON_LIMIT},
 };
 use crate::{
-    Error,
-    engine::{EventHub, ListFilter, ListPage, QueueKey},
-    function::Registry,
-    job::{Finished, JobError, JobRecord, Outcome},
+    clock::Clock,
+    job::{Finished, JobRecord, Outcome, PoolName, Progress},
 };
 
 /// Which store holds job state.
@@ -81,7 +98,8 @@ pub enum StoreError {
         /// What went wrong.
         message: String,
     },
-    /// A write could not be committed; the store stopped acknowledging.
+    /// A write could not be committed or a read failed; a failed commit
+    /// stops the store acknowledging anything (fail-stop).
     #[error("the job store is unavailable: {0}")]
     Unavailable(String),
     /// The disk is full; the store stopped acknowledging.
@@ -98,582 +116,412 @@ impl StoreError {
     }
 }
 
-/// Retention and caching knobs.
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct Retention {
-    /// Finished jobs are removed this long after they finish.
-    pub(crate) keep_finished: Duration,
-    /// Tombstones of removed jobs are kept this long after removal.
-    pub(crate) keep_tombstones: Duration,
-    /// Finished jobs held in memory (durable mode; the rest are read from
-    /// disk on demand).
-    pub(crate) cache_finished: usize,
-}
-
-/// Deliberate faults for tests; both off in production.
+/// Deliberate faults, compiled only with the `fault-injection` feature
+/// (which the test suites turn on): a release build cannot be told to lose
+/// jobs.
+#[cfg(feature = "fault-injection")]
 #[derive(Debug, Clone, Copy, Default)]
-pub(crate) struct TestKnobs {
-    /// Acknowledge Submit before its commit (the crash test's mutation).
-    pub(crate) ack_before_commit: bool,
+pub struct Faults {
+    /// Acknowledge Submit before its commit: the crash test's mutation,
+    /// which must show lost jobs.
+    pub ack_before_commit: bool,
     /// Cap the database at this many pages ("disk full" on demand).
-    pub(crate) max_db_pages: Option<u64>,
+    pub max_db_pages: Option<u64>,
 }
 
-/// The job store: the live table plus, optionally, the durable store.
-pub(crate) struct Store {
-    /// Shared with the writer thread, which publishes what it commits.
-    table: Arc<JobTable>,
-    durable: Option<SqliteStore>,
-    /// Tombstones of removed jobs in memory mode (the durable store keeps
-    /// its own on disk).
-    tombstones: dashmap::DashMap<JobId, (Gone, SystemTime)>,
-    retention: Retention,
+/// How to open a store: the pools it queues for and its bounds.
+#[derive(Debug, Clone)]
+pub(crate) struct StoreOptions {
+    /// The pools whose queues the store keeps, by name.
+    pub(crate) pools: Vec<PoolName>,
+    /// Pending jobs each pool's queue holds before Submit is refused.
+    pub(crate) max_queued: usize,
+    /// One step of priority per this much waiting (zero: none).
+    pub(crate) priority_aging: Duration,
+    /// Job events held for watchers.
+    pub(crate) event_history: std::num::NonZeroUsize,
+    /// Finished jobs a durable store keeps in memory.
+    pub(crate) cache_finished: usize,
+    /// Where stored times come from.
+    pub(crate) clock: Clock,
+    #[cfg(feature = "fault-injection")]
+    pub(crate) faults: Faults,
 }
 
-/// What one retention step did.
-pub(crate) struct Purged {
-    pub(crate) removed: usize,
-    /// It stopped at its limit: another step may find more.
+/// Opens the configured store (a durable one recovers what the previous
+/// run left unfinished first). Call it inside the tokio runtime that will
+/// drive it.
+pub(crate) fn open(
+    config: &StoreConfig,
+    options: StoreOptions,
+) -> Result<Arc<dyn JobStore>, StoreError> {
+    Ok(match config {
+        StoreConfig::Memory => Arc::new(memory::MemoryStore::new(options)),
+        StoreConfig::Sqlite { dir } => Arc::new(sqlite::SqliteStore::open(dir, options)?),
+    })
+}
+
+/// A job as the engine admitted it; the store gives it its id and its
+/// submission time.
+#[derive(Debug, Clone)]
+pub(crate) struct NewJob {
+    pub(crate) function: Arc<str>,
+    pub(crate) pool: PoolName,
+    pub(crate) args: serde_json::Value,
+    pub(crate) labels: BTreeMap<String, String>,
+    pub(crate) request_id: Option<String>,
+    pub(crate) priority: i32,
+    pub(crate) not_before: Option<SystemTime>,
+    pub(crate) timeout: Option<Duration>,
+    pub(crate) max_attempts: u32,
+    pub(crate) retry_safe: bool,
+}
+
+impl NewJob {
+    /// The pending record of this job, as `id`, submitted at `at`.
+    pub(crate) fn into_record(self, id: JobId, at: SystemTime) -> JobRecord {
+        JobRecord {
+            id,
+            function: self.function,
+            pool: self.pool,
+            state: JobState::Pending,
+            args: self.args,
+            labels: self.labels,
+            request_id: self.request_id,
+            priority: self.priority,
+            not_before: self.not_before,
+            timeout: self.timeout,
+            max_attempts: self.max_attempts.max(1),
+            retry_safe: self.retry_safe,
+            submitted_at: at,
+            started_at: None,
+            finished_at: None,
+            attempt: 0,
+            outcome: None,
+            progress: None,
+        }
+    }
+}
+
+/// What a submit did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Submitted {
+    /// A new job, pending (or waiting for its `not_before`).
+    New(JobId),
+    /// The request id names an earlier job; `same_content` when it was
+    /// submitted with the same function and arguments.
+    Existing { id: JobId, same_content: bool },
+    /// The pool's queue holds `capacity` jobs already.
+    QueueFull { capacity: usize },
+    /// The store takes no new jobs (it is closing).
+    Closed,
+}
+
+/// Who holds a lease: this process's executors, or a remote worker.
+pub(crate) type LeaseHolder = Arc<str>;
+
+/// A number handed out once per claim, increasing for the life of the
+/// store, and kept apart from the attempt count (which retries and admin
+/// actions can reset): a write carrying an older token than the job's
+/// current one is refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub(crate) struct FencingToken(pub(crate) u64);
+
+/// The right to run one attempt of a job and report how it ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Lease {
+    pub(crate) job: JobId,
+    /// The attempt it runs, from 1.
+    pub(crate) attempt: u32,
+    pub(crate) token: FencingToken,
+    /// When it lapses unless renewed; `None`: held for as long as this
+    /// process lives (the store's recovery handles what it held).
+    pub(crate) expires_at: Option<SystemTime>,
+}
+
+/// What to claim and on whose behalf.
+#[derive(Debug, Clone)]
+pub(crate) struct ClaimRequest {
+    pub(crate) pool: PoolName,
+    pub(crate) holder: LeaseHolder,
+    /// How long the lease lasts between renewals; `None`: for the life of
+    /// this process.
+    pub(crate) ttl: Option<Duration>,
+}
+
+/// A claimed job: its lease, and what running it needs.
+#[derive(Debug, Clone)]
+pub(crate) struct Claimed {
+    pub(crate) lease: Lease,
+    /// When the attempt started.
+    pub(crate) started_at: SystemTime,
+    pub(crate) function: Arc<str>,
+    pub(crate) args: serde_json::Value,
+    pub(crate) timeout: Option<Duration>,
+    pub(crate) max_attempts: u32,
+}
+
+/// What renewing a lease found.
+#[allow(
+    dead_code,
+    reason = "for holders whose leases lapse (remote workers); the conformance suite tests it"
+)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum LeaseState {
+    /// Still held, now until this time (`None`: for the life of the process).
+    Live { expires_at: Option<SystemTime> },
+    /// Still held, and a cancel was requested: the holder should stop.
+    CancelRequested { expires_at: Option<SystemTime> },
+    /// Lapsed or superseded: the job is someone else's (or ended).
+    Lost,
+}
+
+/// Whether a write about a lease's attempt was applied.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Applied {
+    Applied,
+    /// The lease is no longer current (the job ended, was cancelled, or its
+    /// lease lapsed and it was given to another): nothing changed.
+    Stale,
+}
+
+/// Why a job id names no job.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Missing {
+    /// It existed and was removed.
+    Gone(Gone),
+    /// As far as the store remembers, it never existed.
+    Unknown,
+}
+
+/// A lookup by id: the thing, or why there is none.
+pub(crate) type Found<T> = Result<T, Missing>;
+
+/// What a cancel request found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum CancelResult {
+    /// It was pending; it is now CANCELLED (durably) and will never run.
+    Cancelled,
+    /// It is running under `lease`, held by `holder`: the request is
+    /// recorded, and the holder decides how to honour it.
+    Requested {
+        lease: Lease,
+        holder: LeaseHolder,
+        pool: PoolName,
+    },
+    /// It had already finished.
+    AlreadyDone,
+    /// No such job.
+    Missing(Missing),
+}
+
+/// What a delete found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Deleted {
+    /// Removed, leaving a "deleted" tombstone.
+    Removed,
+    /// Pending or running: not deleted.
+    Unfinished(JobState),
+    Missing(Missing),
+}
+
+/// One maintenance step.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Maintenance {
+    /// Take back lapsed leases: the job runs again, or fails when it may not
+    /// be retried or keeps losing its holders (a poison pill).
+    pub(crate) expire_leases: bool,
+    /// Retention: remove finished jobs and old tombstones.
+    pub(crate) purge: Option<Purge>,
+}
+
+/// What retention removes in one step.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Purge {
+    /// Jobs finished before this go, leaving an "expired" tombstone.
+    pub(crate) finished_before: SystemTime,
+    /// Tombstones older than this go.
+    pub(crate) tombstones_before: SystemTime,
+    /// At most this many jobs a step.
+    pub(crate) limit: usize,
+}
+
+/// What a maintenance step did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct Maintained {
+    /// Finished jobs removed by retention.
+    pub(crate) purged: usize,
+    /// Retention stopped at its limit: another step may find more.
     pub(crate) more: bool,
+    /// Lapsed leases whose jobs went back to pending.
+    pub(crate) requeued: usize,
+    /// Lapsed leases whose jobs failed (not safe to retry, or poison pills).
+    pub(crate) failed: usize,
 }
 
-/// How Submit was admitted.
-pub(crate) enum Admission {
-    New,
-    /// The request id names this earlier job with the same content.
-    Existing(JobId),
+/// What one job event reports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum EventKind {
+    /// The job reached `state`.
+    State,
+    /// The running job reported progress.
+    Progress,
 }
 
-impl Store {
-    /// Opens the configured store and returns the jobs to queue again.
-    pub(crate) fn open(
-        config: &StoreConfig,
-        registry: &Registry,
-        retention: Retention,
-        testing: TestKnobs,
-        events: Arc<EventHub>,
-    ) -> Result<(Self, Vec<JobRecord>), StoreError> {
-        let table = Arc::new(JobTable::new(events));
-        let (durable, pending) = match config {
-            StoreConfig::Memory => (None, Vec::new()),
-            StoreConfig::Sqlite { dir } => {
-                let (store, recovered) = sqlite::open(dir, registry, testing, Arc::clone(&table))?;
-                tracing::info!(
-                    path = %store.path.display(),
-                    boot = recovered.boot,
-                    pending = recovered.pending.len(),
-                    requeued = recovered.requeued,
-                    failed_not_retry_safe = recovered.failed_unsafe,
-                    poison_pills = recovered.poisoned,
-                    "opened the job store"
-                );
-                (Some(store), recovered.pending)
-            }
-        };
-        Ok((
-            Self {
-                table,
-                durable,
-                tombstones: dashmap::DashMap::new(),
-                retention,
-            },
-            pending,
-        ))
-    }
+/// One numbered job event. Small: the function name and progress message
+/// are shared, and outcomes are not copied (a watcher reads a finished job's
+/// outcome from the store when it sends the event).
+#[derive(Debug, Clone)]
+pub(crate) struct Event {
+    pub(crate) seq: u64,
+    pub(crate) kind: EventKind,
+    pub(crate) id: JobId,
+    pub(crate) function: Arc<str>,
+    pub(crate) state: JobState,
+    pub(crate) attempt: u32,
+    pub(crate) progress: Option<Progress>,
+}
 
-    pub(crate) fn is_durable(&self) -> bool {
-        self.durable.is_some()
-    }
+/// What an event stream yields.
+#[derive(Debug, Clone)]
+pub(crate) enum EventItem {
+    Event(Event),
+    /// `missed` events after the cursor are no longer held; the stream goes
+    /// on after `resumed_after`.
+    Lagged {
+        missed: u64,
+        resumed_after: u64,
+    },
+}
 
-    /// Records a new job (durably first, if durable), de-duplicating by
-    /// request id. `queue` runs exactly once: with the id once the job is
-    /// recorded and visible (to queue it), or with `None` when it will not
-    /// exist (to give its queue slot back). With the durable store that
-    /// happens on the writer thread after the commit, so a caller that stops
-    /// waiting cannot leave a committed job unqueued.
-    pub(crate) async fn admit(
-        &self,
-        record: JobRecord,
-        key: QueueKey,
-        queue: impl FnOnce(Option<JobId>) + Send + 'static,
-    ) -> Result<Admission, Error> {
-        // Only a request id is ever compared by fingerprint; skip the hash
-        // on the hot path when there is none.
-        let fingerprint = if record.request_id.is_some() {
-            fingerprint(&record)
-        } else {
-            [0; 16]
-        };
-        let request_id = record.request_id.clone();
-        let id = record.id;
-        let existing = match &self.durable {
-            None => match self.table.insert(record, Some(key), fingerprint) {
-                Ok(()) => {
-                    queue(Some(id));
-                    return Ok(Admission::New);
-                }
-                Err(existing) => {
-                    queue(None);
-                    existing
-                }
-            },
-            Some(durable) => {
-                let table = Arc::clone(&self.table);
-                let publish = Publish::new(move |committed: Option<JobRecord>| match committed {
-                    Some(record) => {
-                        table.insert_unchecked(record, Some(key));
-                        queue(Some(id));
-                    }
-                    None => queue(None),
-                });
-                let job = NewJob {
-                    record,
-                    fingerprint,
-                };
-                match durable
-                    .writer
-                    .insert(job, publish)
-                    .await
-                    .map_err(Error::Store)?
-                {
-                    Inserted::New => return Ok(Admission::New),
-                    Inserted::Existing(existing) => existing,
-                }
-            }
-        };
-        if existing.fingerprint == fingerprint {
-            Ok(Admission::Existing(existing.job))
-        } else {
-            Err(Error::DuplicateRequest {
-                request_id: request_id.unwrap_or_default(),
-                existing: existing.job,
-            })
-        }
-    }
+/// A position in the store's event stream: its epoch (which tells one
+/// numbering from another, e.g. across restarts) and a sequence number.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Cursor {
+    pub(crate) epoch: Arc<str>,
+    pub(crate) seq: u64,
+}
 
-    /// Puts recovered jobs back in the live table.
-    pub(crate) fn restore(&self, record: JobRecord, key: QueueKey) {
-        self.table.restore(record, Some(key));
-    }
+/// Gauges for operators and tests.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct StoreStats {
+    /// Jobs held in memory, in any state.
+    pub(crate) jobs: usize,
+    /// Jobs held in memory per state name.
+    pub(crate) by_state: BTreeMap<&'static str, usize>,
+    /// Jobs waiting in each pool's queue (delayed ones included).
+    pub(crate) queued: BTreeMap<PoolName, usize>,
+    /// Job events held for watchers.
+    pub(crate) events_held: usize,
+    /// A durable store's (commits, operations) so far.
+    pub(crate) commits: Option<(u64, u64)>,
+}
 
-    /// The live table, for a running job's context to report progress to
-    /// (progress lives in memory only, never on disk).
-    pub(crate) fn live_table(&self) -> &Arc<JobTable> {
-        &self.table
-    }
+/// The store interface. Every operation is atomic: it happens wholly or not
+/// at all, and the futures of those that change state may be dropped
+/// without leaving a change half made (what was decided completes).
+///
+/// Writes that answer a client (`submit`, `cancel` of a pending job,
+/// `delete`) return once durable. Writes about a lease (`complete`,
+/// `retry`, `release`) return once decided: the change becomes visible to
+/// readers and waiters only when it is durable, and [`JobStore::flush`]
+/// waits for that.
+#[async_trait::async_trait]
+pub(crate) trait JobStore: Send + Sync + 'static {
+    /// True when job state survives a restart.
+    fn is_durable(&self) -> bool;
 
-    /// A finished job's outcome, from memory or disk; `None` if the job is
-    /// unfinished or gone.
-    pub(crate) async fn finished(&self, id: JobId) -> Option<Finished> {
-        if let Some(found) = self.table.view(id, table::finished) {
-            return found;
-        }
-        self.lookup(id)
-            .await
-            .ok()
-            .flatten()
-            .and_then(|record| table::finished(&record))
-    }
+    /// Records a new job, idempotent by request id. Its place in its pool's
+    /// queue is taken when this is *called*, so jobs submitted one after
+    /// another keep that order even when their futures complete out of
+    /// order (as a Map's do).
+    fn submit(&self, job: NewJob) -> BoxFuture<'static, Result<Submitted, StoreError>>;
 
-    /// Whether the job carries every one of `labels` (false if it is gone).
-    pub(crate) async fn has_labels(
-        &self,
-        id: JobId,
-        labels: &std::collections::BTreeMap<String, String>,
-    ) -> bool {
-        if labels.is_empty() {
-            return true;
-        }
-        if let Some(found) = self.table.has_labels(id, labels) {
-            return found;
-        }
-        self.lookup(id).await.ok().flatten().is_some_and(|record| {
-            labels
-                .iter()
-                .all(|(key, value)| record.labels.get(key) == Some(value))
-        })
-    }
+    /// Waits for the next job of `request.pool` that is due and claims it:
+    /// pending -> running, the next attempt, a new lease. `None` once the
+    /// store is closed. Cancel-safe: a dropped claim claims nothing.
+    async fn claim(&self, request: &ClaimRequest) -> Result<Option<Claimed>, StoreError>;
 
-    /// Pending -> running; the durable claim rides in the next batch.
-    pub(crate) async fn claim(&self, id: JobId) -> Option<Claim> {
-        let claim = self.table.claim(id)?;
-        if let Some(durable) = &self.durable {
-            // A failure here means fail-stop; the completion will be refused
-            // too, and the job re-runs after a restart.
-            if let Err(err) = durable
-                .writer
-                .start(id, claim.attempt, claim.started_at)
-                .await
-            {
-                tracing::warn!(%id, %err, "cannot record the job's start");
-            }
-        }
-        Some(claim)
-    }
+    /// Extends a lease by `ttl` from now, and says whether a cancel was
+    /// requested meanwhile.
+    #[allow(
+        dead_code,
+        reason = "for holders whose leases lapse (remote workers); the conformance suite tests it"
+    )]
+    async fn renew(&self, lease: &Lease, ttl: Duration) -> Result<LeaseState, StoreError>;
 
-    /// Puts a running job back to pending for another attempt (false when
-    /// it is already ending); with the durable store, answers after the
-    /// commit.
-    pub(crate) async fn retry(&self, id: JobId, attempt: u32, key: QueueKey) -> bool {
-        if !self.table.retry(id, attempt, key) {
-            return false;
-        }
-        if let Some(durable) = &self.durable
-            && let Err(err) = durable.writer.requeue(vec![(id, attempt)]).await
-        {
-            // Fail-stop: nothing more commits, and after a restart recovery
-            // re-queues the job it finds running.
-            tracing::warn!(%id, %err, "cannot record the job's retry");
-        }
-        true
-    }
+    /// Ends the lease's attempt, and the job, with `outcome`.
+    async fn complete(&self, lease: &Lease, outcome: Outcome) -> Result<Applied, StoreError>;
 
-    /// Records how an attempt ended: durably first, then visible. With the
-    /// durable store the writer publishes the outcome after its commit; the
-    /// worker does not wait for that.
-    pub(crate) async fn finish(&self, id: JobId, attempt: u32, outcome: Outcome) -> bool {
-        if !self.table.begin_finish(id, attempt) {
-            return false;
-        }
-        self.commit_terminal(id, attempt, outcome, false)
-            .await
-            .is_ok()
-    }
+    /// Ends the lease's attempt for another one: the job is pending again,
+    /// due at `not_before`.
+    async fn retry(&self, lease: &Lease, not_before: SystemTime) -> Result<Applied, StoreError>;
 
-    /// Writes a begun terminal transition; with `wait`, returns once it is
-    /// durable and visible.
-    async fn commit_terminal(
-        &self,
-        id: JobId,
-        attempt: u32,
-        outcome: Outcome,
-        wait: bool,
-    ) -> Result<(), Error> {
-        let at = SystemTime::now();
-        match &self.durable {
-            None => self.table.complete(id, outcome, at),
-            Some(durable) => {
-                if let Err(err) = durable.writer.finish(id, attempt, outcome, at, wait).await {
-                    tracing::error!(%id, %err, "cannot record the job's outcome");
-                    self.table.abandon(id);
-                    return Err(Error::Store(err));
-                }
-            }
-        }
-        self.evict();
-        Ok(())
-    }
+    /// Gives the lease back without an outcome (a drain, a shutdown): the
+    /// job is pending again at once, for its next attempt.
+    async fn release(&self, lease: &Lease) -> Result<Applied, StoreError>;
 
-    /// Returns once everything written so far is committed and visible.
-    pub(crate) async fn flush(&self) {
-        if let Some(durable) = &self.durable
-            && let Err(err) = durable.writer.flush().await
-        {
-            tracing::warn!(%err, "cannot flush the store");
-        }
-    }
+    /// Records the running attempt's progress (memory only: progress is not
+    /// durable; a stale lease's report is dropped).
+    fn progress(&self, lease: &Lease, fraction: f64, message: &str);
 
-    /// Cancels what can be cancelled; see [`CancelPlan`].
-    pub(crate) async fn cancel(&self, id: JobId) -> Result<CancelPlan, Error> {
-        let Some(plan) = self.table.begin_cancel(id) else {
-            return match self.lookup(id).await? {
-                Some(_) => Ok(CancelPlan::AlreadyDone),
-                None => Err(self.not_found(id).await),
-            };
-        };
-        if matches!(plan, CancelPlan::Pending(..) | CancelPlan::AbortAsync) {
-            let attempt = self.table.view(id, |r| r.attempt).unwrap_or(0);
-            self.commit_terminal(id, attempt, Err(JobError::Cancelled), true)
-                .await?;
-        }
-        Ok(plan)
-    }
+    /// Records a cancel request: a pending job is cancelled at once; for a
+    /// running one, see [`CancelResult::Requested`].
+    async fn cancel(&self, id: JobId) -> Result<CancelResult, StoreError>;
 
-    /// A copy of the job, from memory or disk.
-    pub(crate) async fn get(&self, id: JobId) -> Result<JobRecord, Error> {
-        if let Some(record) = self.table.view(id, JobRecord::clone) {
-            return Ok(record);
-        }
-        match self.lookup(id).await? {
-            Some(record) => Ok(record),
-            None => Err(self.not_found(id).await),
-        }
-    }
+    /// A copy of the job.
+    async fn get(&self, id: JobId) -> Result<Found<JobRecord>, StoreError>;
 
-    /// The job's state, from memory or disk.
-    pub(crate) async fn state(&self, id: JobId) -> Result<JobState, Error> {
-        if let Some(state) = self.table.view(id, |r| r.state) {
-            return Ok(state);
-        }
-        Ok(self.get(id).await?.state)
-    }
+    /// The job's state (cheaper than `get`).
+    async fn state(&self, id: JobId) -> Result<Found<JobState>, StoreError>;
 
-    /// The finished job, or a `Notify` to wait on.
-    pub(crate) async fn wait_for(&self, id: JobId) -> Result<WaitFor, Error> {
-        if let Some(wait) = self.table.wait_for(id) {
-            return Ok(wait);
-        }
-        let record = self.get(id).await?;
-        table::finished(&record)
-            .map(WaitFor::Finished)
-            .ok_or_else(|| {
-                // On disk but not in memory and not finished cannot happen: every
-                // unfinished job is restored to the table at start.
-                Error::Store(StoreError::Unavailable(format!(
-                    "job {id} is unfinished but not loaded"
-                )))
-            })
-    }
+    /// Waits, without polling, until the job is terminal and visible.
+    /// Dropping the future is safe.
+    async fn wait(&self, id: JobId) -> Result<Found<Finished>, StoreError>;
 
-    pub(crate) fn is_terminal(&self, id: JobId) -> Option<bool> {
-        self.table.is_terminal(id)
-    }
-
-    pub(crate) fn finished_in_memory(&self, id: JobId) -> Option<Finished> {
-        self.table.view(id, table::finished).flatten()
-    }
-
-    /// Stops every running job at the end of a drain. In memory mode they
-    /// fail as interrupted (nothing could run them again); with the durable
-    /// store they go back to pending on disk and run again after a restart.
-    pub(crate) async fn stop_running(&self, reason: &str) -> usize {
-        let stopped = self.table.stop_running();
-        let count = stopped.len();
-        match &self.durable {
-            None => {
-                for (id, _) in stopped {
-                    self.table
-                        .complete(id, Err(table::interrupted(reason)), SystemTime::now());
-                }
-            }
-            Some(durable) => {
-                if let Err(err) = durable.writer.requeue(stopped).await {
-                    tracing::warn!(%err, "cannot re-queue interrupted jobs; recovery will");
-                }
-            }
-        }
-        count
-    }
-
-    /// Removes jobs past retention (and, in memory, beyond the cache), at
-    /// most `limit`.
-    pub(crate) async fn purge(&self, limit: usize) -> Result<Purged, Error> {
-        let now = SystemTime::now();
-        let cutoff = now
-            .checked_sub(self.retention.keep_finished)
-            .unwrap_or(SystemTime::UNIX_EPOCH);
-        let tombstone_cutoff = now
-            .checked_sub(self.retention.keep_tombstones)
-            .unwrap_or(SystemTime::UNIX_EPOCH);
-        match &self.durable {
-            None => {
-                let removed = self.table.evict_finished(cutoff, usize::MAX, limit);
-                for id in &removed {
-                    self.tombstones.insert(*id, (Gone::Expired, now));
-                }
-                self.tombstones.retain(|_, (_, at)| *at >= tombstone_cutoff);
-                Ok(Purged {
-                    removed: removed.len(),
-                    more: removed.len() == limit,
-                })
-            }
-            Some(durable) => {
-                let swept = durable
-                    .writer
-                    .purge(cutoff, tombstone_cutoff, limit)
-                    .await
-                    .map_err(Error::Store)?;
-                for id in &swept.ids {
-                    self.table.forget(*id);
-                }
-                Ok(Purged {
-                    removed: swept.ids.len(),
-                    more: swept.more,
-                })
-            }
-        }
-    }
-
-    /// One page of a listing; see [`crate::Engine::list`]. In memory the
-    /// table holds every job. With the durable store the database holds
-    /// every job, but the table is fresher for the jobs it holds (a claim is
-    /// written after the fact), so both are read and, for an id in the
-    /// table, the table's record wins.
-    pub(crate) async fn list(
+    /// One page of jobs matching `filter` with ids below `before`, newest
+    /// first, at most `limit`.
+    async fn list(
         &self,
         filter: &ListFilter,
         before: Option<JobId>,
         limit: usize,
-    ) -> Result<ListPage, Error> {
-        // One more than a page from each source: a source that fills it has
-        // more to give.
-        let want = limit + 1;
-        let memory = self.table.list(filter, before, want);
-        let disk = match &self.durable {
-            None => Vec::new(),
-            Some(durable) => durable
-                .reader
-                .list(filter.clone(), before, want)
-                .await
-                .map_err(Error::Store)?,
-        };
-        let in_table = |id: JobId| self.table.view(id, |_| ()).is_some();
-        Ok(merge_page(memory, disk, want, limit, in_table))
-    }
+    ) -> Result<ListPage, StoreError>;
 
-    /// Forgets a finished job and leaves a "deleted" tombstone; durably
-    /// first, if durable.
-    pub(crate) async fn delete(&self, id: JobId) -> Result<(), Error> {
-        let Some(durable) = &self.durable else {
-            // The tombstone goes in first, so that no reader finds neither
-            // the job nor its tombstone; it is put back as it was if the job
-            // is not deleted after all.
-            let earlier = self
-                .tombstones
-                .insert(id, (Gone::Deleted, SystemTime::now()));
-            let refused = match self.table.remove_finished(id) {
-                table::Removal::Removed => return Ok(()),
-                table::Removal::Unfinished(state) => Error::JobNotFinished { id, state },
-                table::Removal::Absent => match earlier {
-                    Some((gone, _)) => Error::JobGone { id, gone },
-                    None => Error::JobNotFound(id),
-                },
-            };
-            match earlier {
-                Some(earlier) => self.tombstones.insert(id, earlier),
-                None => self.tombstones.remove(&id).map(|(_, t)| t),
-            };
-            return Err(refused);
-        };
-        // Every unfinished job is in the table, and the table is the fresher
-        // source for them (a running job may still be pending on disk).
-        if let Some(state) = self.table.view(id, |r| r.state)
-            && !state.is_terminal()
-        {
-            return Err(Error::JobNotFinished { id, state });
-        }
-        match durable.writer.delete(id).await.map_err(Error::Store)? {
-            Deleted::Removed => {
-                self.table.forget(id);
-                Ok(())
-            }
-            Deleted::Unfinished(state) => Err(Error::JobNotFinished { id, state }),
-            Deleted::Absent(Some(gone)) => Err(Error::JobGone { id, gone }),
-            Deleted::Absent(None) => Err(Error::JobNotFound(id)),
-        }
-    }
+    /// Removes a finished job, leaving a "deleted" tombstone.
+    async fn delete(&self, id: JobId) -> Result<Deleted, StoreError>;
 
-    /// In durable mode, finished jobs beyond the cache size leave memory;
-    /// they are still on disk.
-    fn evict(&self) {
-        if self.durable.is_some() {
-            self.table
-                .evict_finished(SystemTime::UNIX_EPOCH, self.retention.cache_finished, 64);
-        }
-    }
+    /// One maintenance step.
+    async fn maintain(&self, step: Maintenance) -> Result<Maintained, StoreError>;
 
-    async fn lookup(&self, id: JobId) -> Result<Option<JobRecord>, Error> {
-        let Some(durable) = &self.durable else {
-            return Ok(None);
-        };
-        match durable.reader.lookup(id).await.map_err(Error::Store)? {
-            Lookup::Job(record) => Ok(Some(*record)),
-            Lookup::Gone(_) | Lookup::Unknown => Ok(None),
-        }
-    }
+    /// Returns once every change decided before the call is durable and
+    /// visible.
+    async fn flush(&self) -> Result<(), StoreError>;
 
-    /// NOT_FOUND, saying "expired" or "deleted" where a tombstone says so.
-    async fn not_found(&self, id: JobId) -> Error {
-        let gone = match &self.durable {
-            None => self.tombstones.get(&id).map(|t| t.0),
-            Some(durable) => match durable.reader.lookup(id).await {
-                Ok(Lookup::Gone(gone)) => Some(gone),
-                _ => None,
-            },
-        };
-        match gone {
-            Some(gone) => Error::JobGone { id, gone },
-            None => Error::JobNotFound(id),
-        }
-    }
+    /// Stops handing out jobs: claims end with `None`, submits answer
+    /// `Closed`. Jobs pending stay pending (a durable store runs them after
+    /// a restart).
+    fn close(&self);
 
-    pub(crate) fn len(&self) -> usize {
-        self.table.len()
-    }
+    /// The newest position of the event stream. The first call starts the
+    /// recording of events: before it, no watcher can hold a position to
+    /// resume from, and nothing is recorded.
+    fn event_head(&self) -> Cursor;
 
-    pub(crate) fn counts(&self) -> std::collections::BTreeMap<&'static str, usize> {
-        self.table.counts()
-    }
+    /// The events after `after` (of the current epoch), as they happen.
+    fn events(&self, after: u64) -> BoxStream<'static, Result<EventItem, StoreError>>;
 
-    /// (commits, operations) of the durable writer, for the mean batch size.
-    pub(crate) fn commit_stats(&self) -> Option<(u64, u64)> {
-        self.durable.as_ref().map(|d| {
-            let s = d.writer.stats();
-            (
-                s.commits.load(std::sync::atomic::Ordering::Relaxed),
-                s.operations.load(std::sync::atomic::Ordering::Relaxed),
-            )
-        })
-    }
-
-    /// Why the durable store stopped acknowledging, if it did (fail-stop).
-    pub(crate) fn failure(&self) -> Option<StoreError> {
-        self.durable.as_ref().and_then(|d| d.writer.failure())
-    }
-}
-
-/// Merges the newest jobs from the table (`memory`) and from the database
-/// (`disk`), each newest first and at most `want` long, into a page of at
-/// most `limit`. For ids in the table only the table's record counts.
-///
-/// A source that returned `want` jobs may hold more below its last id, so
-/// the merged list is complete only down to the higher of those last ids
-/// (`bound`); the page never goes below it, and the next page starts there.
-fn merge_page(
-    memory: Vec<JobRecord>,
-    disk: Vec<JobRecord>,
-    want: usize,
-    limit: usize,
-    in_table: impl Fn(JobId) -> bool,
-) -> ListPage {
-    let full_tail = |records: &[JobRecord]| {
-        (records.len() == want)
-            .then(|| records.last().map(|r| r.id))
-            .flatten()
-    };
-    let bound = full_tail(&memory).max(full_tail(&disk));
-    let mut merged: std::collections::BTreeMap<std::cmp::Reverse<JobId>, JobRecord> = memory
-        .into_iter()
-        .map(|r| (std::cmp::Reverse(r.id), r))
-        .collect();
-    for record in disk {
-        if !in_table(record.id) {
-            merged.entry(std::cmp::Reverse(record.id)).or_insert(record);
-        }
-    }
-    let mut trusted: Vec<JobRecord> = merged
-        .into_values()
-        .take_while(|r| bound.is_none_or(|bound| r.id >= bound))
-        .collect();
-    let next = if trusted.len() > limit {
-        trusted.truncate(limit);
-        trusted.last().map(|r| r.id)
-    } else {
-        bound
-    };
-    ListPage {
-        jobs: trusted,
-        next,
-    }
+    /// Gauges.
+    fn stats(&self) -> StoreStats;
 }
 
 /// What makes two submissions with one request id "the same": the function
 /// and the arguments (JSON with sorted keys, so key order does not matter).
-fn fingerprint(record: &JobRecord) -> [u8; 16] {
+pub(crate) fn fingerprint(function: &str, args: &serde_json::Value) -> [u8; 16] {
     let mut hasher = Sha256::new();
-    hasher.update(record.function.as_bytes());
+    hasher.update(function.as_bytes());
     hasher.update([0]);
-    hasher.update(record.args.to_string().as_bytes());
+    hasher.update(args.to_string().as_bytes());
     let digest = hasher.finalize();
     let mut out = [0; 16];
     out.copy_from_slice(&digest[..16]);

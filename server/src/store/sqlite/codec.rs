@@ -1,22 +1,33 @@
 //! How job records map to SQLite columns: states, pools and error kinds as
-//! small integers, times as microseconds since the Unix epoch, values as JSON
-//! text. One place, so the writer, the reader and recovery agree.
+//! small integers with names of their own (the disk format, fixed apart from
+//! the wire's numbering), times as microseconds since the Unix epoch, values
+//! as JSON text. One place, so the writer, the reader and recovery agree.
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime};
 
 use jobd_proto::{JobId, JobState};
-use rusqlite::Row;
+use rusqlite::{Row, types::ValueRef};
 
+pub(crate) use crate::clock::{from_micros, micros};
 use crate::{
-    function::PoolKind,
-    job::{JobError, JobRecord, Outcome},
+    job::{JobError, JobRecord, Outcome, PoolName},
     store::Gone,
 };
+
+/// A job's state as stored. These numbers are the disk format: they match
+/// the wire's numbering of the day they were fixed, and never follow it.
+pub(crate) mod stored_state {
+    pub(crate) const PENDING: i64 = 1;
+    pub(crate) const RUNNING: i64 = 2;
+    pub(crate) const SUCCEEDED: i64 = 3;
+    pub(crate) const FAILED: i64 = 4;
+    pub(crate) const CANCELLED: i64 = 5;
+}
 
 /// The columns `record_from_row` reads, in order.
 pub(crate) const RECORD_COLUMNS: &str = "id, function, pool, state, args, labels, request_id, \
      submitted_at, started_at, finished_at, attempt, value, error_kind, error, priority, not_before, timeout_us, \
-     max_attempts";
+     max_attempts, retry_safe";
 
 /// The tombstone reason of a job removed by retention.
 pub(crate) const TOMBSTONE_EXPIRED: i64 = 1;
@@ -33,31 +44,46 @@ pub(crate) fn gone_from_reason(reason: i64) -> Gone {
     }
 }
 
-/// States are stored with the wire's numbering (1 pending .. 5 cancelled),
-/// so there is one table of codes, in the .proto.
 pub(crate) fn state_code(state: JobState) -> i64 {
-    i64::from(i32::from(jobd_proto::pb::JobState::from(state)))
-}
-
-pub(crate) fn state_from_code(code: i64) -> rusqlite::Result<JobState> {
-    i32::try_from(code)
-        .ok()
-        .and_then(|code| JobState::try_from(code).ok())
-        .ok_or_else(|| bad_value(format!("unknown job state code {code}")))
-}
-
-pub(crate) fn pool_code(pool: PoolKind) -> i64 {
-    match pool {
-        PoolKind::Async => 1,
-        PoolKind::Blocking => 2,
+    match state {
+        JobState::Pending => stored_state::PENDING,
+        JobState::Running => stored_state::RUNNING,
+        JobState::Succeeded => stored_state::SUCCEEDED,
+        JobState::Failed => stored_state::FAILED,
+        JobState::Cancelled => stored_state::CANCELLED,
     }
 }
 
-fn pool_from_code(code: i64) -> rusqlite::Result<PoolKind> {
-    match code {
-        1 => Ok(PoolKind::Async),
-        2 => Ok(PoolKind::Blocking),
-        other => Err(bad_value(format!("unknown pool code {other}"))),
+pub(crate) fn state_from_code(code: i64) -> rusqlite::Result<JobState> {
+    Ok(match code {
+        stored_state::PENDING => JobState::Pending,
+        stored_state::RUNNING => JobState::Running,
+        stored_state::SUCCEEDED => JobState::Succeeded,
+        stored_state::FAILED => JobState::Failed,
+        stored_state::CANCELLED => JobState::Cancelled,
+        other => return Err(bad_value(format!("unknown job state code {other}"))),
+    })
+}
+
+/// The two original pools are stored as small integers (1 async, 2
+/// blocking); any other pool by its name.
+pub(crate) fn pool_value(pool: &PoolName) -> rusqlite::types::Value {
+    use rusqlite::types::Value;
+    match pool.as_str() {
+        "async" => Value::Integer(1),
+        "blocking" => Value::Integer(2),
+        name => Value::Text(name.to_owned()),
+    }
+}
+
+fn pool_from_value(value: ValueRef<'_>) -> rusqlite::Result<PoolName> {
+    match value {
+        ValueRef::Integer(1) => Ok(PoolName::from("async")),
+        ValueRef::Integer(2) => Ok(PoolName::from("blocking")),
+        ValueRef::Text(name) => std::str::from_utf8(name)
+            .map(PoolName::from)
+            .map_err(|e| bad_value(format!("bad pool name: {e}"))),
+        other => Err(bad_value(format!("unknown pool {other:?}"))),
     }
 }
 
@@ -102,15 +128,6 @@ fn outcome_from_columns(
         }
         (None, None) => None,
     })
-}
-
-pub(crate) fn micros(t: SystemTime) -> i64 {
-    t.duration_since(UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX))
-}
-
-pub(crate) fn from_micros(us: i64) -> SystemTime {
-    UNIX_EPOCH + Duration::from_micros(u64::try_from(us).unwrap_or(0))
 }
 
 /// One state change as the `history` column keeps it: `state,attempt,at;`
@@ -194,7 +211,7 @@ pub(crate) fn record_from_row(row: &Row<'_>) -> rusqlite::Result<JobRecord> {
     Ok(JobRecord {
         id: id_from_bytes(&id)?,
         function: function.into(),
-        pool: pool_from_code(row.get(2)?)?,
+        pool: pool_from_value(row.get_ref(2)?)?,
         state: state_from_code(row.get(3)?)?,
         args: parse_json(&row.get::<_, String>(4)?)?,
         labels: match labels {
@@ -213,6 +230,7 @@ pub(crate) fn record_from_row(row: &Row<'_>) -> rusqlite::Result<JobRecord> {
             .get::<_, Option<i64>>(16)?
             .map(|us| Duration::from_micros(u64::try_from(us).unwrap_or(0))),
         max_attempts: row.get::<_, Option<u32>>(17)?.unwrap_or(1).max(1),
+        retry_safe: row.get(18)?,
         // Progress is never written to disk.
         progress: None,
     })
@@ -254,13 +272,18 @@ mod tests {
             let (v, k, m) = outcome_columns(&outcome);
             assert_eq!(outcome_from_columns(v, k, m).unwrap(), Some(outcome));
         }
-        let t = UNIX_EPOCH + Duration::from_micros(1_700_000_000_123_456);
+        let t = std::time::UNIX_EPOCH + Duration::from_micros(1_700_000_000_123_456);
         assert_eq!(from_micros(micros(t)), t);
+        for pool in ["async", "blocking", "gpu"] {
+            let value = pool_value(&PoolName::from(pool));
+            let back = pool_from_value(ValueRef::from(&value)).unwrap();
+            assert_eq!(back.as_str(), pool);
+        }
     }
 
     #[test]
     fn history_entries_round_trip_in_order() {
-        let t = UNIX_EPOCH + Duration::from_micros(1_700_000_000_123_456);
+        let t = std::time::UNIX_EPOCH + Duration::from_micros(1_700_000_000_123_456);
         let text = [
             history_entry(JobState::Pending, 0, t),
             history_entry(JobState::Running, 1, t + Duration::from_micros(7)),

@@ -17,9 +17,9 @@ use super::codec::{
     RECORD_COLUMNS, gone_from_reason, id_bytes, micros, record_from_row, state_code,
 };
 use crate::{
-    engine::ListFilter,
+    clock::micros_ceil,
     job::JobRecord,
-    store::{Gone, StoreError},
+    store::{Gone, ListFilter, StoreError},
 };
 
 /// What the database knows about an id.
@@ -127,13 +127,16 @@ fn list(
         params.push(Value::Text(format!("$.\"{key}\"")));
         params.push(Value::Text(value.clone()));
     }
+    // Stored times are whole microseconds, filter times may have
+    // nanoseconds: `s > t` is `s > floor(t)`, and `s < t` is `s < ceil(t)`,
+    // so the database matches exactly what `ListFilter::matches` does.
     if let Some(after) = filter.submitted_after {
         sql.push_str(" AND submitted_at > ?");
         params.push(Value::Integer(micros(after)));
     }
     if let Some(before) = filter.submitted_before {
         sql.push_str(" AND submitted_at < ?");
-        params.push(Value::Integer(micros(before)));
+        params.push(Value::Integer(micros_ceil(before)));
     }
     sql.push_str(" ORDER BY id DESC LIMIT ?");
     params.push(Value::Integer(i64::try_from(limit).unwrap_or(i64::MAX)));

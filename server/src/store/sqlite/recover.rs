@@ -2,29 +2,34 @@
 //! ended gets a fate, so none stays RUNNING forever.
 //!
 //! - PENDING jobs run again, in their original priority/submission order.
-//! - RUNNING jobs were interrupted by the crash (a claim is only ever written
-//!   by a run that is now gone): re-queued with the next attempt, or FAILED
-//!   "interrupted by restart" for functions registered as not safe to retry,
-//!   or FAILED as a poison pill once the process has died
-//!   [`POISON_LIMIT`] times in a row while running the job.
+//! - RUNNING jobs lost their attempt with the process (a claim is only ever
+//!   written by a run that is now gone): re-queued for the next attempt, or
+//!   FAILED when the job is not safe to retry, or FAILED as a poison pill
+//!   once the process has died [`POISON_LIMIT`] times in a row while running
+//!   it (see [`lost_attempt`]).
 
 use std::time::SystemTime;
 
 use jobd_proto::JobState;
 use rusqlite::{Connection, params};
 
-use super::codec::{RECORD_COLUMNS, history_entry, id_bytes, micros, record_from_row, state_code};
-use crate::{function::Registry, job::JobRecord};
-
-/// Crashes while running one job before it is failed as a poison pill.
-pub const POISON_LIMIT: u32 = 3;
+use super::codec::{
+    RECORD_COLUMNS, history_entry, id_bytes, micros, record_from_row, state_code, stored_state,
+};
+#[cfg(doc)]
+use crate::store::live::table::POISON_LIMIT;
+use crate::{
+    job::JobRecord,
+    store::live::table::{LostTo, lost_attempt},
+};
 
 /// What the previous run left behind.
 pub(crate) struct Recovered {
     /// This run's boot number (1 for a new database).
     pub(crate) boot: i64,
-    /// Jobs to queue again, in queue order.
-    pub(crate) pending: Vec<JobRecord>,
+    /// Jobs to queue again, in queue order, each with the attempts it lost
+    /// in a row so far.
+    pub(crate) pending: Vec<(JobRecord, u32)>,
     /// How many interrupted jobs were re-queued, failed as not safe to
     /// retry, and failed as poison pills.
     pub(crate) requeued: usize,
@@ -32,7 +37,7 @@ pub(crate) struct Recovered {
     pub(crate) poisoned: usize,
 }
 
-pub(crate) fn recover(conn: &mut Connection, registry: &Registry) -> rusqlite::Result<Recovered> {
+pub(crate) fn recover(conn: &mut Connection, now: SystemTime) -> rusqlite::Result<Recovered> {
     let tx = conn.transaction()?;
     tx.execute("UPDATE meta SET value = value + 1 WHERE key = 'boot'", [])?;
     let boot: i64 = tx.query_row("SELECT value FROM meta WHERE key = 'boot'", [], |r| {
@@ -41,15 +46,16 @@ pub(crate) fn recover(conn: &mut Connection, registry: &Registry) -> rusqlite::R
 
     let mut rows: Vec<(JobRecord, u32)> = tx
         .prepare(&format!(
-            "SELECT {RECORD_COLUMNS}, crashes FROM jobs WHERE state IN (1, 2) \
-             ORDER BY priority DESC, id"
+            "SELECT {RECORD_COLUMNS}, crashes FROM jobs \
+             WHERE state IN ({}, {}) ORDER BY priority DESC, id",
+            stored_state::PENDING,
+            stored_state::RUNNING
         ))?
         .query_map([], |row| {
-            Ok((record_from_row(row)?, row.get::<_, u32>(18)?))
+            Ok((record_from_row(row)?, row.get::<_, u32>(19)?))
         })?
         .collect::<Result<_, _>>()?;
 
-    let now = SystemTime::now();
     let mut recovered = Recovered {
         boot,
         pending: Vec::with_capacity(rows.len()),
@@ -57,31 +63,22 @@ pub(crate) fn recover(conn: &mut Connection, registry: &Registry) -> rusqlite::R
         failed_unsafe: 0,
         poisoned: 0,
     };
-    for (mut record, crashes) in rows.drain(..) {
+    for (mut record, mut crashes) in rows.drain(..) {
         if record.state == JobState::Running {
-            let crashes = crashes + 1;
-            let verdict = if crashes >= POISON_LIMIT {
-                recovered.poisoned += 1;
-                Some(format!(
-                    "poison pill: the server died {crashes} times in a row while running this job"
-                ))
-            } else if registry
-                .get(&record.function)
-                .is_some_and(|f| !f.retry_safe())
-            {
-                recovered.failed_unsafe += 1;
-                Some(
-                    "interrupted by restart; the function is registered as not safe to retry"
-                        .to_owned(),
-                )
-            } else {
-                None
-            };
+            crashes += 1;
             let key = id_bytes(record.id);
-            if let Some(message) = verdict {
+            if let Some(message) = lost_attempt(crashes, record.retry_safe, LostTo::Restart) {
+                if record.retry_safe {
+                    recovered.poisoned += 1;
+                } else {
+                    recovered.failed_unsafe += 1;
+                }
                 tx.execute(
-                    "UPDATE jobs SET state = ?1, finished_at = ?2, error_kind = 4, error = ?3, \
-                     crashes = ?4, history = history || ?5 WHERE id = ?6",
+                    &format!(
+                        "UPDATE jobs SET state = ?1, finished_at = ?2, error_kind = 4, error = ?3, \
+                         crashes = ?4, history = history || ?5 WHERE id = ?6 AND state = {}",
+                        stored_state::RUNNING
+                    ),
                     params![
                         state_code(JobState::Failed),
                         micros(now),
@@ -94,7 +91,12 @@ pub(crate) fn recover(conn: &mut Connection, registry: &Registry) -> rusqlite::R
                 continue;
             }
             tx.execute(
-                "UPDATE jobs SET state = 1, crashes = ?1, history = history || ?2 WHERE id = ?3",
+                &format!(
+                    "UPDATE jobs SET state = {}, crashes = ?1, history = history || ?2 \
+                     WHERE id = ?3 AND state = {}",
+                    stored_state::PENDING,
+                    stored_state::RUNNING
+                ),
                 params![
                     crashes,
                     history_entry(JobState::Pending, record.attempt, now),
@@ -105,7 +107,7 @@ pub(crate) fn recover(conn: &mut Connection, registry: &Registry) -> rusqlite::R
             record.state = JobState::Pending;
             record.started_at = None;
         }
-        recovered.pending.push(record);
+        recovered.pending.push((record, crashes));
     }
     tx.commit()?;
     Ok(recovered)

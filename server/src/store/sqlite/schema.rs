@@ -92,6 +92,17 @@ const MIGRATIONS: &[&str] = &[
     "
     DROP INDEX jobs_by_finish;
     ",
+    // 6: the store boundary. `retry_safe` (1 or 0) is decided when the job
+    // is submitted, from its function's registration, so recovery and lease
+    // expiry need no function registry (jobs stored before this migration
+    // count as safe to retry, the default). `lease` is the fencing token of
+    // the claim that last started the job. State codes stay as they are:
+    // they are now the store's own (`codec::stored_state`), no longer read
+    // from the wire's numbering, and equal to it for every existing row.
+    "
+    ALTER TABLE jobs ADD COLUMN retry_safe INTEGER NOT NULL DEFAULT 1;
+    ALTER TABLE jobs ADD COLUMN lease INTEGER;
+    ",
 ];
 
 /// Why the schema could not be brought up to date.
@@ -143,7 +154,7 @@ mod tests {
     use jobd_proto::JobState;
 
     use super::*;
-    use crate::store::sqlite::codec::parse_history;
+    use crate::store::sqlite::codec::{RECORD_COLUMNS, parse_history, record_from_row};
 
     #[test]
     fn migration_4_moves_every_transition_into_its_job_row_in_order() {
@@ -203,7 +214,31 @@ mod tests {
         let version: i64 = conn
             .query_row("PRAGMA user_version", [], |r| r.get(0))
             .unwrap();
-        assert_eq!(version, 5);
+        assert_eq!(version, 6);
+    }
+
+    #[test]
+    fn a_version_5_job_reads_back_after_migration_6_as_safe_to_retry() {
+        let mut conn = Connection::open_in_memory().unwrap();
+        migrate_to(&mut conn, 5).unwrap();
+        conn.execute(
+            "INSERT INTO jobs (id, function, pool, state, args, submitted_at, history) \
+             VALUES (?1, 'noop', 2, 1, '[1]', 10, '1,0,10;')",
+            [[7u8; 16]],
+        )
+        .unwrap();
+        migrate(&mut conn).unwrap();
+        let record = conn
+            .query_row(
+                &format!("SELECT {RECORD_COLUMNS} FROM jobs"),
+                [],
+                record_from_row,
+            )
+            .unwrap();
+        assert_eq!(record.state, JobState::Pending);
+        assert_eq!(record.pool.as_str(), "blocking");
+        assert!(record.retry_safe);
+        assert_eq!(record.args, serde_json::json!([1]));
     }
 
     #[test]
@@ -214,7 +249,7 @@ mod tests {
             migrate(&mut conn),
             Err(SchemaError::TooNew {
                 found: 99,
-                known: 5
+                known: 6
             })
         ));
     }

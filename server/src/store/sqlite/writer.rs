@@ -9,10 +9,10 @@
 
 use std::{
     sync::{
-        Arc,
+        Arc, LazyLock,
         atomic::{AtomicBool, AtomicU64, Ordering},
     },
-    time::{Duration, SystemTime},
+    time::SystemTime,
 };
 
 use jobd_proto::{JobId, JobState};
@@ -21,14 +21,14 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::codec::{
     TOMBSTONE_DELETED, TOMBSTONE_EXPIRED, first_id_after, gone_from_reason, history_entry,
-    id_bytes, id_from_bytes, json_text, labels_json, micros, outcome_columns, pool_code,
-    push_history_entry, state_code, state_from_code,
+    id_bytes, id_from_bytes, json_text, labels_json, micros, outcome_columns, pool_value,
+    push_history_entry, state_code, state_from_code, stored_state,
 };
 use crate::{
     job::{JobRecord, Outcome},
     store::{
-        Gone, StoreError,
-        table::{JobTable, RequestEntry},
+        Deleted, FencingToken, Missing, StoreError,
+        live::{Live, table::RequestEntry},
     },
 };
 
@@ -39,18 +39,9 @@ const MAX_BATCH: usize = 4096;
 const CHANNEL_CAPACITY: usize = 16 * 1024;
 
 /// A job to insert, with what idempotency needs.
-pub(crate) struct NewJob {
+pub(crate) struct InsertJob {
     pub(crate) record: JobRecord,
     pub(crate) fingerprint: [u8; 16],
-}
-
-/// What a client's delete found.
-pub(crate) enum Deleted {
-    Removed,
-    /// The job is pending or running on disk.
-    Unfinished(JobState),
-    /// No such job; the tombstone's reason if it was removed earlier.
-    Absent(Option<Gone>),
 }
 
 /// What one retention step removed.
@@ -61,24 +52,33 @@ pub(crate) struct Swept {
 }
 
 /// What an insert found.
+#[derive(Clone, Copy)]
 pub(crate) enum Inserted {
     New,
     /// The request id belongs to an earlier job.
     Existing(RequestEntry),
 }
 
+type Reply<T> = oneshot::Sender<Result<T, StoreError>>;
+
+/// One write. Those that answer a caller carry their reply, and the
+/// operations whose answer is computed in the transaction keep it in the op
+/// (`found`, `swept`) until the commit: each op answers for itself, so no
+/// answer can be paired with the wrong op.
 enum Op {
     Insert {
-        job: Box<NewJob>,
+        job: Box<InsertJob>,
         /// Taken early only by the test-only ack-before-commit mutation.
-        reply: Option<oneshot::Sender<Result<Inserted, StoreError>>>,
+        reply: Option<Reply<Inserted>>,
         /// Makes the job visible once committed (or gives its queue slot
         /// back), even if the submitter has gone away meanwhile.
         publish: Publish,
+        found: Option<Inserted>,
     },
     Start {
         id: JobId,
         attempt: u32,
+        token: FencingToken,
         at: SystemTime,
     },
     Finish {
@@ -88,87 +88,89 @@ enum Op {
         at: SystemTime,
         /// `None` when nobody waits: the writer itself makes the outcome
         /// visible after the commit.
-        reply: Option<oneshot::Sender<Result<(), StoreError>>>,
+        reply: Option<Reply<()>>,
     },
     Requeue {
         ids: Vec<(JobId, u32)>,
-        reply: oneshot::Sender<Result<(), StoreError>>,
+        at: SystemTime,
+        reply: Reply<()>,
     },
     Delete {
         id: JobId,
-        reply: oneshot::Sender<Result<Deleted, StoreError>>,
+        at: SystemTime,
+        reply: Reply<Deleted>,
+        found: Option<Deleted>,
     },
     Purge {
         cutoff: SystemTime,
         tombstone_cutoff: SystemTime,
+        at: SystemTime,
         limit: usize,
-        reply: oneshot::Sender<Result<Swept, StoreError>>,
+        reply: Reply<Swept>,
+        swept: Option<Swept>,
+    },
+    Flush {
+        reply: Reply<()>,
     },
 }
 
-/// What applying an operation produced, sent to its waiter after the commit.
-enum Answer {
-    Inserted(Inserted),
-    Purged(Swept),
-    Deleted(Deleted),
-    Done,
-}
-
 impl Op {
-    /// After the commit: makes what was committed visible in the live table,
-    /// then answers the waiter, if any. A waiter that gave up (its client
-    /// went away) no longer needs the answer, so a failed send is fine.
-    fn answer(self, answer: Answer, table: &JobTable) {
-        match (self, answer) {
-            (
-                Self::Insert {
-                    job,
-                    reply,
-                    publish,
-                },
-                Answer::Inserted(found),
-            ) => {
-                let answer = match found {
-                    Inserted::New => {
-                        publish.publish(job.record);
-                        Inserted::New
-                    }
-                    Inserted::Existing(entry) => {
-                        publish.withdraw();
-                        Inserted::Existing(entry)
-                    }
-                };
+    /// After the commit: makes what was committed visible in the live
+    /// cache (a new job, an outcome, a removal), then answers the waiter, if
+    /// any. Done here, on the writer thread, so it happens even when the
+    /// waiter gave up (its client went away); it no longer needs the
+    /// answer, so a failed send is fine.
+    fn answer(self, live: &Live) {
+        match self {
+            Self::Insert {
+                job,
+                reply,
+                publish,
+                found,
+            } => {
+                match found {
+                    Some(Inserted::Existing(_)) => publish.withdraw(),
+                    Some(Inserted::New) | None => publish.publish(job.record),
+                }
                 if let Some(reply) = reply {
-                    drop(reply.send(Ok(answer)));
+                    drop(reply.send(found.ok_or_else(unanswered)));
                 }
             }
-            (Self::Insert { job, publish, .. }, _) => {
-                // The ack-before-commit mutation answered already.
-                publish.publish(job.record);
-            }
-            (
-                Self::Finish {
-                    id,
-                    outcome,
-                    at,
-                    reply,
-                    ..
-                },
-                _,
-            ) => {
-                table.complete(id, outcome, at);
+            Self::Finish {
+                id,
+                outcome,
+                at,
+                reply,
+                ..
+            } => {
+                live.table.complete(id, outcome, at);
                 if let Some(reply) = reply {
                     drop(reply.send(Ok(())));
                 }
             }
-            (Self::Purge { reply, .. }, Answer::Purged(v)) => drop(reply.send(Ok(v))),
-            (Self::Delete { reply, .. }, Answer::Deleted(v)) => drop(reply.send(Ok(v))),
-            (Self::Requeue { reply, .. }, _) => drop(reply.send(Ok(()))),
-            _ => {}
+            Self::Requeue { reply, .. } | Self::Flush { reply } => drop(reply.send(Ok(()))),
+            Self::Delete {
+                id, reply, found, ..
+            } => {
+                if found == Some(Deleted::Removed) {
+                    live.table.forget(id);
+                }
+                drop(reply.send(found.ok_or_else(unanswered)));
+            }
+            Self::Purge { reply, swept, .. } => {
+                if let Some(swept) = &swept {
+                    for id in &swept.ids {
+                        live.table.forget(*id);
+                    }
+                }
+                drop(reply.send(swept.ok_or_else(unanswered)));
+            }
+            Self::Start { .. } => {}
         }
     }
 
-    fn refuse(self, err: &StoreError, table: &JobTable) {
+    /// The batch was not committed: nothing in it happened.
+    fn refuse(self, err: &StoreError, live: &Live) {
         match self {
             Self::Insert { reply, publish, .. } => {
                 publish.withdraw();
@@ -177,21 +179,29 @@ impl Op {
                 }
             }
             Self::Finish { id, reply, .. } => {
-                table.abandon(id);
+                live.table.abandon(id);
                 if let Some(reply) = reply {
                     drop(reply.send(Err(err.clone())));
                 }
             }
-            Self::Requeue { reply, .. } => drop(reply.send(Err(err.clone()))),
-            Self::Purge { reply, .. } => drop(reply.send(Err(err.clone()))),
+            Self::Requeue { reply, .. } | Self::Flush { reply } => {
+                drop(reply.send(Err(err.clone())));
+            }
             Self::Delete { reply, .. } => drop(reply.send(Err(err.clone()))),
+            Self::Purge { reply, .. } => drop(reply.send(Err(err.clone()))),
             Self::Start { .. } => {}
         }
     }
 }
 
+/// An op whose transaction committed but which holds no answer: a bug in
+/// `apply_in`, reported to its caller rather than dropped.
+fn unanswered() -> StoreError {
+    StoreError::Unavailable("internal error: the store writer produced no answer".into())
+}
+
 /// What to do with a new job once its fate is committed: put it in the live
-/// table and its queue, or give its queue slot back. Exactly one of the two
+/// cache and its queue, or give its queue slot back. Exactly one of the two
 /// happens, even when the operation is dropped unsent.
 pub(crate) struct Publish(Option<Box<dyn FnOnce(Option<JobRecord>) + Send>>);
 
@@ -230,6 +240,8 @@ pub(crate) struct WriterStats {
     pub(crate) operations: AtomicU64,
 }
 
+/// The handle every store operation writes through. Cheap to clone.
+#[derive(Clone)]
 pub(crate) struct Writer {
     tx: mpsc::Sender<Op>,
     stats: Arc<WriterStats>,
@@ -243,14 +255,75 @@ struct Failure {
     cause: std::sync::OnceLock<StoreError>,
 }
 
+/// A place in the writer's queue, taken before a change is decided in the
+/// cache, so that the write of a decided change can never be lost to a
+/// caller that stops waiting (or to a full queue).
+pub(crate) struct Slot<'a>(mpsc::Permit<'a, Op>);
+
+impl Slot<'_> {
+    /// Records a claim without waiting: it rides in the next batch.
+    pub(crate) fn start(self, id: JobId, attempt: u32, token: FencingToken, at: SystemTime) {
+        self.0.send(Op::Start {
+            id,
+            attempt,
+            token,
+            at,
+        });
+    }
+
+    /// Records a terminal outcome; the writer makes it visible in the live
+    /// cache after the commit. Nobody waits.
+    pub(crate) fn finish(self, id: JobId, attempt: u32, outcome: Outcome, at: SystemTime) {
+        self.0.send(Op::Finish {
+            id,
+            attempt,
+            outcome,
+            at,
+            reply: None,
+        });
+    }
+
+    /// As `finish`, and answers once it is committed and visible.
+    pub(crate) async fn finish_visible(
+        self,
+        id: JobId,
+        attempt: u32,
+        outcome: Outcome,
+        at: SystemTime,
+    ) -> Result<(), StoreError> {
+        let (reply, answer) = oneshot::channel();
+        self.0.send(Op::Finish {
+            id,
+            attempt,
+            outcome,
+            at,
+            reply: Some(reply),
+        });
+        answer.await.map_err(|_| stopped())?
+    }
+
+    /// Records that the jobs (each at its attempt) are pending again;
+    /// answers after the commit.
+    pub(crate) async fn requeue(
+        self,
+        ids: Vec<(JobId, u32)>,
+        at: SystemTime,
+    ) -> Result<(), StoreError> {
+        let (reply, answer) = oneshot::channel();
+        self.0.send(Op::Requeue { ids, at, reply });
+        answer.await.map_err(|_| stopped())?
+    }
+}
+
 impl Writer {
-    /// Starts the writer thread on `conn`. `ack_before_commit` is the
-    /// test-only mutation that breaks durability on purpose.
+    /// Starts the writer thread on `conn`, making commits visible in `live`.
+    /// `ack_before_commit` is the test-only mutation that breaks durability
+    /// on purpose.
     pub(crate) fn spawn(
         conn: Connection,
         boot: i64,
         ack_before_commit: bool,
-        table: Arc<JobTable>,
+        live: Arc<Live>,
     ) -> std::io::Result<Self> {
         let (tx, rx) = mpsc::channel(CHANNEL_CAPACITY);
         let stats = Arc::new(WriterStats::default());
@@ -262,7 +335,7 @@ impl Writer {
             stats: Arc::clone(&stats),
             failure: Arc::clone(&failure),
             ack_before_commit,
-            table,
+            live,
             sweep_from: None,
         };
         // The thread ends when the last sender is dropped, after applying
@@ -287,12 +360,17 @@ impl Writer {
         }
     }
 
+    /// A place in the queue for one write (see [`Slot`]).
+    pub(crate) async fn slot(&self) -> Result<Slot<'_>, StoreError> {
+        self.tx.reserve().await.map(Slot).map_err(|_| stopped())
+    }
+
     /// Inserts a job; `publish` runs on the writer thread right after the
     /// commit, so the job becomes visible whether or not the caller is still
     /// waiting for the answer.
     pub(crate) async fn insert(
         &self,
-        job: NewJob,
+        job: InsertJob,
         publish: Publish,
     ) -> Result<Inserted, StoreError> {
         let (reply, answer) = oneshot::channel();
@@ -300,62 +378,16 @@ impl Writer {
             job: Box::new(job),
             reply: Some(reply),
             publish,
+            found: None,
         })
         .await?;
         answer.await.map_err(|_| stopped())?
     }
 
-    /// Records a start without waiting: the claim rides in the next batch.
-    pub(crate) async fn start(
-        &self,
-        id: JobId,
-        attempt: u32,
-        at: SystemTime,
-    ) -> Result<(), StoreError> {
-        self.send(Op::Start { id, attempt, at }).await
-    }
-
-    /// Records a terminal outcome; the writer makes it visible in the live
-    /// table after the commit. With `wait`, returns only then.
-    pub(crate) async fn finish(
-        &self,
-        id: JobId,
-        attempt: u32,
-        outcome: Outcome,
-        at: SystemTime,
-        wait: bool,
-    ) -> Result<(), StoreError> {
-        if !wait {
-            return self
-                .send(Op::Finish {
-                    id,
-                    attempt,
-                    outcome,
-                    at,
-                    reply: None,
-                })
-                .await;
-        }
-        let (reply, answer) = oneshot::channel();
-        self.send(Op::Finish {
-            id,
-            attempt,
-            outcome,
-            at,
-            reply: Some(reply),
-        })
-        .await?;
-        answer.await.map_err(|_| stopped())?
-    }
-
-    /// Returns once everything sent before it is committed.
+    /// Returns once everything sent before it is committed and visible.
     pub(crate) async fn flush(&self) -> Result<(), StoreError> {
-        self.requeue(Vec::new()).await
-    }
-
-    pub(crate) async fn requeue(&self, ids: Vec<(JobId, u32)>) -> Result<(), StoreError> {
         let (reply, answer) = oneshot::channel();
-        self.send(Op::Requeue { ids, reply }).await?;
+        self.send(Op::Flush { reply }).await?;
         answer.await.map_err(|_| stopped())?
     }
 
@@ -363,24 +395,33 @@ impl Writer {
         &self,
         cutoff: SystemTime,
         tombstone_cutoff: SystemTime,
+        at: SystemTime,
         limit: usize,
     ) -> Result<Swept, StoreError> {
         let (reply, answer) = oneshot::channel();
         self.send(Op::Purge {
             cutoff,
             tombstone_cutoff,
+            at,
             limit,
             reply,
+            swept: None,
         })
         .await?;
         answer.await.map_err(|_| stopped())?
     }
 
     /// Deletes a finished job at a client's request, leaving a "deleted"
-    /// tombstone; answers after the commit.
-    pub(crate) async fn delete(&self, id: JobId) -> Result<Deleted, StoreError> {
+    /// tombstone stamped `at`; answers after the commit.
+    pub(crate) async fn delete(&self, id: JobId, at: SystemTime) -> Result<Deleted, StoreError> {
         let (reply, answer) = oneshot::channel();
-        self.send(Op::Delete { id, reply }).await?;
+        self.send(Op::Delete {
+            id,
+            at,
+            reply,
+            found: None,
+        })
+        .await?;
         answer.await.map_err(|_| stopped())?
     }
 
@@ -401,7 +442,7 @@ struct WriterThread {
     failure: Arc<Failure>,
     ack_before_commit: bool,
     /// Where committed changes become visible.
-    table: Arc<JobTable>,
+    live: Arc<Live>,
     /// Where the next retention step goes on from (see [`purge`]).
     sweep_from: Option<JobId>,
 }
@@ -425,18 +466,18 @@ impl WriterThread {
     fn commit(&mut self, batch: &mut Vec<Op>) {
         if let Some(err) = self.failure.cause.get() {
             for op in batch.drain(..) {
-                op.refuse(err, &self.table);
+                op.refuse(err, &self.live);
             }
             return;
         }
         match self.apply(batch) {
-            Ok(answers) => {
+            Ok(()) => {
                 self.stats.commits.fetch_add(1, Ordering::Relaxed);
                 self.stats
                     .operations
                     .fetch_add(batch.len() as u64, Ordering::Relaxed);
-                for (op, answer) in batch.drain(..).zip(answers) {
-                    op.answer(answer, &self.table);
+                for op in batch.drain(..) {
+                    op.answer(&self.live);
                 }
             }
             Err(err) => {
@@ -445,7 +486,7 @@ impl WriterThread {
                 let err = StoreError::from_sqlite(&err);
                 tracing::error!(%err, "commit failed: the store stops acknowledging (fail-stop)");
                 for op in batch.drain(..) {
-                    op.refuse(&err, &self.table);
+                    op.refuse(&err, &self.live);
                 }
                 let _ = self.failure.cause.set(err);
                 self.failure.failed.store(true, Ordering::Release);
@@ -453,11 +494,10 @@ impl WriterThread {
         }
     }
 
-    /// Applies every operation in one transaction and commits it; the
-    /// answers line up with the operations.
-    fn apply(&mut self, batch: &mut [Op]) -> rusqlite::Result<Vec<Answer>> {
+    /// Applies every operation in one transaction and commits it.
+    fn apply(&mut self, batch: &mut [Op]) -> rusqlite::Result<()> {
         let tx = self.conn.transaction()?;
-        let answers = apply_in(
+        apply_in(
             &tx,
             batch,
             self.boot,
@@ -466,25 +506,27 @@ impl WriterThread {
         )?;
         if self.ack_before_commit {
             // Widen the window a crash can fall into, as a slow disk would.
-            std::thread::sleep(Duration::from_millis(20));
+            #[allow(
+                clippy::disallowed_methods,
+                reason = "the test-only mutation imitates a slow disk on the writer's own thread"
+            )]
+            std::thread::sleep(std::time::Duration::from_millis(20));
         }
-        tx.commit()?;
-        Ok(answers)
+        tx.commit()
     }
 }
 
-/// Applies every operation of `batch` in `tx`, for the run numbered `boot`;
-/// the answers line up with the operations. `sweep_from` is where the
-/// retention sweep stands.
+/// Applies every operation of `batch` in `tx`, for the run numbered `boot`,
+/// keeping each op's answer in it. `sweep_from` is where the retention
+/// sweep stands.
 fn apply_in(
     tx: &rusqlite::Transaction<'_>,
     batch: &mut [Op],
     boot: i64,
     ack_before_commit: bool,
     sweep_from: &mut Option<JobId>,
-) -> rusqlite::Result<Vec<Answer>> {
+) -> rusqlite::Result<()> {
     let mut sql = Statements::new(tx);
-    let mut answers = Vec::with_capacity(batch.len());
     // Jobs that start and finish within this batch (the common case for
     // short jobs): their Start needs no row update of its own. Not a job
     // that is also re-queued in it (a quick retry): each of its changes
@@ -511,10 +553,15 @@ fn apply_in(
         .collect();
     finishing.sort_unstable();
     let finishes = |id: &JobId| finishing.binary_search(id).is_ok();
-    let mut starts: Vec<(JobId, u32, SystemTime)> = batch
+    let mut starts: Vec<(JobId, u32, FencingToken, SystemTime)> = batch
         .iter()
         .filter_map(|op| match op {
-            Op::Start { id, attempt, at } if finishes(id) => Some((*id, *attempt, *at)),
+            Op::Start {
+                id,
+                attempt,
+                token,
+                at,
+            } if finishes(id) => Some((*id, *attempt, *token, *at)),
             _ => None,
         })
         .collect();
@@ -523,21 +570,26 @@ fn apply_in(
         starts
             .binary_search_by_key(id, |(id, ..)| *id)
             .ok()
-            .map(|found| (starts[found].1, starts[found].2))
+            .map(|found| (starts[found].1, starts[found].2, starts[found].3))
     };
     for op in batch.iter_mut() {
-        let answer = match op {
-            Op::Insert { job, reply, .. } => {
+        match op {
+            Op::Insert {
+                job, reply, found, ..
+            } => {
                 let inserted = insert(&mut sql, job)?;
                 if ack_before_commit && let Some(reply) = reply.take() {
                     // The deliberate bug the crash test must catch.
                     let _ = reply.send(Ok(inserted));
-                    Answer::Done
-                } else {
-                    Answer::Inserted(inserted)
                 }
+                *found = Some(inserted);
             }
-            Op::Start { id, attempt, at } => {
+            Op::Start {
+                id,
+                attempt,
+                token,
+                at,
+            } => {
                 // A job that also finishes in this batch gets its start
                 // columns and history entry from the Finish update: one
                 // row write, not two.
@@ -547,10 +599,10 @@ fn apply_in(
                         micros(*at),
                         boot,
                         history_entry(JobState::Running, *attempt, *at),
+                        token_value(*token),
                         id_bytes(*id)
                     ])?;
                 }
-                Answer::Done
             }
             Op::Finish {
                 id,
@@ -566,7 +618,7 @@ fn apply_in(
                 let (value, kind, message) = outcome_columns(outcome);
                 let start = start_of(id);
                 let mut history = String::with_capacity(64);
-                if let Some((attempt, at)) = start {
+                if let Some((attempt, _, at)) = start {
                     push_history_entry(&mut history, JobState::Running, attempt, at);
                 }
                 push_history_entry(&mut history, state, *attempt, *at);
@@ -577,34 +629,48 @@ fn apply_in(
                     kind,
                     message,
                     *attempt,
-                    start.map(|(_, at)| micros(at)),
+                    start.map(|(_, _, at)| micros(at)),
                     boot,
                     history,
+                    start.map(|(_, token, _)| token_value(token)),
                     id_bytes(*id)
                 ])?;
-                Answer::Done
             }
-            Op::Requeue { ids, .. } => {
-                let now = SystemTime::now();
+            Op::Requeue { ids, at, .. } => {
                 for (id, attempt) in ids.iter() {
                     sql.get(Sql::Requeue)?.execute(params![
-                        history_entry(JobState::Pending, *attempt, now),
+                        history_entry(JobState::Pending, *attempt, *at),
                         id_bytes(*id)
                     ])?;
                 }
-                Answer::Done
             }
             Op::Purge {
                 cutoff,
                 tombstone_cutoff,
+                at,
                 limit,
+                swept,
                 ..
-            } => Answer::Purged(purge(tx, *cutoff, *tombstone_cutoff, *limit, sweep_from)?),
-            Op::Delete { id, .. } => Answer::Deleted(delete(tx, *id)?),
-        };
-        answers.push(answer);
+            } => {
+                *swept = Some(purge(
+                    tx,
+                    *cutoff,
+                    *tombstone_cutoff,
+                    *at,
+                    *limit,
+                    sweep_from,
+                )?);
+            }
+            Op::Delete { id, at, found, .. } => *found = Some(delete(tx, *id, *at)?),
+            Op::Flush { .. } => {}
+        }
     }
-    Ok(answers)
+    Ok(())
+}
+
+/// A fencing token as stored (SQLite integers are signed).
+fn token_value(token: FencingToken) -> i64 {
+    i64::try_from(token.0).unwrap_or(i64::MAX)
 }
 
 /// The statements of the hot path, each taken from the connection's cache
@@ -626,35 +692,43 @@ enum Sql {
     Requeue,
 }
 
+/// The hot path's SQL, with the stored state codes written in (as literals,
+/// so the partial index on active states serves them).
+static SQL_TEXT: LazyLock<[String; Sql::COUNT]> = LazyLock::new(|| {
+    use stored_state::{PENDING, RUNNING};
+    [
+        "SELECT id, fingerprint FROM jobs WHERE request_id = ?1".to_owned(),
+        format!(
+            "INSERT INTO jobs (id, function, pool, state, args, labels, request_id, \
+             fingerprint, submitted_at, attempt, priority, not_before, timeout_us, \
+             max_attempts, history, retry_safe) \
+             VALUES (?1, ?2, ?3, {PENDING}, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)"
+        ),
+        format!(
+            "UPDATE jobs SET state = {RUNNING}, attempt = ?1, started_at = ?2, boot = ?3, \
+             history = history || ?4, lease = ?5 WHERE id = ?6 AND state = {PENDING}"
+        ),
+        format!(
+            "UPDATE jobs SET state = ?1, finished_at = ?2, value = ?3, error_kind = ?4, \
+             error = ?5, attempt = MAX(attempt, ?6), \
+             started_at = COALESCE(?7, started_at), \
+             boot = CASE WHEN ?7 IS NULL THEN boot ELSE ?8 END, \
+             history = history || ?9, lease = COALESCE(?10, lease) \
+             WHERE id = ?11 AND state IN ({PENDING}, {RUNNING})"
+        ),
+        format!(
+            "UPDATE jobs SET state = {PENDING}, history = history || ?1 \
+             WHERE id = ?2 AND state = {RUNNING}"
+        ),
+    ]
+});
+
 impl Sql {
     /// How many there are: one slot each in [`Statements`].
     const COUNT: usize = Self::Requeue as usize + 1;
 
     fn text(self) -> &'static str {
-        match self {
-            Self::FindRequest => "SELECT id, fingerprint FROM jobs WHERE request_id = ?1",
-            Self::Insert => {
-                "INSERT INTO jobs (id, function, pool, state, args, labels, request_id, \
-                 fingerprint, submitted_at, attempt, priority, not_before, timeout_us, \
-                 max_attempts, history) \
-                 VALUES (?1, ?2, ?3, 1, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)"
-            }
-            Self::Start => {
-                "UPDATE jobs SET state = 2, attempt = ?1, started_at = ?2, boot = ?3, \
-                 history = history || ?4 WHERE id = ?5 AND state = 1"
-            }
-            Self::Finish => {
-                "UPDATE jobs SET state = ?1, finished_at = ?2, value = ?3, error_kind = ?4, \
-                 error = ?5, attempt = MAX(attempt, ?6), \
-                 started_at = COALESCE(?7, started_at), \
-                 boot = CASE WHEN ?7 IS NULL THEN boot ELSE ?8 END, \
-                 history = history || ?9 \
-                 WHERE id = ?10 AND state IN (1, 2)"
-            }
-            Self::Requeue => {
-                "UPDATE jobs SET state = 1, history = history || ?1 WHERE id = ?2 AND state = 2"
-            }
-        }
+        &SQL_TEXT[self as usize]
     }
 }
 
@@ -675,7 +749,7 @@ impl<'t> Statements<'t> {
     }
 }
 
-fn insert(sql: &mut Statements<'_>, job: &NewJob) -> rusqlite::Result<Inserted> {
+fn insert(sql: &mut Statements<'_>, job: &InsertJob) -> rusqlite::Result<Inserted> {
     let r = &job.record;
     if let Some(request_id) = &r.request_id {
         // The same connection sees rows inserted earlier in this batch, so
@@ -702,7 +776,7 @@ fn insert(sql: &mut Statements<'_>, job: &NewJob) -> rusqlite::Result<Inserted> 
     sql.get(Sql::Insert)?.execute(params![
         id_bytes(r.id),
         &*r.function,
-        pool_code(r.pool),
+        pool_value(&r.pool),
         json_text(&r.args),
         labels_json(&r.labels),
         r.request_id,
@@ -715,23 +789,27 @@ fn insert(sql: &mut Statements<'_>, job: &NewJob) -> rusqlite::Result<Inserted> 
             .map(|t| i64::try_from(t.as_micros()).unwrap_or(i64::MAX)),
         (r.max_attempts > 1).then_some(r.max_attempts),
         history_entry(JobState::Pending, r.attempt, r.submitted_at),
+        r.retry_safe,
     ])?;
     Ok(Inserted::New)
 }
 
 /// Deletes one job if it is terminal (the `state` condition makes that
-/// atomic with the check), with its history, leaving a tombstone that
-/// says it was deleted.
-fn delete(tx: &rusqlite::Transaction<'_>, id: JobId) -> rusqlite::Result<Deleted> {
+/// atomic with the check), with its history, leaving a tombstone stamped
+/// `at` that says it was deleted.
+fn delete(tx: &rusqlite::Transaction<'_>, id: JobId, at: SystemTime) -> rusqlite::Result<Deleted> {
+    use stored_state::{CANCELLED, FAILED, SUCCEEDED};
     let key = id_bytes(id);
     let removed = tx
-        .prepare_cached("DELETE FROM jobs WHERE id = ?1 AND state IN (3, 4, 5)")?
+        .prepare_cached(&format!(
+            "DELETE FROM jobs WHERE id = ?1 AND state IN ({SUCCEEDED}, {FAILED}, {CANCELLED})"
+        ))?
         .execute([key])?;
     if removed == 1 {
         tx.prepare_cached(&format!(
             "INSERT OR REPLACE INTO tombstones (id, reason, at) VALUES (?1, {TOMBSTONE_DELETED}, ?2)"
         ))?
-        .execute(params![key, micros(SystemTime::now())])?;
+        .execute(params![key, micros(at)])?;
         return Ok(Deleted::Removed);
     }
     let state: Option<i64> = tx
@@ -745,7 +823,11 @@ fn delete(tx: &rusqlite::Transaction<'_>, id: JobId) -> rusqlite::Result<Deleted
         .prepare_cached("SELECT reason FROM tombstones WHERE id = ?1")?
         .query_row([key], |row| row.get(0))
         .optional()?;
-    Ok(Deleted::Absent(reason.map(gone_from_reason)))
+    Ok(Deleted::Missing(
+        reason.map_or(Missing::Unknown, |reason| {
+            Missing::Gone(gone_from_reason(reason))
+        }),
+    ))
 }
 
 /// How many rows one retention step may look at, per job it may remove.
@@ -770,6 +852,7 @@ fn purge(
     tx: &rusqlite::Transaction<'_>,
     cutoff: SystemTime,
     tombstone_cutoff: SystemTime,
+    at: SystemTime,
     limit: usize,
     from: &mut Option<JobId>,
 ) -> rusqlite::Result<Swept> {
@@ -788,7 +871,7 @@ fn purge(
             |row| Ok((row.get(0)?, row.get(1)?)),
         )?
         .collect::<Result<_, _>>()?;
-    let (cutoff, now) = (micros(cutoff), micros(SystemTime::now()));
+    let (cutoff, now) = (micros(cutoff), micros(at));
     // Taken from the cache once per step, not once per removal (the SQL
     // text is formatted and hashed for each lookup).
     let mut remove = tx.prepare_cached("DELETE FROM jobs WHERE id = ?1")?;
@@ -825,7 +908,7 @@ fn purge(
 
 #[cfg(test)]
 mod tests {
-    use std::time::UNIX_EPOCH;
+    use std::time::{Duration, UNIX_EPOCH};
 
     use super::*;
     use crate::{
@@ -833,8 +916,8 @@ mod tests {
         store::sqlite::{codec::parse_history, schema},
     };
 
-    fn new_job(submitted: u64) -> Box<NewJob> {
-        Box::new(NewJob {
+    fn new_job(submitted: u64) -> Box<InsertJob> {
+        Box::new(InsertJob {
             record: JobRecord {
                 max_attempts: 3,
                 submitted_at: at(submitted),
@@ -872,11 +955,12 @@ mod tests {
         .unwrap()
     }
 
-    fn insert(job: Box<NewJob>) -> Op {
+    fn insert(job: Box<InsertJob>) -> Op {
         Op::Insert {
             job,
             reply: None,
             publish: Publish::new(drop),
+            found: None,
         }
     }
 
@@ -884,6 +968,7 @@ mod tests {
         Op::Start {
             id,
             attempt,
+            token: FencingToken(u64::from(attempt)),
             at: at(us),
         }
     }
@@ -902,6 +987,7 @@ mod tests {
         let (reply, _) = oneshot::channel();
         Op::Requeue {
             ids: vec![(id, attempt)],
+            at: at(35),
             reply,
         }
     }
@@ -957,7 +1043,7 @@ mod tests {
 
     /// A job whose id was minted `ms` milliseconds after the epoch; `n`
     /// tells apart ids of one millisecond.
-    fn job_minted_at(ms: u64, n: u8) -> Box<NewJob> {
+    fn job_minted_at(ms: u64, n: u8) -> Box<InsertJob> {
         let mut bytes = [n; 16];
         bytes[..6].copy_from_slice(&ms.to_be_bytes()[2..]);
         let mut job = new_job(ms * 1000);
@@ -969,11 +1055,11 @@ mod tests {
         conn: &mut Connection,
         sweep: &mut Option<JobId>,
         mut batch: Vec<Op>,
-    ) -> Vec<Answer> {
+    ) -> Vec<Op> {
         let tx = conn.transaction().unwrap();
-        let answers = apply_in(&tx, &mut batch, 1, false, sweep).unwrap();
+        apply_in(&tx, &mut batch, 1, false, sweep).unwrap();
         tx.commit().unwrap();
-        answers
+        batch
     }
 
     /// One retention step with cutoff `cutoff_us`: the ids it removed, and
@@ -988,12 +1074,16 @@ mod tests {
         let purge = Op::Purge {
             cutoff: at(cutoff_us),
             tombstone_cutoff: UNIX_EPOCH,
+            at: at(cutoff_us),
             limit,
             reply,
+            swept: None,
         };
         match apply_batch(conn, sweep, vec![purge]).pop() {
-            Some(Answer::Purged(swept)) => (swept.ids, swept.more),
-            _ => panic!("a purge answers Purged"),
+            Some(Op::Purge {
+                swept: Some(swept), ..
+            }) => (swept.ids, swept.more),
+            _ => panic!("a purge keeps what it swept"),
         }
     }
 
@@ -1010,10 +1100,11 @@ mod tests {
     fn retention_steps_over_jobs_not_expired_and_goes_on_where_it_stopped() {
         let mut conn = migrated_db();
         let mut sweep = None;
-        let jobs: Vec<Box<NewJob>> = [(100, 1), (110, 2), (120, 3), (130, 4), (140, 5), (600, 6)]
-            .into_iter()
-            .map(|(ms, n)| job_minted_at(ms, n))
-            .collect();
+        let jobs: Vec<Box<InsertJob>> =
+            [(100, 1), (110, 2), (120, 3), (130, 4), (140, 5), (600, 6)]
+                .into_iter()
+                .map(|(ms, n)| job_minted_at(ms, n))
+                .collect();
         let id: Vec<JobId> = jobs.iter().map(|job| job.record.id).collect();
         apply_batch(
             &mut conn,
@@ -1057,7 +1148,7 @@ mod tests {
         let mut conn = migrated_db();
         let mut sweep = None;
         // Nine jobs still pending ahead of one that expired.
-        let jobs: Vec<Box<NewJob>> = (1..=10)
+        let jobs: Vec<Box<InsertJob>> = (1..=10)
             .map(|n| job_minted_at(100 + u64::from(n), n))
             .collect();
         let expired = jobs[9].record.id;

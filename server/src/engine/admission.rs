@@ -1,0 +1,165 @@
+//! Admission: what a submission must pass before the store records it (the
+//! function exists, runs on the pool asked for, and takes the argument), and
+//! what the store's answer means to the caller.
+//!
+//! Every check here runs before the store is asked, so a refused argument
+//! never costs a queue slot or a write.
+
+use std::{
+    collections::BTreeMap,
+    future::Future,
+    sync::Arc,
+    time::{Duration, SystemTime},
+};
+
+use futures::FutureExt as _;
+use jobd_proto::{JobId, JobState};
+
+use super::Inner;
+use crate::{
+    Error,
+    function::{Function, PoolKind},
+    job::PoolName,
+    store::{NewJob, Submitted},
+};
+
+/// A validated submission.
+#[derive(Debug, Clone, Default)]
+pub struct SubmitSpec {
+    /// The registered function to run.
+    pub function: String,
+    /// Its argument.
+    pub args: serde_json::Value,
+    /// The pool the client asked for, if any; must be the function's.
+    pub pool: Option<PoolName>,
+    /// The client's request id, if any.
+    pub request_id: Option<String>,
+    /// Labels to store with the job.
+    pub labels: BTreeMap<String, String>,
+    /// Higher starts first within the pool; equal priorities in submission
+    /// order. The gRPC layer accepts -1000 to 1000; the engine takes any.
+    pub priority: i32,
+    /// Not started before this time; `None` (or a time past) for at once.
+    pub not_before: Option<SystemTime>,
+    /// The running-time limit of each attempt, if any.
+    pub timeout: Option<Duration>,
+    /// How many attempts retryable failures may use in all; 0 counts as 1.
+    pub max_attempts: u32,
+}
+
+impl Inner {
+    /// Checks a submission; the job the store is to record.
+    pub(super) fn prepare(&self, spec: SubmitSpec) -> Result<NewJob, Error> {
+        if !self.accepting.load(std::sync::atomic::Ordering::Acquire) {
+            return Err(Error::ShuttingDown);
+        }
+        let function = self.function_for(&spec)?;
+        let args_bytes = json_len(&spec.args);
+        if args_bytes > self.max_args_bytes {
+            return Err(Error::invalid(
+                "args",
+                format!(
+                    "is {args_bytes} bytes of JSON; the server takes at most {} (--max-args-bytes)",
+                    self.max_args_bytes
+                ),
+            ));
+        }
+        let violations = function.check_args(&spec.args);
+        if !violations.is_empty() {
+            return Err(Error::ArgsRejected {
+                function: spec.function,
+                violations,
+            });
+        }
+        Ok(NewJob {
+            function: Arc::clone(function.name()),
+            pool: PoolName::of(function.pool()),
+            args: spec.args,
+            labels: spec.labels,
+            request_id: spec.request_id,
+            priority: spec.priority,
+            not_before: spec.not_before,
+            timeout: spec.timeout,
+            max_attempts: spec.max_attempts.max(1),
+            retry_safe: function.retry_safe(),
+        })
+    }
+
+    /// The function `spec` names, if it exists and runs on the pool asked for.
+    pub(super) fn function_for(&self, spec: &SubmitSpec) -> Result<&Function, Error> {
+        let function = self
+            .registry
+            .get(&spec.function)
+            .ok_or_else(|| Error::UnknownFunction(spec.function.clone()))?;
+        let pool = PoolName::of(function.pool());
+        if let Some(requested) = &spec.pool
+            && *requested != pool
+        {
+            let reason = if PoolKind::from_name(requested.as_str()).is_some() {
+                format!(
+                    "function {:?} runs on the {pool} pool, not the {requested} pool",
+                    spec.function
+                )
+            } else {
+                format!(
+                    "this server has no pool {:?} (its pools are \"async\" and \"blocking\"; function {:?} runs on the {pool} pool)",
+                    requested.as_str(),
+                    spec.function
+                )
+            };
+            return Err(Error::invalid("pool", reason));
+        }
+        Ok(function)
+    }
+
+    /// Hands a checked job to the store, which takes its queue place now;
+    /// the future says what became of it. Safe to drop mid-way (a client
+    /// that hangs up): once the store has the job it queues it itself.
+    pub(super) fn admit(
+        self: &Arc<Self>,
+        job: NewJob,
+    ) -> impl Future<Output = Result<(JobId, JobState), Error>> + Send + 'static {
+        let pool = job.pool.clone();
+        let request_id = job.request_id.clone();
+        let submitted = self.store.submit(job);
+        let inner = Arc::clone(self);
+        submitted.map(move |submitted| (inner, submitted)).then(
+            move |(inner, submitted)| async move {
+                match submitted.map_err(Error::Store)? {
+                    Submitted::New(id) => Ok((id, JobState::Pending)),
+                    Submitted::Existing {
+                        id,
+                        same_content: true,
+                    } => Ok((id, inner.state(id).await?)),
+                    Submitted::Existing {
+                        id,
+                        same_content: false,
+                    } => Err(Error::DuplicateRequest {
+                        request_id: request_id.unwrap_or_default(),
+                        existing: id,
+                    }),
+                    Submitted::QueueFull { capacity } => Err(Error::QueueFull { pool, capacity }),
+                    Submitted::Closed => Err(Error::ShuttingDown),
+                }
+            },
+        )
+    }
+}
+
+/// The length of `value` as compact JSON text, without building the text.
+pub(super) fn json_len(value: &serde_json::Value) -> usize {
+    struct Counter(usize);
+    impl std::io::Write for Counter {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0 += buf.len();
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut counter = Counter(0);
+    // Writing a `Value` into a sink that never fails cannot fail.
+    let _ = serde_json::to_writer(&mut counter, value);
+    counter.0
+}
