@@ -11,6 +11,11 @@
 //! Run with `cargo bench -p jobd --bench engine` (about 10 s), or add
 //! `-- --quick` for a rough figure in a few seconds.
 
+#![allow(
+    clippy::disallowed_methods,
+    reason = "a benchmark measures real elapsed time"
+)]
+
 use std::time::{Duration, Instant};
 
 use criterion::{Criterion, Throughput};

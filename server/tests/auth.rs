@@ -4,6 +4,11 @@
 //! access, and none of the refused calls creates a job. Also: bad token files
 //! and unprotected non-loopback addresses stop jobd at start.
 
+#![allow(
+    clippy::disallowed_methods,
+    reason = "tests of the real jobd binary keep real time: its clock is the system's"
+)]
+
 use std::{
     os::unix::fs::PermissionsExt as _,
     path::{Path, PathBuf},

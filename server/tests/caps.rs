@@ -3,6 +3,11 @@
 //! again past it), how many may block at once (`--max-waiters`), and how
 //! large a result may be (`--max-result-bytes`).
 
+#![allow(
+    clippy::disallowed_methods,
+    reason = "tests of the real jobd binary keep real time: its clock is the system's"
+)]
+
 use std::time::{Duration, Instant};
 
 use jobd_client::{JobClient, ReturnWhen};

@@ -8,6 +8,11 @@
 //! have two jobs. A second run with a deliberate bug (acknowledge before
 //! commit) proves the test can see a loss.
 
+#![allow(
+    clippy::disallowed_methods,
+    reason = "tests of the real jobd binary keep real time: its clock is the system's"
+)]
+
 use std::{
     collections::{HashMap, HashSet},
     path::Path,

@@ -3,6 +3,11 @@
 //! not safe to retry), and a data directory that cannot be used is refused
 //! with a clear message instead of a silent fallback to memory.
 
+#![allow(
+    clippy::disallowed_methods,
+    reason = "tests of the real jobd binary keep real time: its clock is the system's"
+)]
+
 use std::{
     path::Path,
     time::{Duration, Instant},

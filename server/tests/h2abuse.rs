@@ -11,6 +11,11 @@
 //! it). Without them the tests say so loudly and pass, except under
 //! `CI=true`, where a missing tool fails the run.
 
+#![allow(
+    clippy::disallowed_methods,
+    reason = "tests of the real jobd binary keep real time: its clock is the system's"
+)]
+
 use std::{
     io::{BufRead as _, BufReader, Write as _},
     process::{Command, Stdio},

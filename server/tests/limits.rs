@@ -2,6 +2,11 @@
 //! small by its flag, pushed past, and the refusal checked with the status a
 //! client sees, while the server keeps serving everyone else.
 
+#![allow(
+    clippy::disallowed_methods,
+    reason = "tests of the real jobd binary keep real time: its clock is the system's"
+)]
+
 use std::time::{Duration, Instant};
 
 use jobd_proto::pb::{self, job_service_client::JobServiceClient};

@@ -9,6 +9,11 @@
 //! one finished, the others were never started); and after a restart on the
 //! same data directory every acknowledged id must be there.
 
+#![allow(
+    clippy::disallowed_methods,
+    reason = "tests of the real jobd binary keep real time: its clock is the system's"
+)]
+
 use std::{
     collections::HashMap,
     sync::{

@@ -5,6 +5,11 @@
 //! mid-handshake is cut off by the handshake timeout; unusable certificate
 //! files stop jobd at start.
 
+#![allow(
+    clippy::disallowed_methods,
+    reason = "tests of the real jobd binary keep real time: its clock is the system's"
+)]
+
 use std::{
     io::Read as _,
     os::unix::fs::PermissionsExt as _,

@@ -8,7 +8,7 @@ use jobd_proto::pb;
 use serde_json::json;
 use tonic::Code;
 
-use crate::harness::{TestServer, config, registry, submit_noops};
+use crate::harness::{TestServer, config, on_tokio_clock, registry, submit_noops};
 
 #[tokio::test]
 async fn a_batch_answers_each_item_in_order() {
@@ -103,7 +103,8 @@ async fn paused_pools_queue_jobs_until_resumed() {
     server.shutdown().await;
 }
 
-#[tokio::test]
+/// On tokio's paused clock: the client's retry pauses pass in virtual time.
+#[tokio::test(start_paused = true)]
 async fn the_client_sets_a_request_id_and_retries_until_the_server_is_up() {
     // Reserve a port, then start the server on it only after the client's
     // first attempt has failed: the retry must get through.
@@ -114,17 +115,18 @@ async fn the_client_sets_a_request_id_and_retries_until_the_server_is_up() {
         .unwrap()
         .connect_lazy();
     let client = JobClient::from_channel(channel);
+    let started = tokio::time::Instant::now();
     let submit = tokio::spawn(async move {
         let job = client.submit("hello", json!("late")).await?;
         let info = job.status().await?;
         Ok::<_, jobd_client::Error>((job.result().await?, info.request_id))
     });
-    // The first attempt is refused (nothing listens); the retries wait
-    // 50 ms, then 200 ms, then 800 ms.
+    // The first attempt, at once, is refused (nothing listens); the retries
+    // wait 50 ms, then 200 ms, then 800 ms. The server is up from 120 ms.
     tokio::time::sleep(Duration::from_millis(120)).await;
     let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
     let (registry, _fx) = registry();
-    let engine = jobd::Engine::start(registry, jobd::EngineConfig::default());
+    let engine = jobd::Engine::start(registry, on_tokio_clock(jobd::EngineConfig::default()));
     let stop = tokio_util::sync::CancellationToken::new();
     let server = tokio::spawn(
         jobd::serve(listener, engine)
@@ -132,6 +134,15 @@ async fn the_client_sets_a_request_id_and_retries_until_the_server_is_up() {
             .into_future(),
     );
     let (value, request_id) = submit.await.unwrap().unwrap();
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_millis(50),
+        "the first attempt cannot have got through: {waited:?}"
+    );
+    assert!(
+        waited < Duration::from_millis(1050),
+        "more retries than the server's start needed: {waited:?}"
+    );
     assert_eq!(value, json!("Hello, late!"));
     assert!(
         request_id.is_some_and(|id| id.len() == 36),

@@ -8,6 +8,15 @@ use jobd_client::{JobClient, JobHandle, Submission};
 pub(crate) use jobd_test_support::{Fixtures, TestServer, config, registry};
 use serde_json::json;
 
+/// `config` on tokio's clock, for a test on a paused runtime: the server's
+/// timers and stored times then move only as the test's virtual time does.
+pub(crate) fn on_tokio_clock(config: EngineConfig) -> EngineConfig {
+    EngineConfig {
+        clock: jobd::Clock::tokio(),
+        ..config
+    }
+}
+
 /// Submits `n` `noop` jobs in one SubmitBatch, job `k` with argument `k`
 /// (so its result is `k`); every one must be accepted.
 pub(crate) async fn submit_noops(client: &JobClient, n: usize) -> Vec<JobHandle> {

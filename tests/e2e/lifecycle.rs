@@ -1,12 +1,12 @@
 //! A job's life as a client sees it: submit, done, result, status, and the
 //! concurrent.futures seed example over the network.
 
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, SystemTime};
 
 use jobd_client::{ErrorKind, JobState, Submission};
 use serde_json::json;
 
-use crate::harness::{TestServer, config, registry};
+use crate::harness::{TestServer, config, on_tokio_clock, registry};
 
 #[tokio::test]
 async fn hello_round_trip() {
@@ -92,13 +92,15 @@ async fn pending_job_has_no_start_time_and_attempt_zero() {
 }
 
 /// The seed example: `ThreadPoolExecutor(max_workers=2)` running two 3-second
-/// `return_future` calls, across the network.
-#[tokio::test]
+/// `return_future` calls, across the network. On tokio's paused clock: the
+/// timeline is the example's, in virtual time (the real binary's test,
+/// `server/tests/binary.rs`, keeps real time).
+#[tokio::test(start_paused = true)]
 async fn seed_example_two_blocking_jobs_run_side_by_side() {
     let (registry, _fx) = registry();
-    let server = TestServer::start(registry, config(1024, 2, 100)).await;
+    let server = TestServer::start(registry, on_tokio_clock(config(1024, 2, 100))).await;
     let client = server.client().await;
-    let start = Instant::now();
+    let start = tokio::time::Instant::now();
     let hello = client
         .submit("return_future", json!("hello"))
         .await
@@ -129,11 +131,12 @@ async fn seed_example_two_blocking_jobs_run_side_by_side() {
     server.shutdown().await;
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn two_async_sleeps_finish_together() {
-    let (server, _fx) = TestServer::with_fixtures().await;
+    let (registry, _fx) = registry();
+    let server = TestServer::start(registry, on_tokio_clock(config(1024, 4, 1000))).await;
     let client = server.client().await;
-    let start = Instant::now();
+    let start = tokio::time::Instant::now();
     let a = client.submit("sleep", json!(5)).await.unwrap();
     let b = client.submit("sleep", json!(5)).await.unwrap();
     let (ra, rb) = tokio::join!(a.result(), b.result());

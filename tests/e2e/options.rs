@@ -470,26 +470,40 @@ fn flaky_registry() -> (Registry, Arc<std::sync::atomic::AtomicU32>) {
     (registry, calls)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn retryable_failures_retry_up_to_max_attempts() {
-    let dir = tempfile::tempdir().unwrap();
-    for store in [
-        StoreConfig::Memory,
-        StoreConfig::Sqlite {
-            dir: dir.path().to_owned(),
-        },
-    ] {
-        retries_on(&store).await;
-    }
+/// The in-memory store on tokio's paused clock: the backoffs between
+/// attempts pass in virtual time, and are checked.
+#[tokio::test(start_paused = true)]
+async fn retryable_failures_retry_up_to_max_attempts_in_memory() {
+    retries_on(&StoreConfig::Memory, jobd::Clock::tokio()).await;
 }
 
-async fn retries_on(store: &StoreConfig) {
+/// The SQLite store in real time (its writer answers from a thread of its
+/// own, which a paused runtime cannot wait for); the backoffs are short.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retryable_failures_retry_up_to_max_attempts_on_disk() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = StoreConfig::Sqlite {
+        dir: dir.path().to_owned(),
+    };
+    retries_on(&store, jobd::Clock::system()).await;
+}
+
+async fn retries_on(store: &StoreConfig, clock: jobd::Clock) {
     use std::sync::atomic::Ordering;
     // Succeeds on the 3rd call, within 5 attempts.
     let (registry, calls) = flaky_registry();
-    let server =
-        TestServer::start_on(registry, config(4, 1, 100), Duration::from_secs(5), store).await;
+    let server = TestServer::start_on(
+        registry,
+        jobd::EngineConfig {
+            clock,
+            ..config(4, 1, 100)
+        },
+        Duration::from_secs(5),
+        store,
+    )
+    .await;
     let client = server.client().await;
+    let submitted = tokio::time::Instant::now();
     let job = client
         .submit_with(Submission::new("flaky", json!(3)).max_attempts(5))
         .await
@@ -497,6 +511,13 @@ async fn retries_on(store: &StoreConfig) {
     assert_eq!(
         job.result_timeout(Duration::from_secs(30)).await.unwrap(),
         json!(3)
+    );
+    // Two backoffs: after attempt 1 at least 50 ms (100 ms with jitter in
+    // [0.5, 1)), after attempt 2 at least 100 ms.
+    let waited = submitted.elapsed();
+    assert!(
+        waited >= Duration::from_millis(150),
+        "retried without backing off: {waited:?}"
     );
     assert_eq!(calls.load(Ordering::SeqCst), 3);
     let info = job.status().await.unwrap();
