@@ -304,15 +304,19 @@ impl JobTable {
     /// Running -> Pending for another attempt, held under `key`. False when
     /// the lease is stale.
     pub(crate) fn requeue(&self, lease: &Lease, key: QueueKey) -> bool {
-        self.with_current(lease, |slot| {
-            slot.record.state = JobState::Pending;
-            slot.record.started_at = None;
-            slot.lease = None;
-            slot.cancel_requested = false;
-            slot.queue_key = Some(key);
-            self.events.publish(&slot.record, EventKind::State);
-        })
-        .is_some()
+        self.with_current(lease, |slot| self.back_to_pending(slot, key))
+            .is_some()
+    }
+
+    /// A running job's attempt ends without an outcome: pending again,
+    /// waiting under `key`.
+    fn back_to_pending(&self, slot: &mut Slot, key: QueueKey) {
+        slot.record.state = JobState::Pending;
+        slot.record.started_at = None;
+        slot.lease = None;
+        slot.cancel_requested = false;
+        slot.queue_key = Some(key);
+        self.events.publish(&slot.record, EventKind::State);
     }
 
     /// Records a running attempt's progress report (a stale lease's is
@@ -419,12 +423,7 @@ impl JobTable {
             slot.committing = true;
             return Some(Lapsed::Failed(JobError::Interrupted(reason)));
         }
-        slot.record.state = JobState::Pending;
-        slot.record.started_at = None;
-        slot.lease = None;
-        slot.cancel_requested = false;
-        slot.queue_key = Some(key);
-        self.events.publish(&slot.record, EventKind::State);
+        self.back_to_pending(&mut slot, key);
         Some(Lapsed::Requeued)
     }
 
