@@ -8,7 +8,7 @@ use std::{env, fs, path::PathBuf};
 
 use prost::Message as _;
 
-const PROTOS: &[&str] = &["proto/jobd/v1/jobd.proto"];
+const PROTOS: &[&str] = &["proto/jobd/v1/jobd.proto", "proto/jobd/v1/worker.proto"];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     for proto in PROTOS {

@@ -88,6 +88,10 @@ pub enum ErrorKind {
     /// The function returned a value larger than the server's result cap
     /// (`jobd --max-result-bytes`, measured as JSON); the value was dropped.
     ResultTooLarge,
+    /// The remote worker running the job was lost and the job may not run
+    /// again (its function is not safe to retry, or it lost its workers too
+    /// many times in a row).
+    WorkerLost,
 }
 
 impl ErrorKind {
@@ -106,6 +110,7 @@ impl ErrorKind {
             Self::Interrupted => "interrupted",
             Self::TimedOut => "timed_out",
             Self::ResultTooLarge => "result_too_large",
+            Self::WorkerLost => "worker_lost",
         }
     }
 }

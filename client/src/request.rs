@@ -57,6 +57,9 @@ pub struct Submission {
     /// when the function fails with a retryable error it runs again after
     /// an exponential backoff with jitter, while attempts remain.
     pub max_attempts: u32,
+    /// Only remote workers carrying all of these labels may run the job
+    /// (for functions served by workers).
+    pub worker_labels: HashMap<String, String>,
 }
 
 impl Submission {
@@ -87,6 +90,14 @@ impl Submission {
     #[must_use]
     pub fn label(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
         self.labels.insert(key.into(), value.into());
+        self
+    }
+
+    /// Requires a worker label: only remote workers carrying `key=value`
+    /// may run the job.
+    #[must_use]
+    pub fn worker_label(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
+        self.worker_labels.insert(key.into(), value.into());
         self
     }
 

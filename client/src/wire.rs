@@ -46,6 +46,7 @@ pub(crate) fn submit_request(submission: Submission) -> pb::SubmitRequest {
         not_before: submission.not_before.map(Into::into),
         timeout: submission.timeout.map(duration),
         max_attempts: submission.max_attempts,
+        worker_labels: submission.worker_labels,
     }
 }
 
@@ -204,6 +205,7 @@ fn error_kind(raw: i32) -> ErrorKind {
         Ok(pb::ErrorKind::Interrupted) => ErrorKind::Interrupted,
         Ok(pb::ErrorKind::TimedOut) => ErrorKind::TimedOut,
         Ok(pb::ErrorKind::ResultTooLarge) => ErrorKind::ResultTooLarge,
+        Ok(pb::ErrorKind::WorkerLost) => ErrorKind::WorkerLost,
     }
 }
 

@@ -60,9 +60,8 @@ pub enum Access {
 #[must_use]
 pub fn required_access(method: &str) -> Access {
     match method {
-        "Done" | "Result" | "GetJob" | "ListJobs" | "Wait" | "ListFunctions" | "Watch" => {
-            Access::ReadOnly
-        }
+        "Done" | "Result" | "GetJob" | "ListJobs" | "Wait" | "ListFunctions" | "Watch"
+        | "ListWorkers" => Access::ReadOnly,
         "Submit" | "SubmitBatch" | "Cancel" | "DeleteJob" | "Map" => Access::ReadWrite,
         _ => Access::ReadWrite,
     }
@@ -546,6 +545,7 @@ mod tests {
             "Wait",
             "ListFunctions",
             "Watch",
+            "ListWorkers",
         ] {
             assert_eq!(required_access(method), Access::ReadOnly, "{method}");
         }

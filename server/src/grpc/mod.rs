@@ -308,9 +308,18 @@ impl pb::job_service_server::JobService for JobService {
                 description: f.description().to_owned(),
                 args_schema: f.args_schema().cloned().map(value::from_json),
                 returns: f.returns().unwrap_or_default().to_owned(),
+                workers: 0,
             })
             .collect();
         Ok(Response::new(pb::ListFunctionsResponse { functions }))
+    }
+
+    async fn list_workers(
+        &self,
+        _request: Request<pb::ListWorkersRequest>,
+    ) -> Result<Response<pb::ListWorkersResponse>, Status> {
+        // No worker service is served yet, so no session can be attached.
+        Ok(Response::new(pb::ListWorkersResponse::default()))
     }
 }
 
@@ -406,6 +415,7 @@ fn wire_job(record: JobRecord) -> pb::Job {
             .and_then(|t| prost_types::Duration::try_from(t).ok()),
         max_attempts: record.max_attempts,
         progress: record.progress.as_ref().map(wire_progress),
+        worker_labels: std::collections::HashMap::new(),
     }
 }
 
