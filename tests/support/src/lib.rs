@@ -11,12 +11,14 @@
 //!   they observe;
 //! - [`tools`]: the external tools some tests drive (grpcurl, Python's h2),
 //!   which fail a test that cannot run, saying how to install them;
-//! - [`pki`]: certificates made at test time.
+//! - [`pki`]: certificates made at test time;
+//! - [`time`]: a paused clock that moves only when the test moves it.
 
 pub mod fixtures;
 pub mod pki;
 mod process;
 mod server;
+pub mod time;
 pub mod tools;
 
 pub use fixtures::{Fixtures, Probe, config, registry};
