@@ -12,7 +12,9 @@
 //! - [`tools`]: the external tools some tests drive (grpcurl, Python's h2),
 //!   which fail a test that cannot run, saying how to install them;
 //! - [`pki`]: certificates made at test time;
-//! - [`time`]: a paused clock that moves only when the test moves it.
+//! - [`time`]: a paused clock that moves only when the test moves it;
+//! - [`worker`]: a worker that speaks the worker protocol message by
+//!   message.
 
 pub mod fixtures;
 pub mod pki;
@@ -20,6 +22,7 @@ mod process;
 mod server;
 pub mod time;
 pub mod tools;
+pub mod worker;
 
 pub use fixtures::{Fixtures, Probe, config, registry};
 pub use process::{

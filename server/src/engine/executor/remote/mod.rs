@@ -359,7 +359,12 @@ impl Workers {
             let changed = self.changed.notified();
             tokio::pin!(changed);
             changed.as_mut().enable();
-            if sessions.iter().all(|s| s.busy() == 0) {
+            // A worker that went away meanwhile owes no report: its jobs
+            // keep their leases until they lapse or it re-attaches.
+            if sessions
+                .iter()
+                .all(|s| s.busy() == 0 || s.closed().is_cancelled())
+            {
                 break;
             }
             if tokio::time::timeout_at(deadline, changed).await.is_err() {
