@@ -41,7 +41,7 @@ pub const MAX_TOKEN_LEN: usize = 1024;
 #[non_exhaustive]
 pub enum Access {
     /// Questions only: `Done`, `Result`, `GetJob`, `ListJobs`, `Wait`,
-    /// `ListFunctions`, `Watch`, `ListWorkers`.
+    /// `ListFunctions`, `Watch`, `ListWorkers`, `Logs`.
     ReadOnly,
     /// Every JobService method, including `Submit`, `SubmitBatch`,
     /// `Cancel`, `DeleteJob`, `Map`.
@@ -65,7 +65,7 @@ pub enum Access {
 #[must_use]
 pub fn required_access(method: &str) -> Access {
     match method {
-        "Done" | "Result" | "GetJob" | "ListJobs" | "Wait" | "ListFunctions" | "Watch"
+        "Done" | "Result" | "GetJob" | "ListJobs" | "Wait" | "ListFunctions" | "Watch" | "Logs"
         | "ListWorkers" => Access::ReadOnly,
         "Submit" | "SubmitBatch" | "Cancel" | "DeleteJob" | "Map" => Access::ReadWrite,
         _ => Access::ReadWrite,
@@ -609,6 +609,7 @@ mod tests {
             "ListFunctions",
             "Watch",
             "ListWorkers",
+            "Logs",
         ] {
             assert_eq!(required_access(method), Access::ReadOnly, "{method}");
         }

@@ -1,7 +1,7 @@
 //! The job functions the `jobd` binary ships with: a greeting, an echo, the
-//! benchmark no-op, an async sleep, a counter that reports progress, the
-//! blocking `return_future` of the concurrent.futures example, and a
-//! CPU-bound hash.
+//! benchmark no-op, an async sleep, a counter that reports progress and logs
+//! its steps, the blocking `return_future` of the concurrent.futures
+//! example, and a CPU-bound hash.
 //!
 //! Embedders may start from [`registry`] and add their own.
 
@@ -78,7 +78,7 @@ pub fn registry() -> Registry {
         .returns("the seconds slept, a number")
         .register_async(
             "count",
-            "Counts to steps over seconds, reporting progress after each step: args {\"steps\": 10, \"seconds\": 2} or a number of steps (defaults: 10 steps, 1 s); returns the steps; cancellable",
+            "Counts to steps over seconds, reporting progress and logging a line after each step: args {\"steps\": 10, \"seconds\": 2} or a number of steps (defaults: 10 steps, 1 s); returns the steps; cancellable",
             |ctx, args| async move { count(&ctx, &args).await },
         )
         .with_args_schema(json!({
@@ -199,6 +199,7 @@ async fn count(ctx: &Ctx, args: &Value) -> Result<Value, JobError> {
     for done in 1..=steps {
         tokio::time::sleep(step).await;
         ctx.set_progress(done as f64 / steps as f64, &format!("{done} of {steps}"));
+        ctx.log(format!("step {done} of {steps}"));
     }
     Ok(json!(steps))
 }

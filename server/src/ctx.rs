@@ -10,13 +10,16 @@ use std::{fmt, sync::Arc, time::Duration};
 use jobd_proto::JobId;
 use tokio_util::sync::CancellationToken;
 
-use crate::job::JobError;
+use crate::job::{JobError, LogStream};
 
 /// Where a running job's reports go (for a job run here: the store, under
 /// the attempt's lease).
 pub(crate) trait Reports: Send + Sync + 'static {
     /// Reports `fraction` done, with a short `message`.
     fn progress(&self, fraction: f64, message: &str);
+
+    /// Adds `data` (a line, or lines) from `stream` to the job's log.
+    fn log(&self, stream: LogStream, data: &[u8]);
 }
 
 /// Passed to every job function.
@@ -95,6 +98,39 @@ impl Ctx {
     /// ```
     pub fn set_progress(&self, fraction: f64, message: &str) {
         self.reports.progress(fraction, message);
+    }
+
+    /// Adds a line to the job's log, which `jobctl logs` and the `Logs`
+    /// call show, live and after the job ended (a newline is added unless
+    /// the line ends with one). Cheap enough for a loop: lines are stored
+    /// in batches, and a job that logs faster than they can be stored loses
+    /// lines (the log says how many) rather than slowing down. The log
+    /// keeps the newest lines up to the server's cap (`--max-log-bytes`).
+    ///
+    /// ```
+    /// use jobd::{Ctx, JobError};
+    /// async fn fetch(ctx: Ctx, args: serde_json::Value) -> Result<serde_json::Value, JobError> {
+    ///     ctx.log(format!("fetching {args}"));
+    ///     Ok(serde_json::json!("fetched"))
+    /// }
+    /// ```
+    pub fn log(&self, line: impl AsRef<str>) {
+        let line = line.as_ref();
+        if line.ends_with('\n') {
+            self.reports.log(LogStream::Log, line.as_bytes());
+        } else {
+            let mut data = Vec::with_capacity(line.len() + 1);
+            data.extend_from_slice(line.as_bytes());
+            data.push(b'\n');
+            self.reports.log(LogStream::Log, &data);
+        }
+    }
+
+    /// Adds what a program the job runs wrote on `stream` to the job's log,
+    /// as bytes (output that is not UTF-8 is kept as it is). For functions
+    /// that run programs; see [`Ctx::log`] for the rest.
+    pub fn log_output(&self, stream: LogStream, data: &[u8]) {
+        self.reports.log(stream, data);
     }
 
     /// The running job's id.

@@ -179,6 +179,68 @@ pub struct JobRecord {
     pub progress: Option<Progress>,
 }
 
+/// Which output of a job a log entry came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum LogStream {
+    /// A program's standard output.
+    Stdout,
+    /// A program's standard error.
+    Stderr,
+    /// A job function's own log lines ([`crate::Ctx::log`]).
+    Log,
+}
+
+/// One entry of a job's log: a line (or a chunk of lines) one attempt
+/// wrote, kept as bytes so that output that is not UTF-8 survives.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LogEntry {
+    /// Where it starts in the job's log: the bytes written before it, by
+    /// every attempt, including entries no longer kept.
+    pub offset: u64,
+    /// The attempt that wrote it.
+    pub attempt: u32,
+    /// Which output it came from.
+    pub stream: LogStream,
+    /// When the server took it.
+    pub at: SystemTime,
+    /// What was written (a line keeps its newline).
+    pub data: Vec<u8>,
+}
+
+impl LogEntry {
+    /// Where the next entry starts.
+    #[must_use]
+    pub fn end(&self) -> u64 {
+        self.offset + self.data.len() as u64
+    }
+}
+
+/// A page of a job's log, as [`Engine::logs`](crate::Engine::logs) yields
+/// them.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LogPage {
+    /// The entries that end after the offset asked for, in order.
+    pub entries: Vec<LogEntry>,
+    /// Bytes after the offset asked for and before the first entry that are
+    /// no longer kept (the log's cap dropped them).
+    pub skipped: u64,
+    /// Where to read on from.
+    pub end: u64,
+}
+
+impl LogPage {
+    /// The page of `entries`, read from offset `from`.
+    #[must_use]
+    pub fn new(entries: Vec<LogEntry>, from: u64) -> Self {
+        Self {
+            skipped: entries.first().map_or(0, |e| e.offset.saturating_sub(from)),
+            end: entries.last().map_or(from, LogEntry::end),
+            entries,
+        }
+    }
+}
+
 #[cfg(test)]
 impl JobRecord {
     /// A new pending job of `function` on `pool`, with no argument and no

@@ -3,7 +3,7 @@
 
 use std::{
     net::SocketAddr,
-    num::{NonZeroU32, NonZeroUsize},
+    num::{NonZeroU32, NonZeroU64, NonZeroUsize},
     path::PathBuf,
     sync::Arc,
     time::Duration,
@@ -229,6 +229,12 @@ struct Args {
     #[arg(long, env = "JOBD_MAX_RESULT_BYTES", default_value = "1048576")]
     max_result_bytes: NonZeroUsize,
 
+    /// Bytes of each job's log kept (what it printed, and its log lines):
+    /// past it the oldest entries are dropped, and a reader is told how
+    /// many bytes it missed.
+    #[arg(long, env = "JOBD_MAX_LOG_BYTES", default_value = "1048576")]
+    max_log_bytes: NonZeroU64,
+
     /// The longest one Result or Wait call waits, whatever timeout it asks
     /// for (at least 100ms). Past it Result answers DEADLINE_EXCEEDED and
     /// Wait its done/not-done split; clients call again to keep waiting
@@ -427,6 +433,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         priority_aging: args.priority_aging,
         max_args_bytes: args.max_args_bytes.get(),
         max_result_bytes: args.max_result_bytes.get(),
+        max_log_bytes: args.max_log_bytes.get(),
         worker_heartbeat_interval: args.worker_heartbeat_interval,
         worker_lease_timeout: args.worker_lease_timeout,
         max_workers: args.max_workers.get(),

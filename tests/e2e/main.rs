@@ -15,6 +15,7 @@ mod errors;
 mod futures;
 mod harness;
 mod lifecycle;
+mod logs;
 mod map;
 mod options;
 mod pools;

@@ -41,6 +41,9 @@ pub struct EngineConfig {
     /// returning more ends `FAILED` with
     /// [`JobError::ResultTooLarge`](crate::JobError::ResultTooLarge).
     pub max_result_bytes: usize,
+    /// The bytes of each job's log kept: past it the oldest entries are
+    /// dropped (a reader is told how many bytes it missed).
+    pub max_log_bytes: u64,
     /// How often a remote worker must be heard from (it sends a heartbeat
     /// when it has nothing else to say).
     pub worker_heartbeat_interval: Duration,
@@ -73,6 +76,7 @@ impl Default for EngineConfig {
             priority_aging: Duration::from_secs(1),
             max_args_bytes: 1024 * 1024,
             max_result_bytes: 1024 * 1024,
+            max_log_bytes: 1024 * 1024,
             worker_heartbeat_interval: Duration::from_secs(5),
             worker_lease_timeout: Duration::from_secs(30),
             max_workers: 1024,

@@ -11,6 +11,7 @@
 mod admission;
 mod config;
 mod executor;
+mod logs;
 mod maintenance;
 mod many;
 mod watcher;
@@ -189,6 +190,7 @@ impl Engine {
                 priority_aging: config.priority_aging,
                 event_history: config.event_history,
                 cache_finished: config.cache_finished,
+                log_cap: config.max_log_bytes,
                 clock: config.clock.clone(),
                 #[cfg(feature = "fault-injection")]
                 faults: config.faults,

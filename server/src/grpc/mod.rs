@@ -351,6 +351,48 @@ impl pb::job_service_server::JobService for JobService {
             .collect();
         Ok(Response::new(pb::ListWorkersResponse { workers }))
     }
+
+    type LogsStream = BoxStream<'static, Result<pb::LogsResponse, Status>>;
+
+    async fn logs(
+        &self,
+        request: Request<pb::LogsRequest>,
+    ) -> Result<Response<Self::LogsStream>, Status> {
+        let request = request.into_inner();
+        let id = decode::job_id(&request.job_id)?;
+        let pages = self.engine.logs(id, request.offset, request.follow).await?;
+        Ok(Response::new(
+            pages
+                .map(|page| page.map(wire_log_page).map_err(Status::from))
+                .boxed(),
+        ))
+    }
+}
+
+fn wire_log_page(page: crate::job::LogPage) -> pb::LogsResponse {
+    pb::LogsResponse {
+        entries: page
+            .entries
+            .into_iter()
+            .map(|entry| pb::LogEntry {
+                offset: entry.offset,
+                attempt: entry.attempt,
+                stream: wire_log_stream(entry.stream).into(),
+                at: Some(entry.at.into()),
+                data: entry.data,
+            })
+            .collect(),
+        skipped: page.skipped,
+        next_offset: page.end,
+    }
+}
+
+fn wire_log_stream(stream: crate::job::LogStream) -> pb::LogStream {
+    match stream {
+        crate::job::LogStream::Stdout => pb::LogStream::Stdout,
+        crate::job::LogStream::Stderr => pb::LogStream::Stderr,
+        crate::job::LogStream::Log => pb::LogStream::Log,
+    }
 }
 
 /// The sooner of two optional limits.

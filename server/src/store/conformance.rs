@@ -14,13 +14,16 @@ use serde_json::json;
 
 use super::{
     CancelResult, ClaimRequest, Claimed, Deleted, EventItem, EventKind, Fenced, Gone, JobStore,
-    LeaseState, ListFilter, Maintenance, Missing, NewJob, Purge, QueueName, StoreConfig,
+    LeaseState, ListFilter, LogLine, Maintenance, Missing, NewJob, Purge, QueueName, StoreConfig,
     StoreOptions, Submitted,
 };
 use crate::{
     clock::Clock,
-    job::{JobError, PoolName},
+    job::{JobError, LogStream, PoolName},
 };
+
+/// The log cap of every store under test: small, so that tests reach it.
+const LOG_CAP: u64 = 100;
 
 /// A store under test, with what keeps it alive.
 struct Subject {
@@ -41,6 +44,7 @@ fn options(clock: &Clock, max_queued: usize) -> StoreOptions {
         priority_aging: Duration::ZERO,
         event_history: NonZeroUsize::new(1024).unwrap(),
         cache_finished: 2,
+        log_cap: LOG_CAP,
         clock: clock.clone(),
         #[cfg(feature = "fault-injection")]
         faults: super::Faults::default(),
@@ -110,6 +114,9 @@ for_each_store!(
     a_delayed_job_is_claimable_only_once_due,
     the_event_stream_numbers_changes_in_order_and_coalesces_progress,
     a_waiter_wakes_when_the_job_finishes,
+    a_log_keeps_what_current_leases_wrote_across_attempts,
+    the_log_cap_keeps_the_newest_entries_and_tells_a_reader_what_it_missed,
+    a_log_follower_wakes_when_the_log_grows,
 );
 
 fn job(function: &str) -> NewJob {
@@ -713,6 +720,184 @@ async fn a_waiter_wakes_when_the_job_finishes(s: Subject) {
     assert_eq!(
         store.wait(JobId::new()).await.unwrap().unwrap_err(),
         Missing::Unknown
+    );
+}
+
+fn line(stream: LogStream, data: &[u8]) -> LogLine {
+    LogLine {
+        stream,
+        data: data.to_vec(),
+    }
+}
+
+/// The (offset, attempt, data) of every entry from `from`, after a flush.
+async fn read_log(store: &dyn JobStore, id: JobId, from: u64) -> Vec<(u64, u32, Vec<u8>)> {
+    store.flush().await.unwrap();
+    let page = store.read_log(id, from, usize::MAX).await.unwrap().unwrap();
+    page.entries
+        .into_iter()
+        .map(|e| (e.offset, e.attempt, e.data))
+        .collect()
+}
+
+async fn a_log_keeps_what_current_leases_wrote_across_attempts(s: Subject) {
+    let store = &*s.store;
+    let id = submit(
+        store,
+        NewJob {
+            max_attempts: 2,
+            ..job("a")
+        },
+    )
+    .await;
+    let first = claim(store).await.lease;
+    // Bytes as written, UTF-8 or not.
+    let written = store
+        .append_log(
+            &first,
+            vec![
+                line(LogStream::Stdout, b"one\n"),
+                line(LogStream::Stderr, b"\xff\xfe\n"),
+            ],
+        )
+        .await
+        .unwrap();
+    assert_eq!(written, Fenced::Applied);
+    assert_eq!(
+        read_log(store, id, 0).await,
+        [(0, 1, b"one\n".to_vec()), (4, 1, b"\xff\xfe\n".to_vec())]
+    );
+    let page = store.read_log(id, 0, usize::MAX).await.unwrap().unwrap();
+    assert_eq!(
+        page.entries.iter().map(|e| e.stream).collect::<Vec<_>>(),
+        [LogStream::Stdout, LogStream::Stderr]
+    );
+    assert_eq!((page.skipped, page.end), (0, 7));
+
+    store.retry(&first, s.clock.now()).await.unwrap();
+    let second = claim(store).await.lease;
+    // The first attempt's lease is stale now: its lines are refused.
+    let late = store
+        .append_log(&first, vec![line(LogStream::Log, b"late\n")])
+        .await
+        .unwrap();
+    assert_eq!(late, Fenced::Stale);
+    store
+        .append_log(&second, vec![line(LogStream::Log, b"two\n")])
+        .await
+        .unwrap();
+    assert_eq!(read_log(store, id, 7).await, [(7, 2, b"two\n".to_vec())]);
+    store.complete(&second, Ok(json!(null))).await.unwrap();
+    let after = store
+        .append_log(&second, vec![line(LogStream::Log, b"after\n")])
+        .await
+        .unwrap();
+    assert_eq!(after, Fenced::Stale);
+    assert_eq!(read_log(store, id, 0).await.len(), 3);
+
+    assert_eq!(
+        store
+            .read_log(JobId::new(), 0, 10)
+            .await
+            .unwrap()
+            .unwrap_err(),
+        Missing::Unknown
+    );
+    assert_eq!(store.delete(id).await.unwrap(), Deleted::Removed);
+    assert_eq!(
+        store.read_log(id, 0, 10).await.unwrap().unwrap_err(),
+        Missing::Gone(Gone::Deleted)
+    );
+}
+
+async fn the_log_cap_keeps_the_newest_entries_and_tells_a_reader_what_it_missed(s: Subject) {
+    let store = &*s.store;
+    let id = submit(store, job("a")).await;
+    let lease = claim(store).await.lease;
+    for n in 0..30 {
+        let text = format!("line {n:03}\n"); // 9 bytes
+        store
+            .append_log(&lease, vec![line(LogStream::Stdout, text.as_bytes())])
+            .await
+            .unwrap();
+    }
+    // 270 bytes written, cap 100: the entries starting at 170 or later stay.
+    let page = {
+        store.flush().await.unwrap();
+        store.read_log(id, 0, usize::MAX).await.unwrap().unwrap()
+    };
+    assert_eq!(page.entries.first().map(|e| e.offset), Some(171));
+    assert_eq!(page.skipped, 171);
+    assert_eq!(page.entries.len(), 11);
+    assert_eq!(page.end, 270);
+    assert_eq!(page.entries.last().unwrap().data, b"line 029\n");
+    // A page is bounded, and resumes where it stopped.
+    let small = store.read_log(id, 171, 20).await.unwrap().unwrap();
+    assert_eq!((small.entries.len(), small.end), (2, 189));
+    // One write longer than the cap is split: its tail stays.
+    store
+        .append_log(&lease, vec![line(LogStream::Stdout, &[b'x'; 250])])
+        .await
+        .unwrap();
+    let tail = read_log(store, id, 0).await;
+    assert_eq!(
+        tail.last().unwrap().0 + tail.last().unwrap().2.len() as u64,
+        520
+    );
+    assert!(tail.iter().map(|(_, _, d)| d.len()).sum::<usize>() <= 100);
+}
+
+async fn a_log_follower_wakes_when_the_log_grows(s: Subject) {
+    let store = &*s.store;
+    let id = submit(store, job("a")).await;
+    let lease = claim(store).await.lease;
+    let mut feed = store.follow_log(id);
+    assert!(read_log(store, id, 0).await.is_empty());
+    let grown = feed.grown();
+    tokio::pin!(grown);
+    assert!(futures::poll!(grown.as_mut()).is_pending());
+    store
+        .append_log(&lease, vec![line(LogStream::Log, b"hello\n")])
+        .await
+        .unwrap();
+    // Woken once the entry is durable, so a read then finds it.
+    grown.await;
+    let page = store.read_log(id, 0, usize::MAX).await.unwrap().unwrap();
+    assert_eq!(page.entries.len(), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_durable_log_survives_a_restart_and_grows_on_from_its_end() {
+    let clock = Clock::tokio();
+    let dir = tempfile::tempdir().unwrap();
+    let config = StoreConfig::Sqlite {
+        dir: dir.path().to_owned(),
+    };
+    let ttl = Some(Duration::from_secs(60));
+    let (id, lease) = {
+        let store = super::open(&config, options(&clock, 100)).unwrap();
+        let id = submit(&*store, job("a")).await;
+        // A lease that outlives the process (a remote worker's).
+        let lease = try_claim(&*store, ttl).await.unwrap().lease;
+        store
+            .append_log(&lease, vec![line(LogStream::Stdout, b"before\n")])
+            .await
+            .unwrap();
+        store.flush().await.unwrap();
+        (id, lease)
+    };
+    let store = super::open(&config, options(&clock, 100)).unwrap();
+    assert_eq!(
+        read_log(&*store, id, 0).await,
+        [(0, 1, b"before\n".to_vec())]
+    );
+    store
+        .append_log(&lease, vec![line(LogStream::Stdout, b"after\n")])
+        .await
+        .unwrap();
+    assert_eq!(
+        read_log(&*store, id, 7).await,
+        [(7, 1, b"after\n".to_vec())]
     );
 }
 

@@ -9,22 +9,26 @@ use jobd_proto::{JobId, JobState};
 
 use super::{
     CancelResult, ClaimRequest, Claimed, Cursor, Deleted, EventItem, Fenced, Found, JobStore,
-    Lease, LeaseState, ListFilter, ListPage, Maintained, Maintenance, Missing, NewJob, StoreError,
-    StoreOptions, StoreStats, Submitted, fingerprint,
+    Lease, LeaseState, ListFilter, ListPage, LogFeed, LogLine, Maintained, Maintenance, Missing,
+    NewJob, StoreError, StoreOptions, StoreStats, Submitted, fingerprint,
     live::{
         Live,
+        logs::JobLog,
         table::{CancelPlan, Lapsed},
     },
+    log_entries,
 };
 use crate::{
     Gone,
-    job::{Finished, JobError, JobRecord, Outcome},
+    job::{Finished, JobError, JobRecord, LogPage, Outcome},
 };
 
 pub(crate) struct MemoryStore {
     live: Arc<Live>,
     /// Why removed jobs are gone, and since when.
     tombstones: dashmap::DashMap<JobId, (Gone, SystemTime)>,
+    /// The logs of jobs that wrote any.
+    logs: dashmap::DashMap<JobId, JobLog>,
 }
 
 impl MemoryStore {
@@ -32,6 +36,7 @@ impl MemoryStore {
         Self {
             live: Arc::new(Live::new(&options, 1)),
             tombstones: dashmap::DashMap::new(),
+            logs: dashmap::DashMap::new(),
         }
     }
 
@@ -182,6 +187,7 @@ impl JobStore for MemoryStore {
             .tombstones
             .insert(id, (Gone::Deleted, self.live.clock.now()));
         if self.live.table.forget(id) {
+            self.logs.remove(&id);
             return Ok(Deleted::Removed);
         }
         let refused = match self.live.table.state(id) {
@@ -219,6 +225,7 @@ impl JobStore for MemoryStore {
                     .evict_finished(purge.finished_before, usize::MAX, purge.limit);
             for id in &removed {
                 self.tombstones.insert(*id, (Gone::Expired, now));
+                self.logs.remove(id);
             }
             self.tombstones
                 .retain(|_, (_, at)| *at >= purge.tombstones_before);
@@ -226,6 +233,43 @@ impl JobStore for MemoryStore {
             done.more = removed.len() == purge.limit;
         }
         Ok(done)
+    }
+
+    async fn append_log(&self, lease: &Lease, lines: Vec<LogLine>) -> Result<Fenced, StoreError> {
+        let at = self.live.clock.now();
+        let appended = self.live.table.while_current(lease, || {
+            let mut log = self.logs.entry(lease.job).or_default();
+            for entry in log_entries(lines, lease.attempt, at, log.end(), self.live.log_cap) {
+                log.push(entry, self.live.log_cap);
+            }
+            log.end()
+        });
+        Ok(match appended {
+            Some(end) => {
+                self.live.log_feeds.grew(lease.job, end);
+                Fenced::Applied
+            }
+            None => Fenced::Stale,
+        })
+    }
+
+    async fn read_log(
+        &self,
+        id: JobId,
+        from: u64,
+        max_bytes: usize,
+    ) -> Result<Found<LogPage>, StoreError> {
+        if self.live.table.state(id).is_none() {
+            return Ok(Err(self.missing(id)));
+        }
+        Ok(Ok(self.logs.get(&id).map_or_else(
+            || LogPage::new(Vec::new(), from),
+            |log| log.read(from, max_bytes),
+        )))
+    }
+
+    fn follow_log(&self, id: JobId) -> LogFeed {
+        self.live.log_feeds.follow(id)
     }
 
     async fn flush(&self) -> Result<(), StoreError> {

@@ -43,13 +43,14 @@ use futures::{future::BoxFuture, stream::BoxStream};
 use jobd_proto::{JobId, JobState};
 use sha2::{Digest as _, Sha256};
 
+pub(crate) use self::live::logs::LogFeed;
 pub use self::{
     listing::{ListFilter, ListPage},
     sqlite::{DB_FILE, LOCK_FILE, POISON_LIMIT},
 };
 use crate::{
     clock::Clock,
-    job::{Finished, JobRecord, Outcome, PoolName, Progress},
+    job::{Finished, JobRecord, LogEntry, LogPage, LogStream, Outcome, PoolName, Progress},
 };
 
 /// Which store holds job state.
@@ -183,6 +184,8 @@ pub(crate) struct StoreOptions {
     pub(crate) event_history: std::num::NonZeroUsize,
     /// Finished jobs a durable store keeps in memory.
     pub(crate) cache_finished: usize,
+    /// The bytes of each job's log kept (the newest).
+    pub(crate) log_cap: u64,
     /// Where stored times come from.
     pub(crate) clock: Clock,
     #[cfg(feature = "fault-injection")]
@@ -452,6 +455,54 @@ pub(crate) struct Cursor {
     pub(crate) seq: u64,
 }
 
+/// What a running attempt wrote, for [`JobStore::append_log`].
+#[derive(Debug, Clone)]
+pub(crate) struct LogLine {
+    pub(crate) stream: LogStream,
+    pub(crate) data: Vec<u8>,
+}
+
+/// The most bytes one log entry holds: longer writes are split.
+pub(crate) const MAX_LOG_ENTRY: usize = 64 * 1024;
+
+/// The entries `lines` make for `attempt`, written at `at`, from offset
+/// `start` on. Each line is split at [`MAX_LOG_ENTRY`], or at the log's
+/// `cap` when that is smaller, so that the newest entry is always kept.
+pub(crate) fn log_entries(
+    lines: Vec<LogLine>,
+    attempt: u32,
+    at: SystemTime,
+    start: u64,
+    cap: u64,
+) -> Vec<LogEntry> {
+    let longest = usize::try_from(cap)
+        .unwrap_or(usize::MAX)
+        .clamp(1, MAX_LOG_ENTRY);
+    let mut offset = start;
+    let mut entries = Vec::with_capacity(lines.len());
+    for line in lines {
+        let mut rest = line.data;
+        while !rest.is_empty() {
+            let tail = if rest.len() > longest {
+                rest.split_off(longest)
+            } else {
+                Vec::new()
+            };
+            let entry = LogEntry {
+                offset,
+                attempt,
+                stream: line.stream,
+                at,
+                data: rest,
+            };
+            offset = entry.end();
+            entries.push(entry);
+            rest = tail;
+        }
+    }
+    entries
+}
+
 /// Gauges for operators and tests.
 #[derive(Debug, Clone, Default)]
 pub(crate) struct StoreStats {
@@ -552,6 +603,24 @@ pub(crate) trait JobStore: Send + Sync + 'static {
     /// `Closed`. Jobs pending stay pending (a durable store runs them after
     /// a restart).
     fn close(&self);
+
+    /// Appends what the lease's attempt wrote to the job's log (each line
+    /// one entry, split at [`MAX_LOG_ENTRY`]), dropping the oldest entries
+    /// past the cap. Returns once decided; followers see the entries once
+    /// they are durable. A stale lease's lines are refused.
+    async fn append_log(&self, lease: &Lease, lines: Vec<LogLine>) -> Result<Fenced, StoreError>;
+
+    /// The entries of the job's log that end after `from`, up to about
+    /// `max_bytes`.
+    async fn read_log(
+        &self,
+        id: JobId,
+        from: u64,
+        max_bytes: usize,
+    ) -> Result<Found<LogPage>, StoreError>;
+
+    /// Subscribes to the growth of the job's log (subscribe, then read).
+    fn follow_log(&self, id: JobId) -> LogFeed;
 
     /// The newest position of the event stream. The first call starts the
     /// recording of events: before it, no watcher can hold a position to

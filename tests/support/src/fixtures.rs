@@ -54,6 +54,9 @@ pub struct Fixtures {
     pub probe: Arc<Probe>,
     /// The argument of each `*_started` job, as it starts.
     pub started: mpsc::Receiver<serde_json::Value>,
+    /// What `log_gated` jobs wait for between their two lines: one permit
+    /// lets one job on.
+    pub gate: Arc<tokio::sync::Semaphore>,
 }
 
 impl Fixtures {
@@ -77,7 +80,12 @@ impl Fixtures {
 /// - `polite_started`: signals, then waits up to 60 s for a cancel and
 ///   honours it;
 /// - `panic_async`, `panic_blocking`: panic ("async boom", "blocking boom");
-/// - `fail`: fails with "failed on purpose" (and its argument, if any).
+/// - `fail`: fails with "failed on purpose" (and its argument, if any);
+/// - `log_lines`: logs `args` lines ("line 0" ...) from a blocking thread,
+///   returns how many;
+/// - `log_gated`: logs "first", signals its start, waits for a permit of
+///   the gate, then writes the bytes `ff fe 0a` as stdout and logs
+///   "second".
 #[must_use]
 pub fn registry() -> (Registry, Fixtures) {
     let probe = Arc::new(Probe::default());
@@ -132,6 +140,30 @@ pub fn registry() -> (Registry, Fixtures) {
             Ok(json!("finished anyway"))
         },
     );
+    registry.register_blocking("log_lines", "logs args lines", |ctx, args| {
+        let n = args.as_u64().unwrap_or(3);
+        for i in 0..n {
+            ctx.log(format!("line {i}"));
+        }
+        Ok(json!(n))
+    });
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    let (tx, open) = (started_tx.clone(), Arc::clone(&gate));
+    registry.register_async(
+        "log_gated",
+        "logs a line, signals, waits for the gate, writes more",
+        move |ctx, args| {
+            let (tx, open) = (tx.clone(), Arc::clone(&open));
+            async move {
+                ctx.log("first");
+                let _ = tx.send(args).await;
+                open.acquire().await.expect("never closed").forget();
+                ctx.log_output(jobd::LogStream::Stdout, b"\xff\xfe\n");
+                ctx.log("second");
+                Ok(json!("logged"))
+            }
+        },
+    );
     let tx = started_tx;
     registry.register_blocking(
         "polite_started",
@@ -156,7 +188,14 @@ pub fn registry() -> (Registry, Fixtures) {
                 format!("failed on purpose: {args}")
             }))
         });
-    (registry, Fixtures { probe, started })
+    (
+        registry,
+        Fixtures {
+            probe,
+            started,
+            gate,
+        },
+    )
 }
 
 /// An engine configuration with these pool sizes and queue bound.

@@ -44,13 +44,14 @@ async fn dispatch(inner: Arc<Inner>, pool: PoolName, slots: Arc<Semaphore>) {
 
 async fn run(inner: &Inner, claimed: Claimed) {
     let registered = inner.running.register(&claimed.lease);
+    let reports = inner.reports(&claimed);
     let outcome = match inner
         .registry
         .get(&claimed.function)
         .map(crate::function::Function::body)
     {
         Some(Body::Async(body)) => {
-            let ctx = inner.ctx(&claimed, &registered);
+            let ctx = inner.ctx(&claimed, &registered, &reports);
             // Building the future runs user code too, so it is guarded like
             // the future itself.
             match guarded(|| body(ctx, claimed.args.clone())) {
@@ -72,5 +73,5 @@ async fn run(inner: &Inner, claimed: Claimed) {
             claimed.function
         ))),
     };
-    inner.end_attempt(&claimed, outcome).await;
+    inner.end_attempt(&claimed, outcome, &reports).await;
 }

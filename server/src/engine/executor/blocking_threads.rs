@@ -8,7 +8,7 @@
 
 use std::sync::Arc;
 
-use super::{Registered, guarded, time_limit};
+use super::{Registered, StoreReports, guarded, time_limit};
 use crate::{
     engine::Inner,
     function::Body,
@@ -48,13 +48,21 @@ fn serve(inner: &Arc<Inner>, pool: PoolName) {
         // Registered until the attempt has ended, so a cancel meanwhile
         // still finds it.
         let registered = inner.running.register(&claimed.lease);
-        let outcome = run(inner, &claimed, &registered);
-        inner.runtime.block_on(inner.end_attempt(&claimed, outcome));
+        let reports = inner.reports(&claimed);
+        let outcome = run(inner, &claimed, &registered, &reports);
+        inner
+            .runtime
+            .block_on(inner.end_attempt(&claimed, outcome, &reports));
         drop(registered);
     }
 }
 
-fn run(inner: &Arc<Inner>, claimed: &Claimed, registered: &Registered<'_>) -> Outcome {
+fn run(
+    inner: &Arc<Inner>,
+    claimed: &Claimed,
+    registered: &Registered<'_>,
+    reports: &Arc<StoreReports>,
+) -> Outcome {
     let Some(Body::Blocking(body)) = inner
         .registry
         .get(&claimed.function)
@@ -82,7 +90,7 @@ fn run(inner: &Arc<Inner>, claimed: &Claimed, registered: &Registered<'_>) -> Ou
             }
         })
     });
-    let ctx = inner.ctx(claimed, registered);
+    let ctx = inner.ctx(claimed, registered, reports);
     let outcome = guarded(|| body(ctx, claimed.args.clone())).and_then(|outcome| outcome);
     if let Some(watchdog) = watchdog {
         watchdog.abort();

@@ -15,7 +15,11 @@ mod blocking_threads;
 pub(crate) mod remote;
 mod running;
 
-use std::{panic::AssertUnwindSafe, sync::Arc, time::Duration};
+use std::{
+    panic::AssertUnwindSafe,
+    sync::{Arc, PoisonError},
+    time::Duration,
+};
 
 use jobd_proto::JobId;
 
@@ -25,8 +29,8 @@ use crate::{
     Ctx,
     ctx::Reports,
     function::PoolKind,
-    job::{JobError, Outcome, PoolName},
-    store::{ClaimRequest, Claimed, Fenced, JobStore, Lease, QueueName},
+    job::{JobError, LogStream, Outcome, PoolName},
+    store::{ClaimRequest, Claimed, Fenced, JobStore, Lease, LogLine, QueueName},
 };
 
 /// How an executor kind honours a cancel of a running job.
@@ -60,16 +64,122 @@ pub(super) fn start(inner: &Arc<Inner>, async_concurrency: usize, blocking_threa
 /// The pause after a claim the store could not answer, before the next try.
 const CLAIM_RETRY: Duration = Duration::from_millis(500);
 
-/// Where a running job's progress goes: the store, under the attempt's
-/// lease.
-struct StoreReports {
+/// How long a job's log lines wait to be stored together.
+const LOG_FLUSH_DELAY: Duration = Duration::from_millis(20);
+/// Bytes of log lines one attempt may have waiting; past it lines are
+/// dropped (and counted) until the next flush.
+const MAX_LOG_BUFFER: usize = 256 * 1024;
+
+/// Where a running job's progress and log lines go: the store, under the
+/// attempt's lease. Log lines are buffered briefly and stored in batches,
+/// so a job that logs in a loop costs one store write per batch; the
+/// executor flushes what is left before it ends the attempt.
+pub(crate) struct StoreReports {
     store: Arc<dyn JobStore>,
     lease: Lease,
+    runtime: tokio::runtime::Handle,
+    /// For the delayed flush a first buffered line schedules.
+    me: std::sync::Weak<StoreReports>,
+    buffer: std::sync::Mutex<LogBuffer>,
+    /// One flush at a time, so batches are stored in the order written.
+    flushing: tokio::sync::Mutex<()>,
+    logged: std::sync::atomic::AtomicBool,
+}
+
+#[derive(Default)]
+struct LogBuffer {
+    lines: Vec<LogLine>,
+    bytes: usize,
+    dropped: u64,
+    flush_scheduled: bool,
+}
+
+impl StoreReports {
+    pub(crate) fn new(
+        store: Arc<dyn JobStore>,
+        lease: Lease,
+        runtime: tokio::runtime::Handle,
+    ) -> Arc<Self> {
+        Arc::new_cyclic(|me| Self {
+            store,
+            lease,
+            runtime,
+            me: me.clone(),
+            buffer: std::sync::Mutex::default(),
+            flushing: tokio::sync::Mutex::new(()),
+            logged: std::sync::atomic::AtomicBool::new(false),
+        })
+    }
+
+    /// Stores the lines written so far (the lease must still be current
+    /// for them to be kept).
+    pub(crate) async fn flush_log(&self) {
+        if !self.logged.load(std::sync::atomic::Ordering::Acquire) {
+            return;
+        }
+        let _one_at_a_time = self.flushing.lock().await;
+        let lines = {
+            let mut buffer = self.buffer.lock().unwrap_or_else(PoisonError::into_inner);
+            buffer.flush_scheduled = false;
+            buffer.bytes = 0;
+            let dropped = std::mem::take(&mut buffer.dropped);
+            let mut lines = std::mem::take(&mut buffer.lines);
+            if dropped > 0 {
+                lines.push(LogLine {
+                    stream: LogStream::Log,
+                    data: format!(
+                        "[jobd: {dropped} log lines dropped: the job wrote faster than they could be stored]\n"
+                    )
+                    .into_bytes(),
+                });
+            }
+            lines
+        };
+        if lines.is_empty() {
+            return;
+        }
+        match self.store.append_log(&self.lease, lines).await {
+            Ok(Fenced::Applied) => {}
+            Ok(Fenced::Repeated | Fenced::Stale) => {
+                tracing::debug!(id = %self.lease.job, "log lines of an attempt that ended were dropped");
+            }
+            Err(err) => {
+                tracing::warn!(id = %self.lease.job, %err, "cannot store a job's log lines");
+            }
+        }
+    }
 }
 
 impl Reports for StoreReports {
     fn progress(&self, fraction: f64, message: &str) {
         self.store.progress(&self.lease, fraction, message);
+    }
+
+    fn log(&self, stream: LogStream, data: &[u8]) {
+        if data.is_empty() {
+            return;
+        }
+        self.logged
+            .store(true, std::sync::atomic::Ordering::Release);
+        let schedule = {
+            let mut buffer = self.buffer.lock().unwrap_or_else(PoisonError::into_inner);
+            if buffer.bytes + data.len() > MAX_LOG_BUFFER {
+                buffer.dropped += 1;
+            } else {
+                buffer.bytes += data.len();
+                buffer.lines.push(LogLine {
+                    stream,
+                    data: data.to_vec(),
+                });
+            }
+            !std::mem::replace(&mut buffer.flush_scheduled, true)
+        };
+        if schedule && let Some(me) = self.me.upgrade() {
+            self.runtime.spawn(async move {
+                tokio::time::sleep(LOG_FLUSH_DELAY).await;
+                me.flush_log().await;
+            });
+        }
     }
 }
 
@@ -105,22 +215,34 @@ impl Inner {
         }
     }
 
+    /// Where the attempt of `claimed` reports to.
+    fn reports(&self, claimed: &Claimed) -> Arc<StoreReports> {
+        StoreReports::new(
+            Arc::clone(&self.store),
+            claimed.lease.clone(),
+            self.runtime.clone(),
+        )
+    }
+
     /// What the function of `claimed` sees.
-    fn ctx(&self, claimed: &Claimed, registered: &Registered<'_>) -> Ctx {
+    fn ctx(
+        &self,
+        claimed: &Claimed,
+        registered: &Registered<'_>,
+        reports: &Arc<StoreReports>,
+    ) -> Ctx {
         Ctx::new(
             claimed.lease.job,
             claimed.lease.attempt,
             registered.cancel.clone(),
             self.runtime.clone(),
-            Arc::new(StoreReports {
-                store: Arc::clone(&self.store),
-                lease: claimed.lease.clone(),
-            }),
+            Arc::clone(reports) as Arc<dyn Reports>,
         )
     }
 
-    /// Ends an attempt a local executor ran.
-    async fn end_attempt(&self, claimed: &Claimed, outcome: Outcome) {
+    /// Ends an attempt a local executor ran, after storing what it logged.
+    async fn end_attempt(&self, claimed: &Claimed, outcome: Outcome, reports: &StoreReports) {
+        reports.flush_log().await;
         let lease = &claimed.lease;
         if let Err(err) = self.ending.end(lease, claimed.max_attempts, outcome).await {
             tracing::warn!(id = %lease.job, %err, "cannot record how the job's attempt ended");

@@ -9,6 +9,7 @@
 //! outside the stores reads or writes it.
 
 pub(crate) mod events;
+pub(crate) mod logs;
 pub(crate) mod queue;
 pub(crate) mod table;
 
@@ -52,6 +53,10 @@ pub(crate) struct Live {
     max_queued: usize,
     priority_aging: std::time::Duration,
     pub(crate) events: Arc<EventHub>,
+    /// Callers following job logs.
+    pub(crate) log_feeds: Arc<logs::LogFeeds>,
+    /// The bytes of each job's log kept.
+    pub(crate) log_cap: u64,
     pub(crate) clock: Clock,
     /// The next fencing token to hand out.
     next_token: AtomicU64,
@@ -97,6 +102,8 @@ impl Live {
             max_queued: options.max_queued,
             priority_aging: options.priority_aging,
             events,
+            log_feeds: Arc::default(),
+            log_cap: options.log_cap,
             clock: options.clock.clone(),
             next_token: AtomicU64::new(first_token),
             expiries: Mutex::new(BTreeMap::new()),

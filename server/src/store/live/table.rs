@@ -290,6 +290,12 @@ impl JobTable {
         current.then(|| change(&mut slot))
     }
 
+    /// Runs `then` while `lease` is current, holding it so (no end of the
+    /// attempt can be decided meanwhile); `None` when it is not current.
+    pub(crate) fn while_current<R>(&self, lease: &Lease, then: impl FnOnce() -> R) -> Option<R> {
+        self.with_current(lease, |_| then())
+    }
+
     /// Extends a current lease to `expires_at`.
     pub(crate) fn renew(&self, lease: &Lease, expires_at: Option<SystemTime>) -> LeaseState {
         self.with_current(lease, |slot| {

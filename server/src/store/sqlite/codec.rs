@@ -10,7 +10,7 @@ use rusqlite::{Row, types::ValueRef};
 
 pub(crate) use crate::clock::{from_micros, micros};
 use crate::{
-    job::{JobError, JobRecord, Outcome, PoolName},
+    job::{JobError, JobRecord, LogEntry, LogStream, Outcome, PoolName},
     store::Gone,
 };
 
@@ -177,6 +177,42 @@ pub(crate) fn parse_history(text: &str) -> rusqlite::Result<Vec<(JobState, u32, 
             }
         })
         .collect()
+}
+
+/// A log entry's offset as stored (SQLite integers are signed).
+pub(crate) fn log_offset(offset: u64) -> i64 {
+    i64::try_from(offset).unwrap_or(i64::MAX)
+}
+
+/// Stored codes of the log streams.
+pub(crate) fn log_stream_code(stream: LogStream) -> i64 {
+    match stream {
+        LogStream::Stdout => 1,
+        LogStream::Stderr => 2,
+        LogStream::Log => 3,
+    }
+}
+
+pub(crate) fn log_stream_from_code(code: i64) -> rusqlite::Result<LogStream> {
+    Ok(match code {
+        1 => LogStream::Stdout,
+        2 => LogStream::Stderr,
+        3 => LogStream::Log,
+        other => {
+            return Err(rusqlite::Error::IntegralValueOutOfRange(3, other));
+        }
+    })
+}
+
+/// A stored log entry, as `SELECT offset, attempt, stream, at, data` gives it.
+pub(crate) fn log_entry_from_row(row: &Row<'_>) -> rusqlite::Result<LogEntry> {
+    Ok(LogEntry {
+        offset: u64::try_from(row.get::<_, i64>(0)?).unwrap_or(0),
+        attempt: row.get(1)?,
+        stream: log_stream_from_code(row.get(2)?)?,
+        at: from_micros(row.get(3)?),
+        data: row.get(4)?,
+    })
 }
 
 pub(crate) fn id_bytes(id: JobId) -> [u8; 16] {

@@ -36,14 +36,15 @@ use self::{
 pub use super::live::table::POISON_LIMIT;
 use super::{
     CancelResult, ClaimRequest, Claimed, Cursor, Deleted, EventItem, Fenced, Found, JobStore,
-    Lease, LeaseState, ListFilter, ListPage, Maintained, Maintenance, Missing, NewJob, StoreError,
-    StoreOptions, StoreStats, Submitted, fingerprint,
+    Lease, LeaseState, ListFilter, ListPage, LogFeed, LogLine, Maintained, Maintenance, Missing,
+    NewJob, StoreError, StoreOptions, StoreStats, Submitted, fingerprint,
     live::{
         Live,
         table::{self, CancelPlan, Lapsed},
     },
+    log_entries,
 };
-use crate::job::{Finished, JobError, JobRecord, Outcome};
+use crate::job::{Finished, JobError, JobRecord, LogEntry, LogPage, Outcome};
 
 /// The database file inside the data directory.
 pub const DB_FILE: &str = "jobd.sqlite3";
@@ -61,6 +62,8 @@ pub(crate) struct SqliteStore {
     reader: Reader,
     /// Finished jobs kept in the cache (older ones are read from disk).
     cache_finished: usize,
+    /// Where the logs of running jobs that wrote any end.
+    log_ends: dashmap::DashMap<JobId, u64>,
     /// Held for the life of the process: the advisory lock on the data dir.
     _lock: File,
 }
@@ -151,6 +154,7 @@ impl SqliteStore {
             writer,
             reader,
             cache_finished: options.cache_finished,
+            log_ends: dashmap::DashMap::new(),
             _lock: lock,
         })
     }
@@ -250,6 +254,7 @@ impl JobStore for SqliteStore {
             return Ok(self.live.table.not_current(lease));
         }
         slot.finish(lease.job, lease.attempt, outcome, self.live.clock.now());
+        self.log_ends.remove(&lease.job);
         self.evict();
         Ok(Fenced::Applied)
     }
@@ -301,6 +306,47 @@ impl JobStore for SqliteStore {
                 Err(missing) => CancelResult::Missing(missing),
             },
         })
+    }
+
+    async fn append_log(&self, lease: &Lease, lines: Vec<LogLine>) -> Result<Fenced, StoreError> {
+        if !self.log_ends.contains_key(&lease.job) {
+            // Its first lines in this run: an earlier attempt, or this one
+            // before a restart, may have written some.
+            let end = self.reader.log_end(lease.job).await?;
+            self.log_ends.entry(lease.job).or_insert(end);
+        }
+        let slot = self.writer.slot().await?;
+        let at = self.live.clock.now();
+        let appended = self.live.table.while_current(lease, || {
+            let mut end = self.log_ends.entry(lease.job).or_insert(0);
+            let entries = log_entries(lines, lease.attempt, at, *end, self.live.log_cap);
+            *end = entries.last().map_or(*end, LogEntry::end);
+            (entries, *end)
+        });
+        Ok(match appended {
+            Some((entries, end)) => {
+                slot.append_log(lease.job, entries, end.saturating_sub(self.live.log_cap));
+                Fenced::Applied
+            }
+            None => Fenced::Stale,
+        })
+    }
+
+    async fn read_log(
+        &self,
+        id: JobId,
+        from: u64,
+        max_bytes: usize,
+    ) -> Result<Found<LogPage>, StoreError> {
+        if let Err(missing) = self.state(id).await? {
+            return Ok(Err(missing));
+        }
+        let entries = self.reader.log(id, from, max_bytes).await?;
+        Ok(Ok(LogPage::new(entries, from)))
+    }
+
+    fn follow_log(&self, id: JobId) -> LogFeed {
+        self.live.log_feeds.follow(id)
     }
 
     async fn get(&self, id: JobId) -> Result<Found<JobRecord>, StoreError> {

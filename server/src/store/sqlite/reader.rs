@@ -14,12 +14,13 @@ use rusqlite::{Connection, OpenFlags, OptionalExtension as _, types::Value};
 use tokio::sync::Semaphore;
 
 use super::codec::{
-    RECORD_COLUMNS, gone_from_reason, id_bytes, micros, record_from_row, state_code,
+    RECORD_COLUMNS, gone_from_reason, id_bytes, log_entry_from_row, log_offset, micros,
+    record_from_row, state_code,
 };
 use crate::{
     clock::micros_ceil,
-    job::JobRecord,
-    store::{Gone, ListFilter, StoreError},
+    job::{JobRecord, LogEntry},
+    store::{Gone, ListFilter, MAX_LOG_ENTRY, StoreError},
 };
 
 /// What the database knows about an id.
@@ -54,6 +55,29 @@ impl Reader {
 
     pub(crate) async fn lookup(&self, id: JobId) -> Result<Lookup, StoreError> {
         self.run(move |conn| lookup(conn, id)).await
+    }
+
+    /// The entries of `id`'s log that end after `from`, up to about
+    /// `max_bytes` (at least one, when there is one).
+    pub(crate) async fn log(
+        &self,
+        id: JobId,
+        from: u64,
+        max_bytes: usize,
+    ) -> Result<Vec<LogEntry>, StoreError> {
+        self.run(move |conn| log(conn, id, from, max_bytes)).await
+    }
+
+    /// Where `id`'s log ends on disk.
+    pub(crate) async fn log_end(&self, id: JobId) -> Result<u64, StoreError> {
+        self.run(move |conn| {
+            conn.prepare_cached(
+                "SELECT MAX(offset + length(data)) FROM job_logs WHERE job_id = ?1",
+            )?
+            .query_row([id_bytes(id)], |row| row.get::<_, Option<i64>>(0))
+            .map(|end| end.map_or(0, |end| u64::try_from(end).unwrap_or(0)))
+        })
+        .await
     }
 
     /// The newest `limit` jobs on disk that match `filter` (as stored: a
@@ -143,6 +167,36 @@ fn list(
     conn.prepare_cached(&sql)?
         .query_map(rusqlite::params_from_iter(params), record_from_row)?
         .collect()
+}
+
+fn log(
+    conn: &Connection,
+    id: JobId,
+    from: u64,
+    max_bytes: usize,
+) -> rusqlite::Result<Vec<LogEntry>> {
+    // An entry holds at most MAX_LOG_ENTRY bytes: one that ends after `from`
+    // starts after this.
+    let earliest = from.saturating_sub(MAX_LOG_ENTRY as u64);
+    let mut statement = conn.prepare_cached(
+        "SELECT offset, attempt, stream, at, data FROM job_logs \
+         WHERE job_id = ?1 AND offset >= ?2 ORDER BY offset",
+    )?;
+    let mut rows = statement.query(rusqlite::params![id_bytes(id), log_offset(earliest)])?;
+    let mut entries = Vec::new();
+    let mut bytes = 0;
+    while let Some(row) = rows.next()? {
+        let entry = log_entry_from_row(row)?;
+        if entry.end() <= from {
+            continue;
+        }
+        if !entries.is_empty() && bytes + entry.data.len() > max_bytes {
+            break;
+        }
+        bytes += entry.data.len();
+        entries.push(entry);
+    }
+    Ok(entries)
 }
 
 fn lookup(conn: &Connection, id: JobId) -> rusqlite::Result<Lookup> {

@@ -114,6 +114,21 @@ const MIGRATIONS: &[&str] = &[
     ALTER TABLE jobs ADD COLUMN holder TEXT;
     ALTER TABLE jobs ADD COLUMN lease_ttl_ms INTEGER;
     ",
+    // 8: job logs. One row per entry (a line, or a chunk of a long one), keyed
+    // by job and byte offset so that a reader resumes with a range scan and
+    // the cap drops a job's oldest entries with one. A rowid table: entries
+    // run to 64 KiB, too large for a WITHOUT ROWID b-tree's cells.
+    "
+    CREATE TABLE job_logs (
+        job_id  BLOB NOT NULL,
+        offset  INTEGER NOT NULL,     -- bytes of the job's log before this entry
+        attempt INTEGER NOT NULL,
+        stream  INTEGER NOT NULL,     -- 1 stdout, 2 stderr, 3 the function's log
+        at      INTEGER NOT NULL,     -- microseconds since the epoch
+        data    BLOB NOT NULL,
+        PRIMARY KEY (job_id, offset)
+    );
+    ",
 ];
 
 /// Why the schema could not be brought up to date.
@@ -225,7 +240,7 @@ mod tests {
         let version: i64 = conn
             .query_row("PRAGMA user_version", [], |r| r.get(0))
             .unwrap();
-        assert_eq!(version, 7);
+        assert_eq!(version, 8);
     }
 
     #[test]
@@ -260,7 +275,7 @@ mod tests {
             migrate(&mut conn),
             Err(SchemaError::TooNew {
                 found: 99,
-                known: 7
+                known: 8
             })
         ));
     }

@@ -21,11 +21,11 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::codec::{
     TOMBSTONE_DELETED, TOMBSTONE_EXPIRED, first_id_after, gone_from_reason, history_entry,
-    id_bytes, id_from_bytes, json_text, labels_json, micros, outcome_columns, pool_value,
-    push_history_entry, state_code, state_from_code, stored_state,
+    id_bytes, id_from_bytes, json_text, labels_json, log_offset, log_stream_code, micros,
+    outcome_columns, pool_value, push_history_entry, state_code, state_from_code, stored_state,
 };
 use crate::{
-    job::{JobRecord, Outcome},
+    job::{JobRecord, LogEntry, Outcome},
     store::{
         Claimed, Deleted, FencingToken, LeaseHolder, Missing, StoreError,
         live::{Live, table::RequestEntry},
@@ -116,6 +116,12 @@ enum Op {
     Flush {
         reply: Reply<()>,
     },
+    AppendLog {
+        id: JobId,
+        entries: Vec<LogEntry>,
+        /// Entries of the job starting before this go (the log's cap).
+        cut: u64,
+    },
 }
 
 impl Op {
@@ -169,6 +175,11 @@ impl Op {
                 }
                 drop(reply.send(swept.ok_or_else(unanswered)));
             }
+            Self::AppendLog { id, entries, .. } => {
+                if let Some(last) = entries.last() {
+                    live.log_feeds.grew(id, last.end());
+                }
+            }
             Self::Start { .. } => {}
         }
     }
@@ -193,7 +204,7 @@ impl Op {
             }
             Self::Delete { reply, .. } => drop(reply.send(Err(err.clone()))),
             Self::Purge { reply, .. } => drop(reply.send(Err(err.clone()))),
-            Self::Start { .. } => {}
+            Self::Start { .. } | Self::AppendLog { .. } => {}
         }
     }
 }
@@ -312,6 +323,12 @@ impl Slot<'_> {
             reply: Some(reply),
         });
         answer.await.map_err(|_| stopped())?
+    }
+
+    /// Appends log entries of a job without waiting, and drops its entries
+    /// that start before `cut`; followers are woken after the commit.
+    pub(crate) fn append_log(self, id: JobId, entries: Vec<LogEntry>, cut: u64) {
+        self.0.send(Op::AppendLog { id, entries, cut });
     }
 
     /// Records that the jobs (each at its attempt) are pending again;
@@ -679,6 +696,7 @@ fn apply_in(
                 )?);
             }
             Op::Delete { id, at, found, .. } => *found = Some(delete(tx, *id, *at)?),
+            Op::AppendLog { id, entries, cut } => append_log(&mut sql, *id, entries, *cut)?,
             Op::Flush { .. } => {}
         }
     }
@@ -701,12 +719,14 @@ struct Statements<'t> {
 
 #[derive(Clone, Copy)]
 enum Sql {
-    // Keep `Requeue` last: `COUNT` counts up to it.
+    // Keep `CutLog` last: `COUNT` counts up to it.
     FindRequest,
     Insert,
     Start,
     Finish,
     Requeue,
+    AppendLog,
+    CutLog,
 }
 
 /// The hot path's SQL, with the stored state codes written in (as literals,
@@ -738,12 +758,17 @@ static SQL_TEXT: LazyLock<[String; Sql::COUNT]> = LazyLock::new(|| {
             "UPDATE jobs SET state = {PENDING}, history = history || ?1 \
              WHERE id = ?2 AND state = {RUNNING}"
         ),
+        // OR REPLACE: a log entry is never worth failing a batch for.
+        "INSERT OR REPLACE INTO job_logs (job_id, offset, attempt, stream, at, data) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6)"
+            .to_owned(),
+        "DELETE FROM job_logs WHERE job_id = ?1 AND offset < ?2".to_owned(),
     ]
 });
 
 impl Sql {
     /// How many there are: one slot each in [`Statements`].
-    const COUNT: usize = Self::Requeue as usize + 1;
+    const COUNT: usize = Self::CutLog as usize + 1;
 
     fn text(self) -> &'static str {
         &SQL_TEXT[self as usize]
@@ -765,6 +790,30 @@ impl<'t> Statements<'t> {
         }
         Ok(slot.as_mut().expect("prepared just above"))
     }
+}
+
+fn append_log(
+    sql: &mut Statements<'_>,
+    id: JobId,
+    entries: &[LogEntry],
+    cut: u64,
+) -> rusqlite::Result<()> {
+    let key = id_bytes(id);
+    for entry in entries {
+        sql.get(Sql::AppendLog)?.execute(params![
+            key,
+            log_offset(entry.offset),
+            entry.attempt,
+            log_stream_code(entry.stream),
+            micros(entry.at),
+            entry.data
+        ])?;
+    }
+    if cut > 0 {
+        sql.get(Sql::CutLog)?
+            .execute(params![key, log_offset(cut)])?;
+    }
+    Ok(())
 }
 
 fn insert(sql: &mut Statements<'_>, job: &InsertJob) -> rusqlite::Result<Inserted> {
@@ -825,6 +874,8 @@ fn delete(tx: &rusqlite::Transaction<'_>, id: JobId, at: SystemTime) -> rusqlite
         ))?
         .execute([key])?;
     if removed == 1 {
+        tx.prepare_cached("DELETE FROM job_logs WHERE job_id = ?1")?
+            .execute([key])?;
         tx.prepare_cached(&format!(
             "INSERT OR REPLACE INTO tombstones (id, reason, at) VALUES (?1, {TOMBSTONE_DELETED}, ?2)"
         ))?
@@ -894,6 +945,7 @@ fn purge(
     // Taken from the cache once per step, not once per removal (the SQL
     // text is formatted and hashed for each lookup).
     let mut remove = tx.prepare_cached("DELETE FROM jobs WHERE id = ?1")?;
+    let mut remove_log = tx.prepare_cached("DELETE FROM job_logs WHERE job_id = ?1")?;
     let mut tombstone = tx.prepare_cached(&format!(
         "INSERT OR REPLACE INTO tombstones (id, reason, at) VALUES (?1, {TOMBSTONE_EXPIRED}, ?2)"
     ))?;
@@ -906,6 +958,7 @@ fn purge(
         last = Some(id);
         if finished_at.is_some_and(|at| at < cutoff) {
             remove.execute([id])?;
+            remove_log.execute([id])?;
             tombstone.execute(params![id, now])?;
             ids.push(id_from_bytes(id)?);
         }
