@@ -575,3 +575,54 @@ async fn worker_tokens_attach_workers_and_nothing_else() {
     }
     server.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_workers_log_lines_join_the_jobs_log_before_its_report() {
+    let server = server().await;
+    let client = server.client().await;
+    let mut worker = worker(&server, attach("talkative", &["work"], 1)).await;
+    let job = client.submit("work", json!(1)).await.unwrap();
+    let assignment = worker.assignment().await;
+    let log = |token: u64, data: &[u8]| {
+        Kind::Log(pb::LogLines {
+            job_id: assignment.job_id.clone(),
+            fencing_token: token,
+            lines: vec![pb::LogLine {
+                stream: pb::LogStream::Stderr.into(),
+                data: data.to_vec(),
+            }],
+        })
+    };
+    worker
+        .send(log(assignment.fencing_token, b"warming up\n"))
+        .await;
+    // Under another lease: dropped, and the session carries on.
+    worker
+        .send(log(assignment.fencing_token + 7, b"forged\n"))
+        .await;
+    worker.succeed(&assignment, json!("done")).await;
+    assert_eq!(
+        worker.ack().await.result(),
+        pb::report_ack::Result::Accepted
+    );
+    assert_eq!(job.result().await.unwrap(), json!("done"));
+
+    let mut rpc = pb::job_service_client::JobServiceClient::new(channel(&server).await);
+    let mut pages = rpc
+        .logs(pb::LogsRequest {
+            job_id: assignment.job_id.clone(),
+            offset: 0,
+            follow: true,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut entries = Vec::new();
+    while let Some(page) = pages.message().await.unwrap() {
+        entries.extend(page.entries);
+    }
+    assert_eq!(entries.len(), 1, "{entries:?}");
+    assert_eq!(entries[0].data, b"warming up\n");
+    assert_eq!(entries[0].stream(), pb::LogStream::Stderr);
+    server.shutdown().await;
+}

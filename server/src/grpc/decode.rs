@@ -16,8 +16,8 @@ use crate::{
     engine::{DeclaredFunction, HeldLease, WorkerAttach},
     engine::{ReturnWhen, SubmitSpec, WatchFilter, WatchSpec},
     function::{MAX_FUNCTION_NAME_LEN, is_valid_function_name},
-    job::{JobError, Outcome, PoolName},
-    store::ListFilter,
+    job::{JobError, LogStream, Outcome, PoolName},
+    store::{ListFilter, LogLine},
 };
 
 /// At most this many labels per job.
@@ -704,6 +704,23 @@ pub(crate) fn worker_attach(
         running,
         peer,
     })
+}
+
+/// Lines a worker sends for a job's log. The stream is taken as sent; an
+/// unset or unknown one counts as the function's own log.
+pub(crate) fn worker_log_lines(lines: Vec<pb::LogLine>) -> Result<Vec<LogLine>, Error> {
+    Ok(lines
+        .into_iter()
+        .filter(|line| !line.data.is_empty())
+        .map(|line| LogLine {
+            stream: match pb::LogStream::try_from(line.stream) {
+                Ok(pb::LogStream::Stdout) => LogStream::Stdout,
+                Ok(pb::LogStream::Stderr) => LogStream::Stderr,
+                Ok(pb::LogStream::Log | pb::LogStream::Unspecified) | Err(_) => LogStream::Log,
+            },
+            data: line.data,
+        })
+        .collect())
 }
 
 /// How a worker says a job ended.

@@ -159,6 +159,14 @@ impl Driver {
                     Ok(Some(message)) => {
                         heard = tokio::time::Instant::now();
                         self.session.heard().await;
+                        if let Some(pb::worker_message::Kind::Log(log)) = message.kind {
+                            // Stored before the next message (a report) is
+                            // read: a job's log is complete when it ends.
+                            match self.log(log).await {
+                                Ok(()) => continue,
+                                Err(status) => break Err(status),
+                            }
+                        }
                         match self.handle(message) {
                             Ok(Some(answer)) => pending.push(answer),
                             Ok(None) => {}
@@ -207,6 +215,16 @@ impl Driver {
         }
     }
 
+    /// Lines a job wrote.
+    async fn log(&self, log: pb::LogLines) -> Result<(), Status> {
+        let job = decode::job_id(&log.job_id)?;
+        let lines = decode::worker_log_lines(log.lines)?;
+        self.session
+            .log(job, log.fencing_token, lines)
+            .await
+            .map_err(|err| Status::from(Error::Store(err)))
+    }
+
     /// One message from the worker; an answer to send later, if any.
     fn handle(&self, message: pb::WorkerMessage) -> Result<Option<Pending>, Status> {
         use pb::worker_message::Kind;
@@ -220,7 +238,8 @@ impl Driver {
                 session.credit(credit.slots);
                 Ok(None)
             }
-            Some(Kind::Heartbeat(_)) => Ok(None),
+            // Lines are stored by the driver before it reads on.
+            Some(Kind::Heartbeat(_) | Kind::Log(_)) => Ok(None),
             Some(Kind::Progress(progress)) => {
                 let job = decode::job_id(&progress.job_id)?;
                 session.progress(

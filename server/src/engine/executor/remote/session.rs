@@ -20,7 +20,7 @@ use super::{Assignment, HeldLease, ToWorker, WorkerAttach, WorkerInfo, Workers};
 use crate::{
     clock::Clock,
     job::{JobError, Outcome},
-    store::{Claimed, Fenced, FencingToken, Lease, LeaseState, StoreError},
+    store::{Claimed, Fenced, FencingToken, Lease, LeaseState, LogLine, StoreError},
 };
 
 /// What became of a report.
@@ -340,6 +340,23 @@ impl Session {
         if let (Some(lease), Some(workers)) = (lease, self.workers.upgrade()) {
             workers.store.progress(&lease, fraction, message);
         }
+    }
+
+    /// Lines a running job wrote, appended to its log under the lease
+    /// (dropped when the lease is not this session's, or not current).
+    /// Awaited before the worker's next message is read, so that the lines
+    /// are stored before a report that follows them.
+    pub(crate) async fn log(
+        &self,
+        job: JobId,
+        token: u64,
+        lines: Vec<LogLine>,
+    ) -> Result<(), StoreError> {
+        let (Some(lease), Some(workers)) = (self.lease_of(job, token), self.workers.upgrade())
+        else {
+            return Ok(());
+        };
+        workers.store.append_log(&lease, lines).await.map(|_| ())
     }
 
     /// How a job ended: recorded through the store, under the lease, and
