@@ -38,17 +38,17 @@
 //!   group is stopped.
 //! - Unix only: process groups and signals are the mechanism.
 //!
-//! Not here yet: resource limits (address space, CPU time, open files).
-//! Setting them in the child without `unsafe` needs a small re-exec helper
-//! that calls `setrlimit` before it `exec`s the program; until that exists
-//! the spec has no limits field, rather than one that would be ignored.
+//! Resource limits (address space, CPU time, open files) are set before
+//! the program runs, by a small re-exec helper ([`exec_if_helper`]), since
+//! setting them between `fork` and `exec` would need `unsafe`.
 
 // Layers: `argv` and `template` (words), `spec` and `ending` (data),
-// `output` and `group` (mechanisms), `run` (uses all of them), `outcome`
+// `output`, `group` and `limits` (mechanisms), `run` (uses all of them), `outcome`
 // (reads what `run` returns).
 mod argv;
 mod ending;
 mod group;
+mod limits;
 mod outcome;
 mod output;
 mod run;
@@ -57,6 +57,7 @@ mod template;
 
 pub use argv::{SplitError, split_command_line};
 pub use ending::{Ending, Exit, GroupCleanup, Signal};
+pub use limits::{HELPER_ARG, Limits, exec_if_helper};
 pub use outcome::{Failure, ResultMode, UnknownResultMode};
 pub use run::{Finished, RunError, SpawnError, run};
 pub use spec::{

@@ -202,6 +202,7 @@ pub async fn run(spec: CommandSpec, cancel: &CancellationToken) -> Result<Finish
         timeout: limit,
         kill_grace,
         lines,
+        helper,
     } = spec;
 
     let inherited = if inherit_path {
@@ -230,10 +231,24 @@ pub async fn run(spec: CommandSpec, cancel: &CancellationToken) -> Result<Finish
         reason,
     })?;
 
-    let mut command = std::process::Command::new(resolved);
+    let mut command = match &helper {
+        // The helper sets the limits on itself, then becomes the program.
+        Some(helper) => {
+            let mut command = std::process::Command::new(&helper.binary);
+            command.args(
+                helper
+                    .limits
+                    .helper_args(resolved.as_os_str(), &argv0, &args),
+            );
+            command
+        }
+        None => {
+            let mut command = std::process::Command::new(resolved);
+            command.arg0(&argv0).args(&args);
+            command
+        }
+    };
     command
-        .arg0(&argv0)
-        .args(&args)
         .env_clear()
         // A new process group led by the program: its pgid is its pid.
         .process_group(0)

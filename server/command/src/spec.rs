@@ -10,6 +10,8 @@ use std::time::Duration;
 
 use tokio::sync::mpsc;
 
+use crate::limits::{Helper, Limits};
+
 /// The default cap on kept stdout: 1 MiB, jobd's default cap on a job's
 /// result.
 pub const DEFAULT_MAX_OUTPUT: usize = 1024 * 1024;
@@ -76,6 +78,8 @@ pub struct CommandSpec {
     pub(crate) kill_grace: Duration,
     /// Where every output line also goes, if anywhere (for job logs).
     pub(crate) lines: Option<mpsc::Sender<OutputLine>>,
+    /// Started through this helper, which sets these limits first.
+    pub(crate) helper: Option<Helper>,
 }
 
 impl CommandSpec {
@@ -96,6 +100,7 @@ impl CommandSpec {
             timeout: None,
             kill_grace: DEFAULT_KILL_GRACE,
             lines: None,
+            helper: None,
         }
     }
 
@@ -122,6 +127,19 @@ impl CommandSpec {
         let mut argv = argv.into_iter();
         let program = argv.next()?;
         Some(Self::new(program).args(argv))
+    }
+
+    /// Runs the program under `limits`, started through `helper`: a binary
+    /// that calls [`exec_if_helper`](crate::exec_if_helper) first thing in
+    /// `main` (usually `std::env::current_exe()`). Without limits (all
+    /// `None`) the program starts directly.
+    #[must_use]
+    pub fn limits(mut self, helper: impl Into<PathBuf>, limits: Limits) -> Self {
+        self.helper = (!limits.is_empty()).then(|| Helper {
+            binary: helper.into(),
+            limits,
+        });
+        self
     }
 
     /// Appends one argument.
