@@ -64,7 +64,7 @@ mod wire;
 
 pub use answer::{
     CancelOutcome, CancelReport, FunctionInfo, JobEvent, JobEventKind, JobInfo, JobOutcome,
-    JobPage, MapItem, Progress, ResumePoint,
+    JobPage, MapItem, PoolKind, Progress, ResumePoint, WorkerInfo,
 };
 pub use client::{JobClient, RpcClient};
 pub use connect::{CallCredentials, ConnectOptions};
