@@ -167,7 +167,9 @@ impl Failure {
                 Exit::JobUnsuccessful
             }
             Self::Client(error) => match error {
-                ClientError::InvalidAddress { .. } | ClientError::InvalidOptions(_) => Exit::Usage,
+                ClientError::InvalidAddress { .. }
+                | ClientError::InvalidOptions(_)
+                | ClientError::InvalidWorker(_) => Exit::Usage,
                 ClientError::JobFailed { .. } | ClientError::Cancelled { .. } => {
                     Exit::JobUnsuccessful
                 }
