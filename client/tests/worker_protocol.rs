@@ -215,28 +215,39 @@ impl Session {
         }
     }
 
-    /// The worker's next message that is not a heartbeat.
+    /// The worker's next message that is not a heartbeat, within [`LIMIT`]
+    /// in all (a worker that only heartbeats must not hold a test forever).
     async fn next_said(&mut self) -> Kind {
-        loop {
-            match self.next().await {
-                Kind::Heartbeat(_) => {}
-                kind => return kind,
+        let said = async {
+            loop {
+                match self.next().await {
+                    Kind::Heartbeat(_) => {}
+                    kind => return kind,
+                }
             }
-        }
+        };
+        tokio::time::timeout(LIMIT, said)
+            .await
+            .expect("the worker said nothing but heartbeats")
     }
 
-    /// Waits for the worker to close its side of the session, then ends
-    /// the session as jobd does.
+    /// Waits (within [`LIMIT`] in all) for the worker to close its side of
+    /// the session, then ends the session as jobd does.
     async fn closed(mut self) {
-        loop {
-            match tokio::time::timeout(LIMIT, self.inbound.message()).await {
-                Ok(Ok(None)) => return,
-                Ok(Ok(Some(pb::WorkerMessage {
-                    kind: Some(Kind::Heartbeat(_)),
-                }))) => {}
-                other => panic!("expected the worker to close the session, got {other:?}"),
+        let closed = async {
+            loop {
+                match self.inbound.message().await {
+                    Ok(None) => return,
+                    Ok(Some(pb::WorkerMessage {
+                        kind: Some(Kind::Heartbeat(_)),
+                    })) => {}
+                    other => panic!("expected the worker to close the session, got {other:?}"),
+                }
             }
-        }
+        };
+        tokio::time::timeout(LIMIT, closed)
+            .await
+            .expect("the worker did not close the session");
     }
 
     async fn attach(&mut self) -> pb::Attach {
@@ -732,7 +743,9 @@ async fn a_blocking_job_sees_the_cancel_in_its_context() {
 async fn an_unacknowledged_report_survives_a_reconnect() {
     let mut fake = Fake::start().await;
     let (worker, mut events, gate) = test_worker(&fake, 3);
-    let (stop, run) = spawn(worker);
+    // A grace longer than the test's limit: the stop below must end on the
+    // acknowledgements, not on the grace.
+    let (stop, run) = spawn(worker.grace(LIMIT * 2));
 
     let mut first = fake.session().await;
     let attach = first.attach().await;
@@ -818,7 +831,8 @@ async fn an_unacknowledged_report_survives_a_reconnect() {
 async fn a_shutdown_drains_the_worker() {
     let mut fake = Fake::start().await;
     let (worker, mut events, gate) = test_worker(&fake, 2);
-    let (stop, run) = spawn(worker);
+    // Longer than the test's limit: the drain must end on the ack.
+    let (stop, run) = spawn(worker.grace(LIMIT * 2));
 
     let mut session = fake.session().await;
     session.attach().await;
@@ -1017,4 +1031,87 @@ async fn failures_keep_their_kind() {
             "the peer is busy".to_owned()
         )
     );
+}
+
+/// jobd's own `drain` (it is shutting down): the worker takes nothing new
+/// (a later assignment is given back), finishes and reports what runs,
+/// closes the session once the report is acknowledged, and reconnects, as
+/// the same instance, for the jobd that comes back.
+#[tokio::test]
+async fn a_drain_from_jobd_ends_the_session_and_the_worker_comes_back() {
+    let mut fake = Fake::start().await;
+    let (worker, mut events, gate) = test_worker(&fake, 2);
+    let (stop, run) = spawn(worker);
+
+    let mut first = fake.session().await;
+    let attach = first.attach().await;
+    first.attached(Duration::from_secs(60), Vec::new()).await;
+    let (running, late) = (Job::new(1), Job::new(2));
+    first.assign(&running, "gated", Value::Null).await;
+    expect_event(&mut events, &format!("started {}", running.id)).await;
+    first
+        .send(server_message::Kind::Drain(pb::Drain {
+            grace: Some(Duration::from_secs(30).try_into().expect("a duration")),
+        }))
+        .await;
+    first.assign(&late, "gated", Value::Null).await;
+    match first.next_said().await {
+        Kind::GiveBack(back) => assert_eq!(back.job_id, late.id),
+        other => panic!("expected give_back, got {other:?}"),
+    }
+    gate.add_permits(1);
+    let done = report(first.next_said().await);
+    assert_eq!(done.job_id, running.id);
+    first.ack(&done).await;
+    first.closed().await;
+
+    let mut second = fake.session().await;
+    let again = second.attach().await;
+    assert_eq!(again.instance, attach.instance);
+    assert!(again.running.is_empty());
+    second.attached(Duration::from_secs(60), Vec::new()).await;
+    // It takes jobs again (which also says it has read `attached`, so the
+    // stop below finds it attached).
+    let quick = Job::new(3);
+    second.assign(&quick, "quick", json!("back")).await;
+    let back = report(second.next_said().await);
+    assert_eq!(value_of(&back), json!("back"));
+    second.ack(&back).await;
+    stop.send(()).expect("the worker runs");
+    loop {
+        match second.next_said().await {
+            // The quick job's credit may come first.
+            Kind::Credit(_) => {}
+            Kind::Draining(_) => break,
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    second.closed().await;
+    finished(run).await.expect("a clean stop");
+    assert!(events.try_recv().is_err(), "the late job ran");
+}
+
+/// A jobd that assigns more jobs than the worker's credit (a bug, but not
+/// the worker's to pay for) gets the extra ones back at once: the worker
+/// never runs more than its slots.
+#[tokio::test]
+async fn an_assignment_beyond_the_credit_is_given_back() {
+    let mut fake = Fake::start().await;
+    let (worker, mut events, gate) = test_worker(&fake, 1);
+    let (_stop, _run) = spawn(worker);
+
+    let mut session = fake.session().await;
+    session.attach().await;
+    session.attached(Duration::from_secs(60), Vec::new()).await;
+    let (first, extra) = (Job::new(1), Job::new(2));
+    session.assign(&first, "gated", Value::Null).await;
+    session.assign(&extra, "gated", Value::Null).await;
+    match session.next_said().await {
+        Kind::GiveBack(back) => assert_eq!(back.job_id, extra.id),
+        other => panic!("expected give_back, got {other:?}"),
+    }
+    expect_event(&mut events, &format!("started {}", first.id)).await;
+    gate.add_permits(1);
+    assert_eq!(report(session.next_said().await).job_id, first.id);
+    assert!(events.try_recv().is_err(), "the extra job ran");
 }
