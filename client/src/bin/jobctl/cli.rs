@@ -27,6 +27,7 @@ Examples:
   jobctl submit --wait hello Ann       submits and waits in one step
   jobctl submit echo a 1 '{\"x\":2}'     several arguments become [\"a\",1,{\"x\":2}]
   jobctl submit sleep 30 --label team=infra
+  jobctl submit resize img.png --worker-label gpu=true   only on workers labelled gpu=true
   jobctl done <id>                     true or false, without waiting
   jobctl result <id> --timeout 0.5     gives up (exit 3) if not done in 0.5 s
   jobctl cancel <id>
@@ -433,6 +434,12 @@ pub(crate) struct Submit {
     #[arg(long = "label", value_name = "KEY=VALUE", value_parser = parse_label)]
     pub(crate) labels: Vec<(String, String)>,
 
+    /// Only remote workers carrying this label may run the job (for
+    /// functions served by workers, see `jobctl workers`); repeat to
+    /// require several, e.g. --worker-label gpu=true --worker-label zone=eu.
+    #[arg(long = "worker-label", value_name = "KEY=VALUE", value_parser = parse_label)]
+    pub(crate) worker_labels: Vec<(String, String)>,
+
     /// Priority within the job's pool, -1000 to 1000 (default 0): a higher
     /// one starts first, equal ones in submission order.
     #[arg(long, value_name = "N", allow_hyphen_values = true,
@@ -464,6 +471,9 @@ impl Submit {
         submission.pool.clone_from(&self.pool);
         submission.request_id.clone_from(&self.request_id);
         submission.labels.extend(self.labels.iter().cloned());
+        submission
+            .worker_labels
+            .extend(self.worker_labels.iter().cloned());
         submission.priority = self.priority.unwrap_or_default();
         submission.delay = self.delay;
         submission.timeout = self.run_timeout;
@@ -598,6 +608,12 @@ mod tests {
             "2",
             "--max-attempts",
             "3",
+            "--worker-label",
+            "gpu=true",
+            "--worker-label",
+            "zone=eu",
+            "--label",
+            "team=infra",
         ])
         .unwrap();
         let Command::Submit(submit) = cli.command else {
@@ -608,6 +624,17 @@ mod tests {
         assert_eq!(submission.delay, Some(Duration::from_millis(500)));
         assert_eq!(submission.timeout, Some(Duration::from_secs(2)));
         assert_eq!(submission.max_attempts, 3);
+        assert_eq!(
+            submission.worker_labels,
+            [("gpu", "true"), ("zone", "eu")]
+                .map(|(k, v)| (k.to_owned(), v.to_owned()))
+                .into()
+        );
+        assert_eq!(
+            submission.labels.len(),
+            1,
+            "labels and worker labels stay apart"
+        );
         // --timeout stays the wait bound of --wait, not the job's limit.
         assert!(Cli::try_parse_from(["jobctl", "submit", "sleep", "--timeout", "2"]).is_err());
         assert!(Cli::try_parse_from(["jobctl", "submit", "sleep", "--priority", "1001"]).is_err());
