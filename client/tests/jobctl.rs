@@ -519,6 +519,26 @@ fn status_shows_the_whole_job() {
     server.shutdown();
 }
 
+/// With no worker attached, `workers` writes nothing to a pipe (one JSON
+/// line per worker there) and succeeds; `functions -o json` gives every
+/// function its pool kind, and a count of workers only to worker-served
+/// ones.
+#[test]
+fn workers_and_pool_kinds_reach_the_command_line() {
+    let server = Target::start();
+    let run = server.jobctl(&["workers"]).success();
+    assert_eq!(run.stdout, "");
+    let text = server.jobctl(&["-o", "json", "functions"]).success().stdout;
+    for line in text.lines() {
+        let function: Value = serde_json::from_str(line).unwrap();
+        assert!(
+            ["async", "blocking"].contains(&function["pool_kind"].as_str().unwrap()),
+            "{line}"
+        );
+        assert_eq!(function["workers"], Value::Null, "{line}");
+    }
+}
+
 #[test]
 fn functions_lists_names_pools_and_descriptions() {
     let server = Target::start();

@@ -37,6 +37,8 @@ Examples:
   seq 1000 | jobctl map echo           one job per line, results in order
   jobctl -o json status <id>           the whole job as one JSON object
   jobctl bench --mode roundtrip        jobs/s and latency, next to the gRPC floor
+  jobctl worker --noop my.noop --concurrency 8   serve a function from this process
+  jobctl workers                       the workers attached to jobd
   JOBD_ADDR=http://10.0.0.7:50051 jobctl functions
   jobctl --addr https://jobd.example:50051 --ca-cert ca.pem --token-file ~/.jobd-token list
   JOBD_TOKEN=$(cat token) jobctl --addr https://jobd.example:50051 functions";
@@ -247,6 +249,29 @@ pub(crate) enum Command {
     /// gRPC floor (health checks) measured in the same run.
     #[command(long_about = BENCH_LONG_ABOUT, after_long_help = BENCH_AFTER_LONG_HELP)]
     Bench(Bench),
+
+    /// Serve job functions from this process to jobd (a remote worker),
+    /// until SIGINT or SIGTERM.
+    ///
+    /// The worker attaches to jobd and declares its functions, which `jobctl
+    /// functions` then lists on the pool "worker"; jobs submitted to them run
+    /// here. It waits for jobd when it is away and reattaches after a
+    /// restart, with the jobs it still runs. SIGINT or SIGTERM drains it:
+    /// it takes no new job, lets the running ones finish within --grace,
+    /// gives back the rest, and exits 0. A server with tokens needs a token
+    /// with the `worker` capability (--token-file or JOBD_TOKEN).
+    ///
+    /// Logs (attach, reconnects, drain) go to stderr; RUST_LOG=debug shows
+    /// every job.
+    Worker(crate::worker::Serve),
+
+    /// List the remote workers attached to jobd: name, instance, peer,
+    /// functions, slots busy/free, running jobs, last heartbeat, draining.
+    ///
+    /// An aligned table on a terminal; one JSON object per worker (with
+    /// every field: session_id, labels, version, running job ids, times)
+    /// when stdout is not a terminal or with -o json.
+    Workers,
 }
 
 const BENCH_LONG_ABOUT: &str = "\

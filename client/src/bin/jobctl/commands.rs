@@ -13,7 +13,7 @@ use crate::{
     bench,
     cli::{Cli, Command, Format, Submit},
     failure::{Failure, root_cause},
-    map, output, sets, waiting, watch,
+    map, output, sets, waiting, watch, worker, workers,
 };
 
 /// How long to try to connect before saying the server is unreachable: long
@@ -24,10 +24,17 @@ pub(crate) const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Runs `cli.command`, printing its answer on stdout.
 pub(crate) async fn run(cli: Cli) -> Result<(), Failure> {
     let options = connect_options(&cli)?;
-    let client = connect(&cli.addr, options.clone()).await?;
-    execute(&client, &cli.addr, &options, cli.command, cli.output)
-        .await
-        .map_err(|failure| failure.lost_connection(&cli.addr))
+    match cli.command {
+        // A worker waits for jobd when it is away, instead of failing as a
+        // request does: it connects (and reconnects) by itself.
+        Command::Worker(args) => worker::serve(&cli.addr, options, &args).await,
+        command => {
+            let client = connect(&cli.addr, options.clone()).await?;
+            execute(&client, &cli.addr, &options, command, cli.output)
+                .await
+                .map_err(|failure| failure.lost_connection(&cli.addr))
+        }
+    }
 }
 
 async fn execute(
@@ -69,6 +76,8 @@ async fn execute(
             let report = bench::run(client, addr, options, &args).await?;
             print(&bench::render(format, &report))
         }
+        Command::Workers => workers::list(client, format).await,
+        Command::Worker(args) => worker::serve(addr, options.clone(), &args).await,
     }
 }
 
