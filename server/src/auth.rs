@@ -36,15 +36,20 @@ pub const MIN_TOKEN_LEN: usize = 16;
 /// The longest token the server accepts, in bytes (it must fit in a header).
 pub const MAX_TOKEN_LEN: usize = 1024;
 
-/// What a token allows.
+/// What a token allows. A token has exactly one of these capabilities.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum Access {
     /// Questions only: `Done`, `Result`, `GetJob`, `ListJobs`, `Wait`,
-    /// `ListFunctions`, `Watch`.
+    /// `ListFunctions`, `Watch`, `ListWorkers`.
     ReadOnly,
-    /// Everything, including `Submit`, `SubmitBatch`, `Cancel`, `DeleteJob`,
-    /// `Map`.
+    /// Every JobService method, including `Submit`, `SubmitBatch`,
+    /// `Cancel`, `DeleteJob`, `Map`.
     ReadWrite,
+    /// Attaching remote workers (`WorkerService`), and nothing else: a
+    /// worker's token cannot submit, list or read jobs, and a client's
+    /// token cannot attach a worker.
+    Worker,
 }
 
 /// The access a `jobd.v1.JobService` method needs, by its name. An unknown
@@ -234,10 +239,19 @@ impl TokenSet {
             for word in words {
                 match word.split_once('=') {
                     Some(("name", value)) if !value.is_empty() => value.clone_into(&mut name),
-                    None if word == "readonly" => access = Access::ReadOnly,
+                    None if word == "readonly" || word == "worker" => {
+                        if access != Access::ReadWrite {
+                            return Err(bad("a token is readonly or worker, not both".to_owned()));
+                        }
+                        access = if word == "worker" {
+                            Access::Worker
+                        } else {
+                            Access::ReadOnly
+                        };
+                    }
                     _ => {
                         return Err(bad(format!(
-                            "unknown attribute {word:?}; expected name=NAME or readonly"
+                            "unknown attribute {word:?}; expected name=NAME, readonly or worker"
                         )));
                     }
                 }
@@ -309,7 +323,7 @@ impl TokenSet {
 
     /// Checks the `authorization` header of a call that needs `needed`;
     /// answers the token's name.
-    fn check(&self, headers: &http::HeaderMap, needed: Access) -> Result<String, Status> {
+    fn check(&self, headers: &http::HeaderMap, needed: Need) -> Result<String, Status> {
         let mut values = headers.get_all(http::header::AUTHORIZATION).iter();
         let (Some(value), None) = (values.next(), values.next()) else {
             return Err(Status::unauthenticated(
@@ -328,13 +342,28 @@ impl TokenSet {
         let Some(entry) = self.find(value[scheme_len..].trim_ascii()) else {
             return Err(Status::unauthenticated("the bearer token is not valid"));
         };
-        if needed == Access::ReadWrite && entry.access == Access::ReadOnly {
-            return Err(Status::permission_denied(format!(
-                "token {:?} is read-only; this method needs a read-write token",
+        let refusal = match (needed, entry.access) {
+            (Need::Any, _)
+            | (Need::Access(Access::ReadOnly), Access::ReadOnly | Access::ReadWrite)
+            | (Need::Access(Access::ReadWrite), Access::ReadWrite)
+            | (Need::Access(Access::Worker), Access::Worker) => None,
+            (Need::Access(Access::ReadWrite), Access::ReadOnly) => {
+                Some("is read-only; this method needs a read-write token")
+            }
+            (Need::Access(Access::ReadOnly | Access::ReadWrite), Access::Worker) => {
+                Some("is a worker token; it may only attach remote workers")
+            }
+            (Need::Access(Access::Worker), Access::ReadOnly | Access::ReadWrite) => Some(
+                "is a client token; attaching a worker needs a token with the worker capability",
+            ),
+        };
+        match refusal {
+            Some(why) => Err(Status::permission_denied(format!(
+                "token {:?} {why}",
                 entry.name
-            )));
+            ))),
+            None => Ok(entry.name),
         }
-        Ok(entry.name)
     }
 }
 
@@ -347,8 +376,18 @@ fn digest(bytes: &[u8]) -> [u8; 32] {
 pub(crate) enum Guard {
     /// `jobd.v1.JobService`: the method name decides ([`required_access`]).
     JobService,
+    /// `jobd.v1.WorkerService`: a worker token.
+    WorkerService,
     /// Any method with any valid token (reflection under `--auth-reflection`).
     AnyToken,
+}
+
+/// What a call needs of its token.
+#[derive(Debug, Clone, Copy)]
+enum Need {
+    Access(Access),
+    /// Any valid token.
+    Any,
 }
 
 /// Wraps a gRPC service so that each call is authenticated against `tokens`
@@ -394,8 +433,9 @@ where
         let path = request.uri().path();
         let method = path.rsplit('/').next().unwrap_or_default();
         let needed = match self.guard {
-            Guard::JobService => required_access(method),
-            Guard::AnyToken => Access::ReadOnly,
+            Guard::JobService => Need::Access(required_access(method)),
+            Guard::WorkerService => Need::Access(Access::Worker),
+            Guard::AnyToken => Need::Any,
         };
         match tokens.check(request.headers(), needed) {
             Ok(name) => {
@@ -422,11 +462,14 @@ mod tests {
 
     const WRITER: &str = "writer-token-0123456789";
     const READER: &str = "reader-token-0123456789";
+    const WORKER: &str = "worker-token-0123456789";
 
     fn tokens() -> TokenSet {
         TokenSet::parse(
             "t",
-            &format!("# tokens\n\n{WRITER} name=ci\n  {READER}   readonly name=dash  \n"),
+            &format!(
+                "# tokens\n\n{WRITER} name=ci\n  {READER}   readonly name=dash  \n{WORKER} worker name=w\n"
+            ),
         )
         .unwrap()
     }
@@ -440,7 +483,8 @@ mod tests {
     #[test]
     fn the_file_format() {
         let set = tokens();
-        assert_eq!(set.len(), 2);
+        assert_eq!(set.len(), 3);
+        assert_eq!(set.find(WORKER.as_bytes()).unwrap().access, Access::Worker);
         assert_eq!(set.find(WRITER.as_bytes()).unwrap().name, "ci");
         let reader = set.find(READER.as_bytes()).unwrap();
         assert_eq!(
@@ -470,6 +514,10 @@ mod tests {
             ),
             ("a-valid-token-0001-é", "visible ASCII"),
             ("# only a comment\n\n", "holds no token"),
+            (
+                "a-valid-token-0001 readonly worker",
+                "readonly or worker, not both",
+            ),
         ];
         for (text, expected) in cases {
             let error = TokenSet::parse("f", text).unwrap_err().to_string();
@@ -487,7 +535,8 @@ mod tests {
     #[test]
     fn header_checks() {
         let set = tokens();
-        let code = |h: &http::HeaderMap, needed| set.check(h, needed).map_err(|s| s.code());
+        let code =
+            |h: &http::HeaderMap, needed| set.check(h, Need::Access(needed)).map_err(|s| s.code());
         use tonic::Code::{PermissionDenied, Unauthenticated};
         assert_eq!(
             code(&http::HeaderMap::new(), Access::ReadOnly),
@@ -524,6 +573,20 @@ mod tests {
             format!("Bearer {WRITER}").parse().unwrap(),
         );
         assert_eq!(code(&twice, Access::ReadOnly), Err(Unauthenticated));
+        // A worker token attaches workers and does nothing else; no client
+        // token attaches a worker.
+        let worker = headers(&format!("Bearer {WORKER}"));
+        assert_eq!(code(&worker, Access::Worker), Ok("w".to_owned()));
+        assert_eq!(code(&worker, Access::ReadOnly), Err(PermissionDenied));
+        assert_eq!(code(&worker, Access::ReadWrite), Err(PermissionDenied));
+        for client in [WRITER, READER] {
+            let client = headers(&format!("Bearer {client}"));
+            assert_eq!(code(&client, Access::Worker), Err(PermissionDenied));
+        }
+        assert_eq!(
+            set.check(&worker, Need::Any).map_err(|s| s.code()),
+            Ok("w".to_owned())
+        );
     }
 
     #[test]

@@ -113,6 +113,23 @@ pub enum Error {
         /// The newest one handed out.
         latest: u64,
     },
+    /// A worker declared a function jobd cannot take from it: jobd has one
+    /// of that name itself, or another worker serves it now with another
+    /// contract.
+    #[error("worker function {function:?} refused: {reason}")]
+    FunctionConflict {
+        /// The function.
+        function: String,
+        /// Why.
+        reason: String,
+    },
+    /// As many worker sessions as allowed are attached already.
+    #[error("too many workers attached (at most {0}); retry later")]
+    TooManyWorkers(usize),
+    /// A worker message came out of order (a second attach, a report
+    /// before the attach).
+    #[error("{0}")]
+    OutOfOrder(String),
     /// The job store cannot be written (fail-stop) or read.
     #[error(transparent)]
     Store(StoreError),

@@ -27,6 +27,9 @@ pub enum PoolKind {
     Async,
     /// A fixed set of dedicated OS threads: for CPU-bound or blocking work.
     Blocking,
+    /// Remote worker processes attached over the worker protocol: for the
+    /// functions they declare.
+    Worker,
 }
 
 impl PoolKind {
@@ -36,6 +39,7 @@ impl PoolKind {
         match self {
             Self::Async => "async",
             Self::Blocking => "blocking",
+            Self::Worker => "worker",
         }
     }
 
@@ -45,6 +49,7 @@ impl PoolKind {
         match name {
             "async" => Some(Self::Async),
             "blocking" => Some(Self::Blocking),
+            "worker" => Some(Self::Worker),
             _ => None,
         }
     }
@@ -67,6 +72,8 @@ type BlockingBody = Arc<dyn Fn(Ctx, serde_json::Value) -> Outcome + Send + Sync>
 pub(crate) enum Body {
     Async(AsyncBody),
     Blocking(BlockingBody),
+    /// Declared by remote workers, which hold its code.
+    Worker,
 }
 
 /// One registered job function.
@@ -130,7 +137,49 @@ impl Function {
         match self.body {
             Body::Async(_) => PoolKind::Async,
             Body::Blocking(_) => PoolKind::Blocking,
+            Body::Worker => PoolKind::Worker,
         }
+    }
+
+    /// A function declared by a remote worker: its name, description,
+    /// optional argument schema (compiled here), what it returns, and
+    /// whether a run lost with its worker may be repeated.
+    pub(crate) fn declared(
+        name: &str,
+        description: &str,
+        args_schema: Option<serde_json::Value>,
+        returns: Option<String>,
+        retry_safe: bool,
+    ) -> Result<Self, InvalidSchema> {
+        let args_schema = args_schema
+            .map(|schema| {
+                jsonschema::validator_for(&schema)
+                    .map(|validator| ArgsSchema {
+                        source: schema,
+                        validator: Arc::new(validator),
+                    })
+                    .map_err(|err| InvalidSchema {
+                        function: name.to_owned(),
+                        reason: err.to_string(),
+                    })
+            })
+            .transpose()?;
+        Ok(Self {
+            name: Arc::from(name),
+            description: description.to_owned(),
+            body: Body::Worker,
+            retry_safe,
+            args_schema,
+            returns,
+        })
+    }
+
+    /// True when `other` takes the same arguments under the same rules: the
+    /// same schema and retry safety (descriptions may differ).
+    pub(crate) fn same_contract(&self, other: &Self) -> bool {
+        self.retry_safe == other.retry_safe
+            && self.args_schema.as_ref().map(|s| &s.source)
+                == other.args_schema.as_ref().map(|s| &s.source)
     }
 
     /// Whether a run interrupted by a crash may be run again (the default);

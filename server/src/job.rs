@@ -89,6 +89,10 @@ pub enum JobError {
     /// (`--max-result-bytes`); the value was dropped, the job failed.
     #[error("result too large: {0}")]
     ResultTooLarge(String),
+    /// The remote worker running the job was lost and the job may not run
+    /// again (not safe to retry, or a poison pill).
+    #[error("worker lost: {0}")]
+    WorkerLost(String),
 }
 
 impl JobError {
@@ -112,7 +116,8 @@ impl JobError {
             | Self::Interrupted(_)
             | Self::TimedOut(_)
             | Self::Retryable(_)
-            | Self::ResultTooLarge(_) => JobState::Failed,
+            | Self::ResultTooLarge(_)
+            | Self::WorkerLost(_) => JobState::Failed,
         }
     }
 }
@@ -141,6 +146,9 @@ pub struct JobRecord {
     pub args: serde_json::Value,
     /// Labels given at submit.
     pub labels: BTreeMap<String, String>,
+    /// Labels a remote worker must carry to run the job (for functions
+    /// served by workers).
+    pub worker_labels: BTreeMap<String, String>,
     /// The client's request id, if one was given.
     pub request_id: Option<String>,
     /// Higher starts first within the pool; equal priorities in submission
@@ -183,6 +191,7 @@ impl JobRecord {
             state: JobState::Pending,
             args: serde_json::Value::Null,
             labels: BTreeMap::new(),
+            worker_labels: BTreeMap::new(),
             request_id: None,
             priority: 0,
             not_before: None,

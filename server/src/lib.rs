@@ -60,7 +60,7 @@ pub use engine::{
 };
 pub use error::Error;
 pub use function::{ArgsViolation, InvalidSchema, PoolKind, Registry};
-pub use grpc::JobService;
+pub use grpc::{JobService, WorkerService};
 pub use job::{Finished, JobError, JobRecord, Outcome, PoolName, Progress};
 pub use limits::ServerLimits;
 pub use server::{Security, Serve, ServeError, serve};

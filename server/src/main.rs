@@ -196,10 +196,12 @@ struct Args {
     tls_handshake_timeout: Duration,
 
     /// Require a bearer token on every JobService call. FILE holds one token
-    /// per line, `TOKEN [name=NAME] [readonly]` (# starts a comment); tokens
-    /// are at least 16 characters, and the file must not be world-readable.
-    /// A readonly token may ask (Done, Result, GetJob, ListJobs, Wait,
-    /// ListFunctions) but not change (Submit, SubmitBatch, Cancel, DeleteJob).
+    /// per line, `TOKEN [name=NAME] [readonly|worker]` (# starts a comment);
+    /// tokens are at least 16 characters, and the file must not be
+    /// world-readable. A readonly token may ask (Done, Result, GetJob,
+    /// ListJobs, Wait, ListFunctions, ListWorkers) but not change (Submit,
+    /// SubmitBatch, Cancel, DeleteJob); a worker token may only attach
+    /// remote workers, and only a worker token may.
     /// Health checks never need a token. SIGHUP reloads the file (a file
     /// that fails these checks is refused, and the old tokens stay).
     #[arg(long, env = "JOBD_AUTH_TOKEN_FILE", value_name = "FILE")]
@@ -233,6 +235,23 @@ struct Args {
     /// (jobd-client and jobctl do so by themselves).
     #[arg(long, env = "JOBD_MAX_WAIT", default_value = "60s", value_parser = parse_max_wait)]
     max_wait: Duration,
+
+    /// How often a remote worker must be heard from (it sends a heartbeat
+    /// when idle), e.g. "5s".
+    #[arg(long, env = "JOBD_WORKER_HEARTBEAT_INTERVAL", default_value = "5s", value_parser = parse_duration)]
+    worker_heartbeat_interval: Duration,
+
+    /// How long a remote worker's leases last without hearing from it: its
+    /// running jobs go back to pending (or fail, when not safe to retry)
+    /// within this plus a second after it vanished. At least twice the
+    /// heartbeat interval.
+    #[arg(long, env = "JOBD_WORKER_LEASE_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
+    worker_lease_timeout: Duration,
+
+    /// Remote worker sessions attached at once; one more is refused with
+    /// RESOURCE_EXHAUSTED.
+    #[arg(long, env = "JOBD_MAX_WORKERS", default_value = "1024")]
+    max_workers: NonZeroUsize,
 
     /// Result and Wait calls in progress at once (over all connections);
     /// one more is answered RESOURCE_EXHAUSTED at once. Keep it below
@@ -408,6 +427,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
         priority_aging: args.priority_aging,
         max_args_bytes: args.max_args_bytes.get(),
         max_result_bytes: args.max_result_bytes.get(),
+        worker_heartbeat_interval: args.worker_heartbeat_interval,
+        worker_lease_timeout: args.worker_lease_timeout,
+        max_workers: args.max_workers.get(),
         clock: jobd::Clock::system(),
         #[cfg(feature = "fault-injection")]
         faults: jobd::store::Faults {
@@ -415,6 +437,13 @@ async fn run(args: Args) -> anyhow::Result<()> {
             max_db_pages: args.unsafe_max_db_pages,
         },
     };
+    anyhow::ensure!(
+        args.worker_lease_timeout >= args.worker_heartbeat_interval * 2,
+        "--worker-lease-timeout ({:?}) must be at least twice --worker-heartbeat-interval ({:?}), \
+         or a worker that misses one heartbeat loses its jobs",
+        args.worker_lease_timeout,
+        args.worker_heartbeat_interval
+    );
     let mut registry = jobd::builtins::registry();
     for name in &args.not_safe_to_retry {
         if registry.get(name).is_none() {

@@ -13,7 +13,9 @@ use std::{
     time::Duration,
 };
 
-use jobd_proto::pb::job_service_server::JobServiceServer;
+use jobd_proto::pb::{
+    job_service_server::JobServiceServer, worker_service_server::WorkerServiceServer,
+};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::server::TcpIncoming;
@@ -22,7 +24,7 @@ use tonic_health::ServingStatus;
 use crate::{
     auth::{Authenticated, Guard, TokenSet},
     engine::Engine,
-    grpc::JobService,
+    grpc::{JobService, WorkerService},
     limits::{InFlightLimit, ServerLimits, limited_incoming},
     tls::TlsConfig,
 };
@@ -189,6 +191,9 @@ async fn run(serve: Serve) -> Result<(), ServeError> {
     } = serve;
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<JobServiceServer<JobService>>().await;
+    health
+        .set_serving::<WorkerServiceServer<WorkerService>>()
+        .await;
 
     let reflection_v1 = reflection().build_v1()?;
     let reflection_v1alpha = reflection().build_v1alpha()?;
@@ -212,6 +217,18 @@ async fn run(serve: Serve) -> Result<(), ServeError> {
     // and reaches nothing. Wrapping the whole service (not listing methods)
     // is what makes every JobService method, present and future, checked.
     let job_service = Authenticated::new(job_service, security.tokens.clone(), Guard::JobService);
+    // Worker sessions are long-lived streams, capped by the engine
+    // (`max_workers`), not by the in-flight limit of short calls. Only
+    // worker tokens pass.
+    let worker_service = WorkerService::new(engine.clone())
+        .into_server()
+        .max_decoding_message_size(limits.max_decoding_message_size)
+        .max_encoding_message_size(limits.max_encoding_message_size);
+    let worker_service = Authenticated::new(
+        worker_service,
+        security.tokens.clone(),
+        Guard::WorkerService,
+    );
     let reflection_tokens = security.tokens.clone().filter(|_| security.auth_reflection);
     let reflection_v1 =
         Authenticated::new(reflection_v1, reflection_tokens.clone(), Guard::AnyToken);
@@ -235,6 +252,7 @@ async fn run(serve: Serve) -> Result<(), ServeError> {
         .http2_keepalive_interval(Some(limits.http2_keepalive_interval))
         .http2_keepalive_timeout(Some(limits.http2_keepalive_timeout))
         .add_service(job_service)
+        .add_service(worker_service)
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
@@ -253,6 +271,9 @@ async fn run(serve: Serve) -> Result<(), ServeError> {
     tracing::info!(?grace, "shutting down: draining running jobs");
     health
         .set_not_serving::<JobServiceServer<JobService>>()
+        .await;
+    health
+        .set_not_serving::<WorkerServiceServer<WorkerService>>()
         .await;
     health
         .set_service_status("", ServingStatus::NotServing)

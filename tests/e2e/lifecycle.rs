@@ -92,11 +92,14 @@ async fn pending_job_has_no_start_time_and_attempt_zero() {
 }
 
 /// The seed example: `ThreadPoolExecutor(max_workers=2)` running two 3-second
-/// `return_future` calls, across the network. On tokio's paused clock: the
-/// timeline is the example's, in virtual time (the real binary's test,
-/// `server/tests/binary.rs`, keeps real time).
+/// `return_future` calls, across the network. On tokio's paused clock,
+/// frozen so that it moves only when the test moves it (the blocking pool's
+/// threads work outside the runtime, which would otherwise jump ahead while
+/// they do): the example's timeline, exactly, in no real time. The real
+/// binary's test (`server/tests/binary.rs`) keeps real time.
 #[tokio::test(start_paused = true)]
 async fn seed_example_two_blocking_jobs_run_side_by_side() {
+    let _frozen = jobd_test_support::time::freeze_clock();
     let (registry, _fx) = registry();
     let server = TestServer::start(registry, on_tokio_clock(config(1024, 2, 100))).await;
     let client = server.client().await;
@@ -109,39 +112,36 @@ async fn seed_example_two_blocking_jobs_run_side_by_side() {
         .submit("return_future", json!("world"))
         .await
         .unwrap();
+    // Both threads take one each at once (time stands still meanwhile).
+    for job in [&hello, &world] {
+        let mut polls = 0;
+        while job.status().await.unwrap().state != JobState::Running {
+            polls += 1;
+            assert!(polls < 10_000, "a job never started");
+            tokio::task::yield_now().await;
+        }
+    }
 
     // The example's own timeline: look once after a second...
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    tokio::time::advance(Duration::from_secs(1)).await;
     assert!(!hello.done().await.unwrap(), "hello done after 1 s");
     assert!(!world.done().await.unwrap(), "world done after 1 s");
 
-    // ...then wait: both run side by side, not one after the other. Judged
-    // by the server's own record of each run (start and finish times, on
-    // the same virtual clock), not by how long the test waited: while the
-    // blocking threads work, an idle paused runtime moves its clock on by
-    // itself, which can only lengthen what the test sees.
+    // ...then both finish together, 3 s after the start, not 6.
+    tokio::time::advance(Duration::from_secs(2)).await;
     let (a, b) = tokio::join!(hello.result(), world.result());
     assert_eq!(a.unwrap(), json!("hello"));
     assert_eq!(b.unwrap(), json!("world"));
-    let run = |info: jobd_client::JobInfo| {
-        (
-            info.started_at.expect("started"),
-            info.finished_at.expect("finished"),
-        )
-    };
-    let (a_start, a_end) = run(hello.status().await.unwrap());
-    let (b_start, b_end) = run(world.status().await.unwrap());
-    for (start, end) in [(a_start, a_end), (b_start, b_end)] {
-        assert!(
-            end.duration_since(start).unwrap() >= Duration::from_secs(3),
-            "ran less than its 3 s"
-        );
+    assert_eq!(start.elapsed(), Duration::from_secs(3));
+    for job in [&hello, &world] {
+        let info = job.status().await.unwrap();
+        let ran = info
+            .finished_at
+            .unwrap()
+            .duration_since(info.started_at.unwrap())
+            .unwrap();
+        assert_eq!(ran, Duration::from_secs(3), "on the server's clock too");
     }
-    assert!(
-        a_start < b_end && b_start < a_end,
-        "ran one after the other: {a_start:?}..{a_end:?} and {b_start:?}..{b_end:?}"
-    );
-    assert!(start.elapsed() >= Duration::from_secs(3));
     server.shutdown().await;
 }
 

@@ -20,3 +20,4 @@ mod options;
 mod pools;
 mod shutdown;
 mod watch;
+mod workers;

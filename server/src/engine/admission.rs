@@ -20,7 +20,7 @@ use crate::{
     Error,
     function::{Function, PoolKind},
     job::PoolName,
-    store::{NewJob, Submitted},
+    store::{NewJob, QueueName, Submitted},
 };
 
 /// A validated submission.
@@ -45,6 +45,9 @@ pub struct SubmitSpec {
     pub timeout: Option<Duration>,
     /// How many attempts retryable failures may use in all; 0 counts as 1.
     pub max_attempts: u32,
+    /// Labels a remote worker must carry to run the job (only for
+    /// functions served by workers).
+    pub worker_labels: BTreeMap<String, String>,
 }
 
 impl Inner {
@@ -71,11 +74,29 @@ impl Inner {
                 violations,
             });
         }
+        let pool = PoolName::of(function.pool());
+        if function.pool() == PoolKind::Worker {
+            // Its queue's dispatcher runs before the job can wait in it.
+            self.workers.ensure_lane(&QueueName::routed(
+                &pool,
+                function.name(),
+                &spec.worker_labels,
+            ));
+        } else if !spec.worker_labels.is_empty() {
+            return Err(Error::invalid(
+                "worker_labels",
+                format!(
+                    "function {:?} runs on the {pool} pool; worker labels are for functions served by remote workers",
+                    spec.function
+                ),
+            ));
+        }
         Ok(NewJob {
             function: Arc::clone(function.name()),
-            pool: PoolName::of(function.pool()),
+            pool,
             args: spec.args,
             labels: spec.labels,
+            worker_labels: spec.worker_labels,
             request_id: spec.request_id,
             priority: spec.priority,
             not_before: spec.not_before,
@@ -85,12 +106,17 @@ impl Inner {
         })
     }
 
-    /// The function `spec` names, if it exists and runs on the pool asked for.
-    pub(super) fn function_for(&self, spec: &SubmitSpec) -> Result<&Function, Error> {
-        let function = self
-            .registry
-            .get(&spec.function)
-            .ok_or_else(|| Error::UnknownFunction(spec.function.clone()))?;
+    /// The function `spec` names (one of jobd's, or one a remote worker
+    /// declared), if it exists and runs on the pool asked for.
+    pub(super) fn function_for(&self, spec: &SubmitSpec) -> Result<FunctionRef<'_>, Error> {
+        let function = match self.registry.get(&spec.function) {
+            Some(function) => FunctionRef::Local(function),
+            None => FunctionRef::Declared(
+                self.workers
+                    .function(&spec.function)
+                    .ok_or_else(|| Error::UnknownFunction(spec.function.clone()))?,
+            ),
+        };
         let pool = PoolName::of(function.pool());
         if let Some(requested) = &spec.pool
             && *requested != pool
@@ -102,7 +128,7 @@ impl Inner {
                 )
             } else {
                 format!(
-                    "this server has no pool {:?} (its pools are \"async\" and \"blocking\"; function {:?} runs on the {pool} pool)",
+                    "this server has no pool {:?} (its pools are \"async\", \"blocking\" and \"worker\"; function {:?} runs on the {pool} pool)",
                     requested.as_str(),
                     spec.function
                 )
@@ -139,10 +165,34 @@ impl Inner {
                         existing: id,
                     }),
                     Submitted::QueueFull { capacity } => Err(Error::QueueFull { pool, capacity }),
+                    Submitted::TooManyQueues { max } => Err(Error::invalid(
+                        "worker_labels",
+                        format!(
+                            "the worker pool holds its most queues ({max} distinct functions and worker label sets); use fewer label sets"
+                        ),
+                    )),
                     Submitted::Closed => Err(Error::ShuttingDown),
                 }
             },
         )
+    }
+}
+
+/// A function found by name: one of jobd's own, or one a remote worker
+/// declared (held by reference count, as workers may replace it).
+pub(super) enum FunctionRef<'a> {
+    Local(&'a Function),
+    Declared(Arc<Function>),
+}
+
+impl std::ops::Deref for FunctionRef<'_> {
+    type Target = Function;
+
+    fn deref(&self) -> &Function {
+        match self {
+            Self::Local(function) => function,
+            Self::Declared(function) => function,
+        }
     }
 }
 

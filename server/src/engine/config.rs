@@ -41,6 +41,15 @@ pub struct EngineConfig {
     /// returning more ends `FAILED` with
     /// [`JobError::ResultTooLarge`](crate::JobError::ResultTooLarge).
     pub max_result_bytes: usize,
+    /// How often a remote worker must be heard from (it sends a heartbeat
+    /// when it has nothing else to say).
+    pub worker_heartbeat_interval: Duration,
+    /// How long a remote worker's leases last without hearing from it: its
+    /// running jobs go back to pending (or fail, when not safe to retry)
+    /// within this plus a second after it vanished.
+    pub worker_lease_timeout: Duration,
+    /// How many remote worker sessions may be attached at once.
+    pub max_workers: usize,
     /// Where stored times come from: [`Clock::system`] (the default), or
     /// [`Clock::tokio`] for tests on tokio's paused clock.
     pub clock: Clock,
@@ -64,6 +73,9 @@ impl Default for EngineConfig {
             priority_aging: Duration::from_secs(1),
             max_args_bytes: 1024 * 1024,
             max_result_bytes: 1024 * 1024,
+            worker_heartbeat_interval: Duration::from_secs(5),
+            worker_lease_timeout: Duration::from_secs(30),
+            max_workers: 1024,
             clock: Clock::system(),
             #[cfg(feature = "fault-injection")]
             faults: crate::store::Faults::default(),

@@ -29,7 +29,13 @@ use jobd_proto::{JobId, JobState};
 use tokio::sync::{Semaphore, watch};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
-use self::executor::{Honour, Running};
+pub(crate) use self::executor::remote::{
+    Ack, DeclaredFunction, HeldLease, Session, ToWorker, WorkerAttach,
+};
+use self::executor::{
+    Ending, Honour, Running,
+    remote::{WORKERS_HOLDER, WorkerConfig, Workers},
+};
 pub use self::{
     admission::SubmitSpec,
     config::EngineConfig,
@@ -42,8 +48,8 @@ use crate::{
     function::{PoolKind, Registry},
     job::{Finished, JobError, JobRecord, PoolName},
     store::{
-        self, Applied, CancelResult, Found, JobStore, LeaseHolder, Missing, StoreConfig,
-        StoreError, StoreOptions,
+        self, CancelResult, Fenced, Found, JobStore, LeaseHolder, Missing, StoreConfig, StoreError,
+        StoreOptions,
     },
 };
 
@@ -122,14 +128,17 @@ struct Inner {
     waiters: AtomicUsize,
     /// While true, executors take no job from the store.
     paused: watch::Sender<bool>,
-    /// `EngineConfig::max_args_bytes` and `max_result_bytes`.
+    /// `EngineConfig::max_args_bytes`.
     max_args_bytes: usize,
-    max_result_bytes: usize,
+    /// How every executor ends an attempt (result cap, retries).
+    ending: Arc<Ending>,
+    /// The remote worker pool.
+    workers: Arc<Workers>,
     /// One permit per open `Watch` stream (`EngineConfig::max_watchers`).
     watchers: Arc<Semaphore>,
     max_watchers: usize,
     /// Running async jobs, the dispatcher, and one token per blocking thread.
-    workers: TaskTracker,
+    tasks: TaskTracker,
     /// The maintenance task. It ends with `stopped`; shutdown waits for it,
     /// so that once it returns and the caller drops its engine, nothing
     /// holds the store (and a durable store's lock) open.
@@ -173,7 +182,9 @@ impl Engine {
                 pools: vec![
                     PoolName::of(PoolKind::Async),
                     PoolName::of(PoolKind::Blocking),
+                    PoolName::of(PoolKind::Worker),
                 ],
+                routed: vec![PoolName::of(PoolKind::Worker)],
                 max_queued: config.max_queued.get(),
                 priority_aging: config.priority_aging,
                 event_history: config.event_history,
@@ -185,6 +196,25 @@ impl Engine {
         )?;
         let holder: LeaseHolder =
             Arc::from(format!("local:{}", JobId::minted_at(config.clock.now())));
+        let ending = Arc::new(Ending {
+            store: Arc::clone(&store),
+            clock: config.clock.clone(),
+            max_result_bytes: config.max_result_bytes,
+        });
+        let stopped = CancellationToken::new();
+        let background = TaskTracker::new();
+        let workers = Workers::new(
+            WorkerConfig {
+                heartbeat_interval: config.worker_heartbeat_interval,
+                lease_timeout: config.worker_lease_timeout,
+                max_sessions: config.max_workers,
+            },
+            Arc::clone(&store),
+            config.clock.clone(),
+            stopped.clone(),
+            background.clone(),
+            Arc::clone(&ending),
+        );
         let inner = Arc::new(Inner {
             registry,
             store,
@@ -192,15 +222,16 @@ impl Engine {
             holder,
             running: Running::default(),
             accepting: AtomicBool::new(true),
-            stopped: CancellationToken::new(),
+            stopped,
             waiters: AtomicUsize::new(0),
             paused: watch::Sender::new(config.paused),
             max_args_bytes: config.max_args_bytes,
-            max_result_bytes: config.max_result_bytes,
+            ending,
+            workers,
             watchers: Arc::new(Semaphore::new(config.max_watchers)),
             max_watchers: config.max_watchers,
-            workers: TaskTracker::new(),
-            background: TaskTracker::new(),
+            tasks: TaskTracker::new(),
+            background,
             runtime: tokio::runtime::Handle::current(),
         });
         executor::start(
@@ -208,6 +239,7 @@ impl Engine {
             config.async_concurrency.get(),
             config.blocking_workers.get(),
         );
+        inner.workers.resume_lanes();
         inner
             .background
             .spawn(Arc::clone(&inner).maintain(config.retention));
@@ -409,9 +441,10 @@ impl Engine {
             .store
             .stats()
             .queued
-            .get(&PoolName::from(pool))
-            .copied()
-            .unwrap_or(0)
+            .iter()
+            .filter(|(queue, _)| queue.pool_name() == pool)
+            .map(|(_, n)| n)
+            .sum()
     }
 
     /// Drains: refuses new jobs, starts no pending job, lets running jobs
@@ -426,11 +459,10 @@ impl Engine {
         inner.store.close();
         // Paused executors must wake to see the closed store and exit.
         inner.paused.send_replace(false);
-        inner.workers.close();
-        if tokio::time::timeout(grace, inner.workers.wait())
-            .await
-            .is_err()
-        {
+        inner.tasks.close();
+        let local = tokio::time::timeout(grace, inner.tasks.wait());
+        let (local, ()) = tokio::join!(local, inner.workers.drain(grace));
+        if local.is_err() {
             let n = inner
                 .interrupt_running("the server shut down before the job finished")
                 .await;
@@ -467,6 +499,12 @@ impl Inner {
                 pool,
             } => (lease, holder, pool),
         };
+        if *holder == *WORKERS_HOLDER {
+            // A remote worker runs it: the cancel is pushed to its session,
+            // and the job ends when the worker reports it.
+            self.workers.cancel(&lease);
+            return Ok(CancelOutcome::Requested);
+        }
         if holder != self.holder {
             // Held elsewhere: the holder honours the recorded request.
             return Ok(CancelOutcome::Requested);
@@ -483,11 +521,11 @@ impl Inner {
                     .await
                     .map_err(Error::Store)?
                 {
-                    Applied::Applied => {
+                    Fenced::Applied => {
                         self.store.flush().await.map_err(Error::Store)?;
                         Ok(CancelOutcome::Aborted)
                     }
-                    Applied::Stale => Ok(CancelOutcome::AlreadyDone),
+                    Fenced::Stale | Fenced::Repeated => Ok(CancelOutcome::AlreadyDone),
                 }
             }
         }

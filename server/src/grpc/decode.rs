@@ -13,9 +13,10 @@ use sha2::{Digest as _, Sha256};
 
 use crate::{
     Error,
+    engine::{DeclaredFunction, HeldLease, WorkerAttach},
     engine::{ReturnWhen, SubmitSpec, WatchFilter, WatchSpec},
     function::{MAX_FUNCTION_NAME_LEN, is_valid_function_name},
-    job::PoolName,
+    job::{JobError, Outcome, PoolName},
     store::ListFilter,
 };
 
@@ -199,7 +200,8 @@ impl TryFrom<Received<pb::SubmitRequest>> for SubmitSpec {
             args: value::option_to_json(req.args),
             pool,
             request_id,
-            labels: labels(req.labels)?,
+            labels: labels(req.labels, "labels")?,
+            worker_labels: labels(req.worker_labels, "worker_labels")?,
             priority: req.priority,
             not_before,
             timeout: run_timeout,
@@ -365,7 +367,7 @@ impl TryFrom<pb::ListJobsRequest> for ListQuery {
         let filter = ListFilter {
             states,
             function,
-            labels: labels(req.labels)?,
+            labels: labels(req.labels, "labels")?,
             submitted_after: time("submitted_after", req.submitted_after)?,
             submitted_before: time("submitted_before", req.submitted_before)?,
         };
@@ -447,7 +449,7 @@ impl TryFrom<pb::WatchRequest> for WatchSpec {
         let filter = WatchFilter {
             function: function_filter(req.function)?,
             states: states(&req.states)?,
-            labels: labels(req.labels)?,
+            labels: labels(req.labels, "labels")?,
         };
         if !ids.is_empty() && filter != WatchFilter::default() {
             return Err(Error::invalid(
@@ -551,12 +553,15 @@ fn state_byte(state: JobState) -> u8 {
     u8::try_from(i32::from(pb::JobState::from(state))).unwrap_or(u8::MAX)
 }
 
-fn labels(
+/// Job labels (`field`: `labels` or `worker_labels`): a bounded number of
+/// them, keys of [A-Za-z0-9_.-/], values without control characters.
+pub(crate) fn labels(
     raw: std::collections::HashMap<String, String>,
+    field: &'static str,
 ) -> Result<BTreeMap<String, String>, Error> {
     if raw.len() > MAX_LABELS {
         return Err(Error::invalid(
-            "labels",
+            field,
             format!("at most {MAX_LABELS} labels per job (got {})", raw.len()),
         ));
     }
@@ -568,13 +573,13 @@ fn labels(
                 .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.' | b'/'));
         if !key_ok {
             return Err(Error::invalid(
-                "labels",
+                field,
                 format!("key must be 1-{MAX_LABEL_KEY_LEN} characters of [A-Za-z0-9_.-/]"),
             ));
         }
         if value.len() > MAX_LABEL_VALUE_LEN || value.chars().any(char::is_control) {
             return Err(Error::invalid(
-                "labels",
+                field,
                 format!(
                     "value of {key:?} must be at most {MAX_LABEL_VALUE_LEN} bytes with no control characters"
                 ),
@@ -582,6 +587,145 @@ fn labels(
         }
     }
     Ok(raw.into_iter().collect())
+}
+
+/// The most functions one worker may declare.
+pub(crate) const MAX_WORKER_FUNCTIONS: usize = 1000;
+/// The most slots one worker may announce.
+pub(crate) const MAX_WORKER_SLOTS: u32 = 10_000;
+/// The longest worker instance, version or function description.
+const MAX_WORKER_TEXT: usize = 1024;
+
+/// A worker's attach: its name, instance, functions (with their schemas as
+/// JSON; the engine compiles them), slots, labels, version, and the leases
+/// it still holds after a reconnect.
+pub(crate) fn worker_attach(
+    attach: pb::Attach,
+    peer: Option<std::net::SocketAddr>,
+) -> Result<WorkerAttach, Error> {
+    if !is_valid_function_name(&attach.name) {
+        return Err(Error::invalid(
+            "attach.name",
+            format!("must be 1-{MAX_FUNCTION_NAME_LEN} characters of [A-Za-z0-9_.:-]"),
+        ));
+    }
+    let printable = |text: &str| text.bytes().all(|b| b.is_ascii_graphic());
+    if attach.instance.is_empty()
+        || attach.instance.len() > MAX_WORKER_TEXT
+        || !printable(&attach.instance)
+    {
+        return Err(Error::invalid(
+            "attach.instance",
+            format!("must be 1-{MAX_WORKER_TEXT} printable ASCII characters (e.g. a UUID)"),
+        ));
+    }
+    if attach.version.len() > MAX_WORKER_TEXT || attach.version.chars().any(char::is_control) {
+        return Err(Error::invalid(
+            "attach.version",
+            format!("must be at most {MAX_WORKER_TEXT} bytes with no control characters"),
+        ));
+    }
+    if !(1..=MAX_WORKER_SLOTS).contains(&attach.slots) {
+        return Err(Error::invalid(
+            "attach.slots",
+            format!("must be 1 to {MAX_WORKER_SLOTS} (got {})", attach.slots),
+        ));
+    }
+    if attach.functions.is_empty() || attach.functions.len() > MAX_WORKER_FUNCTIONS {
+        return Err(Error::invalid(
+            "attach.functions",
+            format!(
+                "must declare 1 to {MAX_WORKER_FUNCTIONS} functions (got {})",
+                attach.functions.len()
+            ),
+        ));
+    }
+    let mut names = HashSet::new();
+    let mut functions = Vec::with_capacity(attach.functions.len());
+    for declared in attach.functions {
+        if !is_valid_function_name(&declared.name) {
+            return Err(Error::invalid(
+                "attach.functions.name",
+                format!(
+                    "{:?} is not 1-{MAX_FUNCTION_NAME_LEN} characters of [A-Za-z0-9_.:-]",
+                    declared.name
+                ),
+            ));
+        }
+        if !names.insert(declared.name.clone()) {
+            return Err(Error::invalid(
+                "attach.functions.name",
+                format!("{:?} is declared twice", declared.name),
+            ));
+        }
+        for (field, text) in [
+            ("attach.functions.description", &declared.description),
+            ("attach.functions.returns", &declared.returns),
+        ] {
+            if text.len() > MAX_WORKER_TEXT {
+                return Err(Error::invalid(
+                    field,
+                    format!("must be at most {MAX_WORKER_TEXT} bytes"),
+                ));
+            }
+        }
+        functions.push(DeclaredFunction {
+            name: declared.name,
+            description: declared.description,
+            args_schema: declared.args_schema.map(value::to_json),
+            returns: Some(declared.returns).filter(|r| !r.is_empty()),
+            retry_safe: !declared.not_safe_to_retry,
+        });
+    }
+    if attach.running.len() > usize::try_from(attach.slots).unwrap_or(usize::MAX) {
+        return Err(Error::invalid(
+            "attach.running",
+            "holds more jobs than the worker has slots",
+        ));
+    }
+    let running = attach
+        .running
+        .iter()
+        .map(|held| {
+            Ok(HeldLease {
+                job: job_id(&held.job_id)?,
+                attempt: held.attempt,
+                token: held.fencing_token,
+            })
+        })
+        .collect::<Result<_, Error>>()?;
+    Ok(WorkerAttach {
+        name: attach.name,
+        instance: attach.instance,
+        functions,
+        slots: attach.slots,
+        labels: labels(attach.labels, "attach.labels")?,
+        version: attach.version,
+        running,
+        peer,
+    })
+}
+
+/// How a worker says a job ended.
+pub(crate) fn worker_outcome(outcome: Option<pb::report::Outcome>) -> Result<Outcome, Error> {
+    use pb::worker_failure::Kind;
+    match outcome {
+        Some(pb::report::Outcome::Value(value)) => Ok(Ok(value::to_json(value))),
+        Some(pb::report::Outcome::Failure(failure)) => {
+            let message = failure.message;
+            Ok(Err(match Kind::try_from(failure.kind) {
+                Ok(Kind::Retryable) => JobError::Retryable(message),
+                Ok(Kind::Cancelled) => JobError::Cancelled,
+                Ok(Kind::Panicked) => JobError::Panicked(message),
+                Ok(Kind::TimedOut) => JobError::TimedOut(message),
+                Ok(Kind::Failed | Kind::Unspecified) | Err(_) => JobError::Failed(message),
+            }))
+        }
+        None => Err(Error::invalid(
+            "report.outcome",
+            "a report needs a value or a failure",
+        )),
+    }
 }
 
 #[cfg(test)]
@@ -913,6 +1057,7 @@ mod properties {
             pool in prop_oneof![Just(String::new()), Just("async".to_owned()), text()],
             request_id in prop_oneof![Just(String::new()), text()],
             labels in labels(),
+            worker_labels in labels(),
             priority in prop_oneof![any::<i32>(), -1001i32..=1001],
             delay in duration(),
             not_before in timestamp(),
@@ -925,6 +1070,7 @@ mod properties {
                 pool,
                 request_id,
                 labels,
+                worker_labels,
                 priority,
                 delay,
                 not_before,
@@ -939,6 +1085,7 @@ mod properties {
         "pool",
         "request_id",
         "labels",
+        "worker_labels",
         "priority",
         "delay",
         "not_before",

@@ -6,6 +6,9 @@ mod deadline;
 pub(crate) mod decode;
 mod map;
 mod status;
+mod worker;
+
+pub use self::worker::WorkerService;
 
 use std::{sync::Arc, time::Duration};
 
@@ -297,20 +300,28 @@ impl pb::job_service_server::JobService for JobService {
         &self,
         _request: Request<pb::ListFunctionsRequest>,
     ) -> Result<Response<pb::ListFunctionsResponse>, Status> {
-        let functions = self
+        let info = |f: &crate::function::Function, workers: usize| pb::FunctionInfo {
+            name: f.name().to_string(),
+            pool: f.pool().as_str().to_owned(),
+            pool_kind: wire_pool_kind(f.pool()).into(),
+            description: f.description().to_owned(),
+            args_schema: f.args_schema().cloned().map(value::from_json),
+            returns: f.returns().unwrap_or_default().to_owned(),
+            workers: u32::try_from(workers).unwrap_or(u32::MAX),
+        };
+        let mut functions: Vec<pb::FunctionInfo> = self
             .engine
             .registry()
             .iter()
-            .map(|f| pb::FunctionInfo {
-                name: f.name().to_string(),
-                pool: f.pool().as_str().to_owned(),
-                pool_kind: wire_pool_kind(f.pool()).into(),
-                description: f.description().to_owned(),
-                args_schema: f.args_schema().cloned().map(value::from_json),
-                returns: f.returns().unwrap_or_default().to_owned(),
-                workers: 0,
-            })
+            .map(|f| info(f, 0))
+            .chain(
+                self.engine
+                    .worker_functions()
+                    .iter()
+                    .map(|(f, serving)| info(f, *serving)),
+            )
             .collect();
+        functions.sort_by(|a, b| a.name.cmp(&b.name));
         Ok(Response::new(pb::ListFunctionsResponse { functions }))
     }
 
@@ -318,8 +329,27 @@ impl pb::job_service_server::JobService for JobService {
         &self,
         _request: Request<pb::ListWorkersRequest>,
     ) -> Result<Response<pb::ListWorkersResponse>, Status> {
-        // No worker service is served yet, so no session can be attached.
-        Ok(Response::new(pb::ListWorkersResponse::default()))
+        let workers = self
+            .engine
+            .worker_sessions()
+            .into_iter()
+            .map(|w| pb::WorkerInfo {
+                session_id: w.session_id,
+                name: w.name,
+                instance: w.instance,
+                peer: w.peer.map(|p| p.to_string()).unwrap_or_default(),
+                functions: w.functions,
+                labels: w.labels.into_iter().collect(),
+                slots: w.slots,
+                busy: w.busy,
+                running: w.running.iter().map(ToString::to_string).collect(),
+                last_heartbeat: Some(w.last_heard.into()),
+                attached_at: Some(w.attached_at.into()),
+                version: w.version,
+                draining: w.draining,
+            })
+            .collect();
+        Ok(Response::new(pb::ListWorkersResponse { workers }))
     }
 }
 
@@ -354,6 +384,7 @@ fn wire_pool_kind(pool: PoolKind) -> pb::PoolKind {
     match pool {
         PoolKind::Async => pb::PoolKind::Async,
         PoolKind::Blocking => pb::PoolKind::Blocking,
+        PoolKind::Worker => pb::PoolKind::Worker,
     }
 }
 
@@ -376,6 +407,7 @@ fn wire_error(err: JobError) -> pb::JobError {
         JobError::Interrupted(_) => pb::ErrorKind::Interrupted,
         JobError::TimedOut(_) => pb::ErrorKind::TimedOut,
         JobError::ResultTooLarge(_) => pb::ErrorKind::ResultTooLarge,
+        JobError::WorkerLost(_) => pb::ErrorKind::WorkerLost,
         // Out of attempts: to the client it is a plain failure.
         JobError::Retryable(_) => pb::ErrorKind::Failed,
     };
@@ -415,7 +447,7 @@ fn wire_job(record: JobRecord) -> pb::Job {
             .and_then(|t| prost_types::Duration::try_from(t).ok()),
         max_attempts: record.max_attempts,
         progress: record.progress.as_ref().map(wire_progress),
-        worker_labels: std::collections::HashMap::new(),
+        worker_labels: record.worker_labels.into_iter().collect(),
     }
 }
 

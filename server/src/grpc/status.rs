@@ -66,12 +66,16 @@ fn code(err: &Error) -> Code {
     match err {
         Error::UnknownFunction(_) | Error::JobNotFound(_) | Error::JobGone { .. } => Code::NotFound,
         Error::DuplicateRequest { .. } => Code::AlreadyExists,
-        Error::JobNotFinished { .. } | Error::EpochMismatch { .. } => Code::FailedPrecondition,
+        Error::JobNotFinished { .. }
+        | Error::EpochMismatch { .. }
+        | Error::FunctionConflict { .. }
+        | Error::OutOfOrder(_) => Code::FailedPrecondition,
         Error::ResumeAhead { .. } => Code::OutOfRange,
         Error::InvalidArgument { .. } | Error::ArgsRejected { .. } => Code::InvalidArgument,
-        Error::QueueFull { .. } | Error::TooManyWaiters { .. } | Error::TooManyWatchers(_) => {
-            Code::ResourceExhausted
-        }
+        Error::QueueFull { .. }
+        | Error::TooManyWaiters { .. }
+        | Error::TooManyWatchers(_)
+        | Error::TooManyWorkers(_) => Code::ResourceExhausted,
         Error::ShuttingDown => Code::Unavailable,
         Error::WaitTimedOut(_) => Code::DeadlineExceeded,
         Error::Store(StoreError::DiskFull(_)) => Code::ResourceExhausted,
@@ -122,6 +126,18 @@ mod tests {
             ),
             (Error::WaitTimedOut(JobId::new()), Code::DeadlineExceeded),
             (Error::TooManyWatchers(1), Code::ResourceExhausted),
+            (Error::TooManyWorkers(1), Code::ResourceExhausted),
+            (
+                Error::FunctionConflict {
+                    function: "f".into(),
+                    reason: "r".into(),
+                },
+                Code::FailedPrecondition,
+            ),
+            (
+                Error::OutOfOrder("attach twice".into()),
+                Code::FailedPrecondition,
+            ),
             (
                 Error::EpochMismatch {
                     asked: "a".into(),

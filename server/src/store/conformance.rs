@@ -13,9 +13,9 @@ use jobd_proto::{JobId, JobState};
 use serde_json::json;
 
 use super::{
-    Applied, CancelResult, ClaimRequest, Claimed, Deleted, EventItem, EventKind, Gone, JobStore,
-    LeaseState, ListFilter, Maintenance, Missing, NewJob, Purge, StoreConfig, StoreOptions,
-    Submitted,
+    CancelResult, ClaimRequest, Claimed, Deleted, EventItem, EventKind, Fenced, Gone, JobStore,
+    LeaseState, ListFilter, Maintenance, Missing, NewJob, Purge, QueueName, StoreConfig,
+    StoreOptions, Submitted,
 };
 use crate::{
     clock::Clock,
@@ -31,7 +31,12 @@ struct Subject {
 
 fn options(clock: &Clock, max_queued: usize) -> StoreOptions {
     StoreOptions {
-        pools: vec![PoolName::from("async"), PoolName::from("blocking")],
+        pools: vec![
+            PoolName::from("async"),
+            PoolName::from("blocking"),
+            PoolName::from("worker"),
+        ],
+        routed: vec![PoolName::from("worker")],
         max_queued,
         priority_aging: Duration::ZERO,
         event_history: NonZeroUsize::new(1024).unwrap(),
@@ -113,6 +118,7 @@ fn job(function: &str) -> NewJob {
         pool: PoolName::from("async"),
         args: json!(null),
         labels: BTreeMap::new(),
+        worker_labels: BTreeMap::new(),
         request_id: None,
         priority: 0,
         not_before: None,
@@ -131,7 +137,7 @@ async fn submit(store: &dyn JobStore, job: NewJob) -> JobId {
 
 fn request(ttl: Option<Duration>) -> ClaimRequest {
     ClaimRequest {
-        pool: PoolName::from("async"),
+        queue: QueueName::pool(&PoolName::from("async")),
         holder: Arc::from("test"),
         ttl,
     }
@@ -239,26 +245,31 @@ async fn only_the_current_lease_completes_and_a_terminal_job_never_changes(s: Su
     stale.token.0 -= 1;
     assert_eq!(
         store.complete(&stale, Ok(json!("no"))).await.unwrap(),
-        Applied::Stale
+        Fenced::Stale
     );
     assert_eq!(
         store.complete(&claimed.lease, Ok(json!(42))).await.unwrap(),
-        Applied::Applied
+        Fenced::Applied
     );
     assert_eq!(state(store, id).await, JobState::Succeeded);
-    // Every later write about it is refused, and nothing changes.
+    // Every later write with that lease is a repeat (a report sent again),
+    // with the stale one it is stale, and nothing changes.
     assert_eq!(
         store
             .complete(&claimed.lease, Err(JobError::failed("late")))
             .await
             .unwrap(),
-        Applied::Stale
+        Fenced::Repeated
     );
     assert_eq!(
         store.retry(&claimed.lease, s.clock.now()).await.unwrap(),
-        Applied::Stale
+        Fenced::Repeated
     );
-    assert_eq!(store.release(&claimed.lease).await.unwrap(), Applied::Stale);
+    assert_eq!(
+        store.release(&claimed.lease).await.unwrap(),
+        Fenced::Repeated
+    );
+    assert_eq!(store.release(&stale).await.unwrap(), Fenced::Stale);
     assert_eq!(store.cancel(id).await.unwrap(), CancelResult::AlreadyDone);
     store.flush().await.unwrap();
     let record = store.get(id).await.unwrap().unwrap();
@@ -275,7 +286,7 @@ async fn a_retry_waits_for_its_time_and_supersedes_the_old_lease(s: Subject) {
     let due = s.clock.now() + Duration::from_secs(5);
     assert_eq!(
         store.retry(&first.lease, due).await.unwrap(),
-        Applied::Applied
+        Fenced::Applied
     );
     assert_eq!(state(store, id).await, JobState::Pending);
     assert!(try_claim(store, None).await.is_none(), "not due yet");
@@ -284,14 +295,15 @@ async fn a_retry_waits_for_its_time_and_supersedes_the_old_lease(s: Subject) {
     assert_eq!(second.lease.job, id);
     assert_eq!(second.lease.attempt, 2);
     assert!(second.lease.token > first.lease.token);
-    // The first attempt's late outcome is refused.
+    // The first attempt's end was recorded (the retry): its lease can
+    // only repeat, and changes nothing.
     assert_eq!(
         store.complete(&first.lease, Ok(json!(1))).await.unwrap(),
-        Applied::Stale
+        Fenced::Repeated
     );
     assert_eq!(
         store.complete(&second.lease, Ok(json!(2))).await.unwrap(),
-        Applied::Applied
+        Fenced::Applied
     );
     store.flush().await.unwrap();
     let record = store.get(id).await.unwrap().unwrap();
@@ -302,11 +314,11 @@ async fn a_released_job_runs_again_at_once(s: Subject) {
     let store = &*s.store;
     let id = submit(store, job("a")).await;
     let first = claim(store).await;
-    assert_eq!(store.release(&first.lease).await.unwrap(), Applied::Applied);
+    assert_eq!(store.release(&first.lease).await.unwrap(), Fenced::Applied);
     assert_eq!(state(store, id).await, JobState::Pending);
     let second = claim(store).await;
     assert_eq!((second.lease.job, second.lease.attempt), (id, 2));
-    assert_eq!(store.release(&first.lease).await.unwrap(), Applied::Stale);
+    assert_eq!(store.release(&first.lease).await.unwrap(), Fenced::Repeated);
 }
 
 async fn cancel_records_the_request_and_says_what_it_found(s: Subject) {
@@ -350,7 +362,7 @@ async fn cancel_records_the_request_and_says_what_it_found(s: Subject) {
             .complete(&claimed.lease, Err(JobError::Cancelled))
             .await
             .unwrap(),
-        Applied::Applied
+        Fenced::Applied
     );
     assert_eq!(state(store, running).await, JobState::Cancelled);
     assert_eq!(
@@ -402,14 +414,14 @@ async fn a_lapsed_lease_puts_the_job_back_and_refuses_its_holder(s: Subject) {
             .complete(&lost.lease, Ok(json!("late")))
             .await
             .unwrap(),
-        Applied::Stale
+        Fenced::Stale
     );
     assert_eq!(
         store
             .complete(&again.lease, Ok(json!("on time")))
             .await
             .unwrap(),
-        Applied::Applied
+        Fenced::Applied
     );
     store.flush().await.unwrap();
     let record = store.get(id).await.unwrap().unwrap();
@@ -435,7 +447,7 @@ async fn a_job_that_keeps_losing_its_holder_fails_and_one_not_safe_to_retry_fail
     assert_eq!(state(store, poison).await, JobState::Failed);
     let record = store.get(poison).await.unwrap().unwrap();
     assert!(
-        matches!(&record.outcome, Some(Err(JobError::Interrupted(m))) if m.contains("poison pill")),
+        matches!(&record.outcome, Some(Err(JobError::WorkerLost(m))) if m.contains("poison pill")),
         "{:?}",
         record.outcome
     );
@@ -744,7 +756,7 @@ mod model {
     use proptest::prelude::*;
 
     use super::*;
-    use crate::store::Lease;
+    use crate::store::{FencingToken, Lease};
 
     #[derive(Debug, Clone)]
     enum Op {
@@ -788,6 +800,8 @@ mod model {
         phase: Phase,
         leases: Vec<Lease>,
         lost: u32,
+        /// The token of the last lease whose end was recorded.
+        settled: Option<FencingToken>,
     }
 
     impl Model {
@@ -809,6 +823,7 @@ mod model {
             phase: Phase::Pending,
             leases: Vec::new(),
             lost: 0,
+            settled: None,
         };
         for op in &ops {
             let before = {
@@ -866,9 +881,12 @@ mod model {
                         }
                     };
                     let expected = if current {
-                        Applied::Applied
+                        model.settled = Some(lease.token);
+                        Fenced::Applied
+                    } else if model.settled == Some(lease.token) {
+                        Fenced::Repeated
                     } else {
-                        Applied::Stale
+                        Fenced::Stale
                     };
                     prop_assert_eq!(applied, expected, "{:?}", op);
                 }

@@ -8,7 +8,7 @@ use futures::{FutureExt as _, future::BoxFuture, stream::BoxStream};
 use jobd_proto::{JobId, JobState};
 
 use super::{
-    Applied, CancelResult, ClaimRequest, Claimed, Cursor, Deleted, EventItem, Found, JobStore,
+    CancelResult, ClaimRequest, Claimed, Cursor, Deleted, EventItem, Fenced, Found, JobStore,
     Lease, LeaseState, ListFilter, ListPage, Maintained, Maintenance, Missing, NewJob, StoreError,
     StoreOptions, StoreStats, Submitted, fingerprint,
     live::{
@@ -67,14 +67,14 @@ impl JobStore for MemoryStore {
                 Some(_) => fingerprint(&record.function, &record.args),
                 None => [0; 16],
             };
-            let (id, pool, due) = (record.id, record.pool.clone(), record.not_before);
+            let (id, queue, due) = (record.id, self.live.queue_name(&record), record.not_before);
             match self.live.table.insert(record, key, fingerprint) {
                 Ok(()) => {
-                    self.live.enqueue(&pool, id, key, due);
+                    self.live.enqueue(&queue, id, key, due);
                     Ok(Submitted::New(id))
                 }
                 Err(existing) => {
-                    self.live.release(&pool, key);
+                    self.live.release(&queue, key);
                     Ok(Submitted::Existing {
                         id: existing.job,
                         same_content: existing.fingerprint == fingerprint,
@@ -97,23 +97,23 @@ impl JobStore for MemoryStore {
         Ok(self.live.renew(lease, ttl))
     }
 
-    async fn complete(&self, lease: &Lease, outcome: Outcome) -> Result<Applied, StoreError> {
+    async fn complete(&self, lease: &Lease, outcome: Outcome) -> Result<Fenced, StoreError> {
         if !self.live.table.begin_finish(lease) {
-            return Ok(Applied::Stale);
+            return Ok(self.live.table.not_current(lease));
         }
         self.finish(lease.job, outcome);
-        Ok(Applied::Applied)
+        Ok(Fenced::Applied)
     }
 
-    async fn retry(&self, lease: &Lease, not_before: SystemTime) -> Result<Applied, StoreError> {
+    async fn retry(&self, lease: &Lease, not_before: SystemTime) -> Result<Fenced, StoreError> {
         Ok(if self.live.requeue(lease, not_before) {
-            Applied::Applied
+            Fenced::Applied
         } else {
-            Applied::Stale
+            self.live.table.not_current(lease)
         })
     }
 
-    async fn release(&self, lease: &Lease) -> Result<Applied, StoreError> {
+    async fn release(&self, lease: &Lease) -> Result<Fenced, StoreError> {
         self.retry(lease, self.live.clock.now()).await
     }
 

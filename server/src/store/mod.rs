@@ -6,7 +6,7 @@
 //! engine, its executors or the API: the engine asks for the next job of a
 //! pool and gets a [`Lease`] (the attempt plus a fencing token); every later
 //! write about that attempt carries the lease and is refused as
-//! [`Applied::Stale`] once the lease is no longer current, whoever holds an
+//! [`Fenced::Stale`] once the lease is no longer current, whoever holds an
 //! old one. A cancel is recorded here; how it is honoured (dropping a
 //! future, firing a token, killing a process, messaging a worker) is the
 //! executor's business.
@@ -129,11 +129,52 @@ pub struct Faults {
     pub max_db_pages: Option<u64>,
 }
 
+/// The queue a job waits in. A pool has one queue, except a routed pool
+/// (remote workers'), which has one per function and set of worker labels,
+/// so that a claim for a function only ever sees jobs of that function that
+/// the claimer may run.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub(crate) struct QueueName(Arc<str>);
+
+impl QueueName {
+    /// The one queue of an unrouted pool.
+    pub(crate) fn pool(pool: &PoolName) -> Self {
+        Self(Arc::from(pool.as_str()))
+    }
+
+    /// The queue of `function`'s jobs asking for `worker_labels` in the
+    /// routed pool `pool`.
+    pub(crate) fn routed(
+        pool: &PoolName,
+        function: &str,
+        worker_labels: &BTreeMap<String, String>,
+    ) -> Self {
+        let mut name = format!("{pool}/{function}");
+        if !worker_labels.is_empty() {
+            // JSON of a sorted map: one spelling per label set.
+            name.push_str(&serde_json::to_string(worker_labels).unwrap_or_default());
+        }
+        Self(Arc::from(name))
+    }
+
+    /// The pool the queue belongs to.
+    pub(crate) fn pool_name(&self) -> &str {
+        self.0.split_once('/').map_or(&self.0, |(pool, _)| pool)
+    }
+
+    pub(crate) fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
 /// How to open a store: the pools it queues for and its bounds.
 #[derive(Debug, Clone)]
 pub(crate) struct StoreOptions {
     /// The pools whose queues the store keeps, by name.
     pub(crate) pools: Vec<PoolName>,
+    /// Of those, the pools routed by function and worker labels (see
+    /// [`QueueName`]).
+    pub(crate) routed: Vec<PoolName>,
     /// Pending jobs each pool's queue holds before Submit is refused.
     pub(crate) max_queued: usize,
     /// One step of priority per this much waiting (zero: none).
@@ -169,6 +210,7 @@ pub(crate) struct NewJob {
     pub(crate) pool: PoolName,
     pub(crate) args: serde_json::Value,
     pub(crate) labels: BTreeMap<String, String>,
+    pub(crate) worker_labels: BTreeMap<String, String>,
     pub(crate) request_id: Option<String>,
     pub(crate) priority: i32,
     pub(crate) not_before: Option<SystemTime>,
@@ -187,6 +229,7 @@ impl NewJob {
             state: JobState::Pending,
             args: self.args,
             labels: self.labels,
+            worker_labels: self.worker_labels,
             request_id: self.request_id,
             priority: self.priority,
             not_before: self.not_before,
@@ -213,6 +256,9 @@ pub(crate) enum Submitted {
     Existing { id: JobId, same_content: bool },
     /// The pool's queue holds `capacity` jobs already.
     QueueFull { capacity: usize },
+    /// A routed pool has as many queues as it may (`max` distinct
+    /// functions and worker label sets).
+    TooManyQueues { max: usize },
     /// The store takes no new jobs (it is closing).
     Closed,
 }
@@ -242,7 +288,7 @@ pub(crate) struct Lease {
 /// What to claim and on whose behalf.
 #[derive(Debug, Clone)]
 pub(crate) struct ClaimRequest {
-    pub(crate) pool: PoolName,
+    pub(crate) queue: QueueName,
     pub(crate) holder: LeaseHolder,
     /// How long the lease lasts between renewals; `None`: for the life of
     /// this process.
@@ -276,10 +322,14 @@ pub(crate) enum LeaseState {
     Lost,
 }
 
-/// Whether a write about a lease's attempt was applied.
+/// What the fencing of a write about a lease's attempt decided.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Applied {
+pub(crate) enum Fenced {
+    /// The lease is current: the write was applied.
     Applied,
+    /// This lease's end was recorded already (a report sent twice): nothing
+    /// changed, and the first answer stands.
+    Repeated,
     /// The lease is no longer current (the job ended, was cancelled, or its
     /// lease lapsed and it was given to another): nothing changed.
     Stale,
@@ -409,8 +459,8 @@ pub(crate) struct StoreStats {
     pub(crate) jobs: usize,
     /// Jobs held in memory per state name.
     pub(crate) by_state: BTreeMap<&'static str, usize>,
-    /// Jobs waiting in each pool's queue (delayed ones included).
-    pub(crate) queued: BTreeMap<PoolName, usize>,
+    /// Jobs waiting in each queue (delayed ones included).
+    pub(crate) queued: BTreeMap<QueueName, usize>,
     /// Job events held for watchers.
     pub(crate) events_held: usize,
     /// A durable store's (commits, operations) so far.
@@ -451,15 +501,15 @@ pub(crate) trait JobStore: Send + Sync + 'static {
     async fn renew(&self, lease: &Lease, ttl: Duration) -> Result<LeaseState, StoreError>;
 
     /// Ends the lease's attempt, and the job, with `outcome`.
-    async fn complete(&self, lease: &Lease, outcome: Outcome) -> Result<Applied, StoreError>;
+    async fn complete(&self, lease: &Lease, outcome: Outcome) -> Result<Fenced, StoreError>;
 
     /// Ends the lease's attempt for another one: the job is pending again,
     /// due at `not_before`.
-    async fn retry(&self, lease: &Lease, not_before: SystemTime) -> Result<Applied, StoreError>;
+    async fn retry(&self, lease: &Lease, not_before: SystemTime) -> Result<Fenced, StoreError>;
 
     /// Gives the lease back without an outcome (a drain, a shutdown): the
     /// job is pending again at once, for its next attempt.
-    async fn release(&self, lease: &Lease) -> Result<Applied, StoreError>;
+    async fn release(&self, lease: &Lease) -> Result<Fenced, StoreError>;
 
     /// Records the running attempt's progress (memory only: progress is not
     /// durable; a stale lease's report is dropped).

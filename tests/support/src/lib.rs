@@ -11,13 +11,20 @@
 //!   they observe;
 //! - [`tools`]: the external tools some tests drive (grpcurl, Python's h2),
 //!   which fail a test that cannot run, saying how to install them;
-//! - [`pki`]: certificates made at test time.
+//! - [`pki`]: certificates made at test time;
+//! - [`proxy`]: a TCP proxy a test can partition or reset;
+//! - [`time`]: a paused clock that moves only when the test moves it;
+//! - [`worker`]: a worker that speaks the worker protocol message by
+//!   message.
 
 pub mod fixtures;
 pub mod pki;
 mod process;
+pub mod proxy;
 mod server;
+pub mod time;
 pub mod tools;
+pub mod worker;
 
 pub use fixtures::{Fixtures, Probe, config, registry};
 pub use process::{

@@ -19,9 +19,7 @@ use crate::{
 
 pub(super) fn start(inner: &Arc<Inner>, pool: PoolName, concurrency: usize) {
     let slots = Arc::new(Semaphore::new(concurrency));
-    inner
-        .workers
-        .spawn(dispatch(Arc::clone(inner), pool, slots));
+    inner.tasks.spawn(dispatch(Arc::clone(inner), pool, slots));
 }
 
 /// Takes a slot, then a job, and runs it as a task; the slot is held until
@@ -37,7 +35,7 @@ async fn dispatch(inner: Arc<Inner>, pool: PoolName, slots: Arc<Semaphore>) {
             return;
         };
         let job = Arc::clone(&inner);
-        inner.workers.spawn(async move {
+        inner.tasks.spawn(async move {
             let _slot = slot;
             run(&job, claimed).await;
         });

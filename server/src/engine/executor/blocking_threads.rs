@@ -13,14 +13,14 @@ use crate::{
     engine::Inner,
     function::Body,
     job::{JobError, Outcome, PoolName},
-    store::{Applied, Claimed},
+    store::{Claimed, Fenced},
 };
 
 pub(super) fn start(inner: &Arc<Inner>, pool: PoolName, threads: usize) {
     for n in 0..threads {
         let inner = Arc::clone(inner);
         let pool = pool.clone();
-        let token = inner.workers.token();
+        let token = inner.tasks.token();
         let spawned = std::thread::Builder::new()
             .name(format!("jobd-blocking-{n}"))
             .spawn(move || {
@@ -74,7 +74,7 @@ fn run(inner: &Arc<Inner>, claimed: &Claimed, registered: &Registered<'_>) -> Ou
         inner.runtime.clone().spawn(async move {
             tokio::select! {
                 err = time_limit(Some(limit)) => {
-                    if let Ok(Applied::Applied) = inner.store.complete(&lease, Err(err)).await {
+                    if let Ok(Fenced::Applied) = inner.store.complete(&lease, Err(err)).await {
                         cancel.cancel();
                     }
                 }

@@ -12,6 +12,7 @@
 
 mod async_tasks;
 mod blocking_threads;
+pub(crate) mod remote;
 mod running;
 
 use std::{panic::AssertUnwindSafe, sync::Arc, time::Duration};
@@ -25,7 +26,7 @@ use crate::{
     ctx::Reports,
     function::PoolKind,
     job::{JobError, Outcome, PoolName},
-    store::{Applied, ClaimRequest, Claimed, JobStore, Lease},
+    store::{ClaimRequest, Claimed, Fenced, JobStore, Lease, QueueName},
 };
 
 /// How an executor kind honours a cancel of a running job.
@@ -43,7 +44,9 @@ impl Honour {
     pub(crate) fn of(kind: PoolKind) -> Self {
         match kind {
             PoolKind::Async => Self::Abort,
-            PoolKind::Blocking => Self::Request,
+            // A remote job is told to stop (over its worker's session) and
+            // ends when the worker reports it.
+            PoolKind::Blocking | PoolKind::Worker => Self::Request,
         }
     }
 }
@@ -74,7 +77,7 @@ impl Inner {
     /// The claim an executor of `pool` makes.
     fn claim_request(&self, pool: PoolName) -> ClaimRequest {
         ClaimRequest {
-            pool,
+            queue: QueueName::pool(&pool),
             holder: Arc::clone(&self.holder),
             ttl: None,
         }
@@ -92,7 +95,7 @@ impl Inner {
             match self.store.claim(request).await {
                 Ok(claimed) => return claimed,
                 Err(err) => {
-                    tracing::error!(pool = %request.pool, %err, "cannot claim a job; trying again");
+                    tracing::error!(queue = request.queue.as_str(), %err, "cannot claim a job; trying again");
                     tokio::select! {
                         () = tokio::time::sleep(CLAIM_RETRY) => {}
                         () = self.stopped.cancelled() => return None,
@@ -116,13 +119,35 @@ impl Inner {
         )
     }
 
-    /// Ends an attempt: a result too large to keep fails the job; a
-    /// retryable failure with attempts left puts the job back to pending
-    /// after a backoff; anything else completes it. A stale lease changes
-    /// nothing (the job was already ended by a timeout, a cancel or a
-    /// shutdown).
+    /// Ends an attempt a local executor ran.
     async fn end_attempt(&self, claimed: &Claimed, outcome: Outcome) {
         let lease = &claimed.lease;
+        if let Err(err) = self.ending.end(lease, claimed.max_attempts, outcome).await {
+            tracing::warn!(id = %lease.job, %err, "cannot record how the job's attempt ended");
+        }
+    }
+}
+
+/// How an attempt ends, the same for every executor: a result too large to
+/// keep fails the job; a retryable failure with attempts left puts the job
+/// back to pending after a backoff; anything else completes it.
+pub(crate) struct Ending {
+    pub(crate) store: Arc<dyn JobStore>,
+    pub(crate) clock: crate::clock::Clock,
+    pub(crate) max_result_bytes: usize,
+}
+
+impl Ending {
+    /// Ends `lease`'s attempt with `outcome` (`max_attempts`: the job's).
+    /// A lease that is not current changes nothing (the job was already
+    /// ended by a timeout, a cancel or a shutdown, or went to another
+    /// holder).
+    pub(crate) async fn end(
+        &self,
+        lease: &Lease,
+        max_attempts: u32,
+        outcome: Outcome,
+    ) -> Result<Fenced, crate::store::StoreError> {
         // A result too large to store and send fails the job (as data);
         // the caller learns why instead of the answer failing in transit.
         let outcome = outcome.and_then(|value| match json_len(&value) {
@@ -133,21 +158,16 @@ impl Inner {
             _ => Ok(value),
         });
         if let Err(JobError::Retryable(reason)) = &outcome
-            && lease.attempt < claimed.max_attempts
+            && lease.attempt < max_attempts
         {
             let wait = backoff(lease.job, lease.attempt);
-            match self.store.retry(lease, self.clock.now() + wait).await {
-                Ok(Applied::Applied) => {
-                    tracing::debug!(id = %lease.job, attempt = lease.attempt, ?wait, %reason, "retrying");
-                }
-                Ok(Applied::Stale) => {}
-                Err(err) => tracing::warn!(id = %lease.job, %err, "cannot record the job's retry"),
+            let applied = self.store.retry(lease, self.clock.now() + wait).await?;
+            if applied == Fenced::Applied {
+                tracing::debug!(id = %lease.job, attempt = lease.attempt, ?wait, %reason, "retrying");
             }
-            return;
+            return Ok(applied);
         }
-        if let Err(err) = self.store.complete(lease, outcome).await {
-            tracing::warn!(id = %lease.job, %err, "cannot record the job's outcome");
-        }
+        self.store.complete(lease, outcome).await
     }
 }
 

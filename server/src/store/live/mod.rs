@@ -13,9 +13,9 @@ pub(crate) mod queue;
 pub(crate) mod table;
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::{BTreeMap, HashMap, HashSet},
     sync::{
-        Arc, Mutex, PoisonError,
+        Arc, Mutex, PoisonError, RwLock,
         atomic::{AtomicI64, AtomicU64, Ordering},
     },
     time::SystemTime,
@@ -32,15 +32,25 @@ use crate::{
     clock::{self, Clock},
     job::{Finished, JobRecord, PoolName, Progress},
     store::{
-        ClaimRequest, Claimed, FencingToken, Lease, LeaseState, NewJob, StoreError, StoreOptions,
-        Submitted,
+        ClaimRequest, Claimed, FencingToken, Lease, LeaseHolder, LeaseState, NewJob, QueueName,
+        StoreError, StoreOptions, Submitted,
     },
 };
 
+/// The most queues a store keeps (routed pools make one per function and
+/// set of worker labels).
+pub(crate) const MAX_QUEUES: usize = 4096;
+
 pub(crate) struct Live {
     pub(crate) table: JobTable,
-    /// One queue per pool, fixed when the store opens.
-    queues: HashMap<PoolName, JobQueue>,
+    /// One queue per pool, and per function and worker labels in routed
+    /// pools (made when their first job comes).
+    queues: RwLock<HashMap<QueueName, Arc<JobQueue>>>,
+    /// Pools routed by function and worker labels.
+    routed: HashSet<PoolName>,
+    /// Each queue's bound, and its aging.
+    max_queued: usize,
+    priority_aging: std::time::Duration,
     pub(crate) events: Arc<EventHub>,
     pub(crate) clock: Clock,
     /// The next fencing token to hand out.
@@ -56,22 +66,36 @@ pub(crate) struct Live {
     runtime: tokio::runtime::Handle,
 }
 
+/// Why there is no queue of a name.
+enum QueueMissing {
+    /// Not a pool of this store.
+    Unknown,
+    /// A routed pool's, and there are [`MAX_QUEUES`] already.
+    TooMany,
+}
+
 impl Live {
     /// Machinery for `options`, handing out fencing tokens from
     /// `first_token` on. Call it inside a tokio runtime.
     pub(crate) fn new(options: &StoreOptions, first_token: u64) -> Self {
         let epoch: Arc<str> = Arc::from(JobId::minted_at(options.clock.now()).to_string());
         let events = Arc::new(EventHub::new(options.event_history, epoch));
+        let routed: HashSet<PoolName> = options.routed.iter().cloned().collect();
+        let queues = options
+            .pools
+            .iter()
+            .filter(|pool| !routed.contains(*pool))
+            .map(|pool| {
+                let queue = JobQueue::new(options.max_queued, options.priority_aging);
+                (QueueName::pool(pool), Arc::new(queue))
+            })
+            .collect();
         Self {
             table: JobTable::new(Arc::clone(&events)),
-            queues: options
-                .pools
-                .iter()
-                .map(|pool| {
-                    let queue = JobQueue::new(options.max_queued, options.priority_aging);
-                    (pool.clone(), queue)
-                })
-                .collect(),
+            queues: RwLock::new(queues),
+            routed,
+            max_queued: options.max_queued,
+            priority_aging: options.priority_aging,
             events,
             clock: options.clock.clone(),
             next_token: AtomicU64::new(first_token),
@@ -103,18 +127,62 @@ impl Live {
         job.into_record(JobId::minted_at(at), at)
     }
 
-    fn queue(&self, pool: &PoolName) -> Result<&JobQueue, StoreError> {
-        self.queues
-            .get(pool)
-            .ok_or_else(|| StoreError::Unavailable(format!("no queue for pool {pool:?}")))
+    /// The queue `record` waits in.
+    pub(crate) fn queue_name(&self, record: &JobRecord) -> QueueName {
+        if self.routed.contains(&record.pool) {
+            QueueName::routed(&record.pool, &record.function, &record.worker_labels)
+        } else {
+            QueueName::pool(&record.pool)
+        }
     }
 
-    /// Takes a place in the job's pool's queue, or says why not.
+    /// The queue named `name`, made if it belongs to a routed pool and there
+    /// is room for one more.
+    fn queue(&self, name: &QueueName) -> Result<Arc<JobQueue>, QueueMissing> {
+        if let Some(queue) = self.read_queues().get(name) {
+            return Ok(Arc::clone(queue));
+        }
+        if !self.routed.contains(&PoolName::from(name.pool_name())) {
+            return Err(QueueMissing::Unknown);
+        }
+        let mut queues = self.queues.write().unwrap_or_else(PoisonError::into_inner);
+        if let Some(queue) = queues.get(name) {
+            return Ok(Arc::clone(queue));
+        }
+        if queues.len() >= MAX_QUEUES {
+            return Err(QueueMissing::TooMany);
+        }
+        let queue = Arc::new(JobQueue::new(self.max_queued, self.priority_aging));
+        // A store that is closing makes its new queues closed too.
+        if queues.values().next().is_some_and(|any| any.is_closed()) {
+            queue.close();
+        }
+        queues.insert(name.clone(), Arc::clone(&queue));
+        Ok(queue)
+    }
+
+    /// The queue of a job that exists already.
+    fn queue_of(&self, record: &JobRecord) -> Option<Arc<JobQueue>> {
+        self.queue(&self.queue_name(record)).ok()
+    }
+
+    /// Takes a place in the job's queue, or says why not.
     pub(crate) fn reserve(
         &self,
         record: &JobRecord,
     ) -> Result<Result<QueueKey, Submitted>, StoreError> {
-        let queue = self.queue(&record.pool)?;
+        let queue = match self.queue(&self.queue_name(record)) {
+            Ok(queue) => queue,
+            Err(QueueMissing::TooMany) => {
+                return Ok(Err(Submitted::TooManyQueues { max: MAX_QUEUES }));
+            }
+            Err(QueueMissing::Unknown) => {
+                return Err(StoreError::Unavailable(format!(
+                    "no queue for pool {:?}",
+                    record.pool.as_str()
+                )));
+            }
+        };
         Ok(
             match queue.reserve(record.priority, record.not_before, record.submitted_at) {
                 Ok(key) => Ok(key),
@@ -127,8 +195,8 @@ impl Live {
     }
 
     /// Gives back a place that will not be used.
-    pub(crate) fn release(&self, pool: &PoolName, key: QueueKey) {
-        if let Ok(queue) = self.queue(pool) {
+    pub(crate) fn release(&self, queue: &QueueName, key: QueueKey) {
+        if let Ok(queue) = self.queue(queue) {
             queue.release(key);
         }
     }
@@ -137,12 +205,12 @@ impl Live {
     /// its `not_before` comes.
     pub(crate) fn enqueue(
         &self,
-        pool: &PoolName,
+        queue: &QueueName,
         id: JobId,
         key: QueueKey,
         due: Option<SystemTime>,
     ) {
-        if let Ok(queue) = self.queue(pool) {
+        if let Ok(queue) = self.queue(queue) {
             queue.push(key, id, due, self.clock.now());
         }
     }
@@ -155,7 +223,7 @@ impl Live {
             self.table.restore(record, None, lost);
             return;
         }
-        let Ok(queue) = self.queue(&record.pool) else {
+        let Some(queue) = self.queue_of(&record) else {
             tracing::error!(id = %record.id, pool = %record.pool, "a recovered job names no known pool; it stays pending");
             self.table.restore(record, None, lost);
             return;
@@ -168,13 +236,34 @@ impl Live {
         queue.push(key, id, due, self.clock.now());
     }
 
-    /// Waits for the next due job of the pool and claims it; `None` once
+    /// Puts back a job that was running at the restart under a lease that
+    /// outlives the process (a remote worker's): still running, under the
+    /// same token, until the lease lapses `ttl` from now unless its holder
+    /// renews it.
+    pub(crate) fn restore_running(
+        &self,
+        record: JobRecord,
+        lost: u32,
+        token: FencingToken,
+        holder: LeaseHolder,
+        ttl: std::time::Duration,
+    ) {
+        let id = record.id;
+        let expires_at = self.clock.now() + ttl;
+        self.table
+            .restore_running(record, lost, token, holder, expires_at);
+        self.lock_expiries().insert((expires_at, id), token);
+    }
+
+    /// Waits for the next due job of the queue and claims it; `None` once
     /// closed. Cancel-safe: nothing is taken before the poll that returns.
     pub(crate) async fn claim(
         &self,
         request: &ClaimRequest,
     ) -> Result<Option<Claimed>, StoreError> {
-        let queue = self.queue(&request.pool)?;
+        let queue = self.queue(&request.queue).map_err(|_| {
+            StoreError::Unavailable(format!("no queue {:?}", request.queue.as_str()))
+        })?;
         loop {
             let Some(id) = queue.pop(&self.clock).await else {
                 return Ok(None);
@@ -208,13 +297,12 @@ impl Live {
     }
 
     /// Puts the lease's job back to pending, due at `due`, for its next
-    /// attempt. False when the lease is stale.
+    /// attempt. False when the lease is not current.
     pub(crate) fn requeue(&self, lease: &Lease, due: SystemTime) -> bool {
-        let Some((pool, priority)) = self.table.view(lease.job, |r| (r.pool.clone(), r.priority))
+        let Some((Some(queue), priority)) = self
+            .table
+            .view(lease.job, |r| (self.queue_of(r), r.priority))
         else {
-            return false;
-        };
-        let Ok(queue) = self.queue(&pool) else {
             return false;
         };
         // The job was accepted long ago: its place is taken regardless of
@@ -245,10 +333,9 @@ impl Live {
     /// Records a cancel request; a pending job leaves its queue at once and
     /// is then committing to CANCELLED.
     pub(crate) fn begin_cancel(&self, id: JobId) -> Option<CancelPlan> {
+        let queue = self.table.view(id, |r| self.queue_of(r)).flatten();
         let plan = self.table.begin_cancel(id)?;
-        if let CancelPlan::Pending(pool, Some(key)) = &plan
-            && let Ok(queue) = self.queue(pool)
-        {
+        if let (CancelPlan::Pending(Some(key)), Some(queue)) = (&plan, queue) {
             queue.remove(*key);
         }
         Some(plan)
@@ -279,8 +366,8 @@ impl Live {
     /// [`Lapsed`]); `None` if it did not lapse after all. A requeued job is
     /// claimable at once.
     pub(crate) fn lapse(&self, id: JobId, token: FencingToken, now: SystemTime) -> Option<Lapsed> {
-        let (pool, priority) = self.table.view(id, |r| (r.pool.clone(), r.priority))?;
-        let queue = self.queue(&pool).ok()?;
+        let (queue, priority) = self.table.view(id, |r| (self.queue_of(r), r.priority))?;
+        let queue = queue?;
         let key = queue.reserve_again(priority, now);
         let lapsed = self.table.lapse(id, token, now, key);
         match lapsed {
@@ -312,17 +399,22 @@ impl Live {
 
     /// Stops every queue handing out jobs.
     pub(crate) fn close(&self) {
-        for queue in self.queues.values() {
+        for queue in self.read_queues().values() {
             queue.close();
         }
     }
 
-    /// Jobs waiting in each pool's queue.
-    pub(crate) fn queued(&self) -> BTreeMap<PoolName, usize> {
-        self.queues
+    /// Jobs waiting in each queue.
+    pub(crate) fn queued(&self) -> BTreeMap<QueueName, usize> {
+        self.read_queues()
             .iter()
-            .map(|(pool, queue)| (pool.clone(), queue.len()))
+            .map(|(name, queue)| (name.clone(), queue.len()))
             .collect()
+    }
+
+    fn read_queues(&self) -> std::sync::RwLockReadGuard<'_, HashMap<QueueName, Arc<JobQueue>>> {
+        // Inserts cannot leave the map half-updated.
+        self.queues.read().unwrap_or_else(PoisonError::into_inner)
     }
 
     fn lock_expiries(

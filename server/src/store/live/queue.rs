@@ -226,6 +226,11 @@ impl JobQueue {
         self.notify.notify_waiters();
     }
 
+    /// True once closed.
+    pub(crate) fn is_closed(&self) -> bool {
+        self.lock().closed
+    }
+
     /// How many jobs are queued (ready or delayed) or reserved.
     pub(crate) fn len(&self) -> usize {
         self.len.load(Ordering::Acquire)

@@ -32,7 +32,7 @@ use tokio::sync::Notify;
 use super::{events::EventHub, queue::QueueKey};
 use crate::{
     job::{Finished, JobError, JobRecord, Outcome, PoolName, Progress},
-    store::{Claimed, EventKind, FencingToken, Lease, LeaseHolder, LeaseState, ListFilter},
+    store::{Claimed, EventKind, Fenced, FencingToken, Lease, LeaseHolder, LeaseState, ListFilter},
 };
 
 struct Slot {
@@ -54,6 +54,9 @@ struct Slot {
     progress_unannounced: bool,
     /// Leases of this job that lapsed in a row (its poison-pill count).
     lost: u32,
+    /// The token of the last lease whose end (an outcome, a retry, a give
+    /// back) was recorded: the same report again is a repeat, not stale.
+    settled: Option<FencingToken>,
 }
 
 /// A lease as the table keeps it.
@@ -72,7 +75,7 @@ pub(crate) const PROGRESS_INTERVAL: Duration = Duration::from_millis(100);
 /// `CANCELLED`; the caller completes it.
 pub(crate) enum CancelPlan {
     /// Pending: its queue slot, if it holds one, is the caller's to free.
-    Pending(PoolName, Option<QueueKey>),
+    Pending(Option<QueueKey>),
     /// Running: the request is recorded.
     Running {
         lease: Lease,
@@ -219,6 +222,7 @@ impl JobTable {
             progress_announced: None,
             progress_unannounced: false,
             lost,
+            settled: None,
         }));
         if announce {
             self.events.publish(&slot.record, EventKind::State);
@@ -304,8 +308,47 @@ impl JobTable {
     /// Running -> Pending for another attempt, held under `key`. False when
     /// the lease is stale.
     pub(crate) fn requeue(&self, lease: &Lease, key: QueueKey) -> bool {
-        self.with_current(lease, |slot| self.back_to_pending(slot, key))
-            .is_some()
+        self.with_current(lease, |slot| {
+            slot.settled = Some(lease.token);
+            self.back_to_pending(slot, key);
+        })
+        .is_some()
+    }
+
+    /// What a write with a lease that is not current amounts to: a repeat
+    /// when that lease's end was recorded already (the same report sent
+    /// again), else stale.
+    pub(crate) fn not_current(&self, lease: &Lease) -> Fenced {
+        let repeated = self
+            .jobs
+            .get(&lease.job)
+            .is_some_and(|slot| slot.settled == Some(lease.token));
+        if repeated {
+            Fenced::Repeated
+        } else {
+            Fenced::Stale
+        }
+    }
+
+    /// Puts back a job recovered at start that is still running under a
+    /// lease that outlives the process. Not announced, as `restore`.
+    pub(crate) fn restore_running(
+        &self,
+        record: JobRecord,
+        lost: u32,
+        token: FencingToken,
+        holder: LeaseHolder,
+        expires_at: SystemTime,
+    ) {
+        let id = record.id;
+        self.put(record, None, lost, false);
+        if let Some(mut slot) = self.jobs.get_mut(&id) {
+            slot.lease = Some(Held {
+                token,
+                holder,
+                expires_at: Some(expires_at),
+            });
+        }
     }
 
     /// A running job's attempt ends without an outcome: pending again,
@@ -365,8 +408,11 @@ impl JobTable {
     /// lease is stale (the job is not running, is committing another end,
     /// or runs under a newer lease): the outcome is then dropped.
     pub(crate) fn begin_finish(&self, lease: &Lease) -> bool {
-        self.with_current(lease, |slot| slot.committing = true)
-            .is_some()
+        self.with_current(lease, |slot| {
+            slot.committing = true;
+            slot.settled = Some(lease.token);
+        })
+        .is_some()
     }
 
     /// Records a cancel request: a pending job starts committing to
@@ -392,7 +438,7 @@ impl JobTable {
             }
             _ => {
                 slot.committing = true;
-                CancelPlan::Pending(slot.record.pool.clone(), slot.queue_key.take())
+                CancelPlan::Pending(slot.queue_key.take())
             }
         };
         Some(plan)
@@ -421,7 +467,7 @@ impl JobTable {
         slot.lost += 1;
         if let Some(reason) = lost_attempt(slot.lost, slot.record.retry_safe, LostTo::Holder) {
             slot.committing = true;
-            return Some(Lapsed::Failed(JobError::Interrupted(reason)));
+            return Some(Lapsed::Failed(JobError::WorkerLost(reason)));
         }
         self.back_to_pending(&mut slot, key);
         Some(Lapsed::Requeued)

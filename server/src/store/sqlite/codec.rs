@@ -27,7 +27,7 @@ pub(crate) mod stored_state {
 /// The columns `record_from_row` reads, in order.
 pub(crate) const RECORD_COLUMNS: &str = "id, function, pool, state, args, labels, request_id, \
      submitted_at, started_at, finished_at, attempt, value, error_kind, error, priority, not_before, timeout_us, \
-     max_attempts, retry_safe";
+     max_attempts, retry_safe, worker_labels";
 
 /// The tombstone reason of a job removed by retention.
 pub(crate) const TOMBSTONE_EXPIRED: i64 = 1;
@@ -100,6 +100,7 @@ pub(crate) fn outcome_columns(outcome: &Outcome) -> (Option<String>, Option<i64>
                 JobError::TimedOut(m) => (5, m.as_str()),
                 JobError::Retryable(m) => (6, m.as_str()),
                 JobError::ResultTooLarge(m) => (7, m.as_str()),
+                JobError::WorkerLost(m) => (8, m.as_str()),
             };
             (None, Some(kind), Some(message.to_owned()))
         }
@@ -123,6 +124,7 @@ fn outcome_from_columns(
                 5 => JobError::TimedOut(message),
                 6 => JobError::Retryable(message),
                 7 => JobError::ResultTooLarge(message),
+                8 => JobError::WorkerLost(message),
                 other => return Err(bad_value(format!("unknown error kind {other}"))),
             }))
         }
@@ -231,6 +233,10 @@ pub(crate) fn record_from_row(row: &Row<'_>) -> rusqlite::Result<JobRecord> {
             .map(|us| Duration::from_micros(u64::try_from(us).unwrap_or(0))),
         max_attempts: row.get::<_, Option<u32>>(17)?.unwrap_or(1).max(1),
         retry_safe: row.get(18)?,
+        worker_labels: match row.get::<_, Option<String>>(19)? {
+            Some(json) => serde_json::from_str(&json).map_err(|e| bad_value(e.to_string()))?,
+            None => std::collections::BTreeMap::new(),
+        },
         // Progress is never written to disk.
         progress: None,
     })
@@ -268,6 +274,7 @@ mod tests {
             Err(JobError::TimedOut("t".into())),
             Err(JobError::Retryable("r".into())),
             Err(JobError::ResultTooLarge("big".into())),
+            Err(JobError::WorkerLost("gone".into())),
         ] {
             let (v, k, m) = outcome_columns(&outcome);
             assert_eq!(outcome_from_columns(v, k, m).unwrap(), Some(outcome));

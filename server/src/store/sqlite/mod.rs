@@ -35,7 +35,7 @@ use self::{
 };
 pub use super::live::table::POISON_LIMIT;
 use super::{
-    Applied, CancelResult, ClaimRequest, Claimed, Cursor, Deleted, EventItem, Found, JobStore,
+    CancelResult, ClaimRequest, Claimed, Cursor, Deleted, EventItem, Fenced, Found, JobStore,
     Lease, LeaseState, ListFilter, ListPage, Maintained, Maintenance, Missing, NewJob, StoreError,
     StoreOptions, StoreStats, Submitted, fingerprint,
     live::{
@@ -122,6 +122,7 @@ impl SqliteStore {
             path = %path.display(),
             boot = recovered.boot,
             pending = recovered.pending.len(),
+            held_by_workers = recovered.running.len(),
             requeued = recovered.requeued,
             failed_not_retry_safe = recovered.failed_unsafe,
             poison_pills = recovered.poisoned,
@@ -129,6 +130,15 @@ impl SqliteStore {
         );
         for (record, lost) in recovered.pending {
             live.restore(record, lost);
+        }
+        for running in recovered.running {
+            live.restore_running(
+                running.record,
+                running.lost,
+                running.token,
+                running.holder,
+                running.ttl,
+            );
         }
         let reader = Reader::open(&path, READERS).map_err(|e| open_error(&e))?;
         let writer = Writer::spawn(conn, recovered.boot, ack_before_commit, Arc::clone(&live))
@@ -184,7 +194,7 @@ impl JobStore for SqliteStore {
             Some(_) => fingerprint(&record.function, &record.args),
             None => [0; 16],
         };
-        let (id, pool, due) = (record.id, record.pool.clone(), record.not_before);
+        let (id, queue, due) = (record.id, self.live.queue_name(&record), record.not_before);
         let live = Arc::clone(&self.live);
         // Runs on the writer thread right after the commit (or at once if
         // the job will not exist), whoever still waits: a client that hangs
@@ -192,9 +202,9 @@ impl JobStore for SqliteStore {
         let publish = Publish::new(move |committed: Option<JobRecord>| match committed {
             Some(record) => {
                 live.table.insert_unchecked(record, key);
-                live.enqueue(&pool, id, key, due);
+                live.enqueue(&queue, id, key, due);
             }
-            None => live.release(&pool, key),
+            None => live.release(&queue, key),
         });
         let writer = self.writer.clone();
         async move {
@@ -220,8 +230,11 @@ impl JobStore for SqliteStore {
         let Some(claimed) = self.live.claim(request).await? else {
             return Ok(None);
         };
-        let lease = &claimed.lease;
-        slot.start(lease.job, lease.attempt, lease.token, claimed.started_at);
+        slot.start(
+            &claimed,
+            std::sync::Arc::clone(&request.holder),
+            request.ttl,
+        );
         Ok(Some(claimed))
     }
 
@@ -231,29 +244,29 @@ impl JobStore for SqliteStore {
         Ok(self.live.renew(lease, ttl))
     }
 
-    async fn complete(&self, lease: &Lease, outcome: Outcome) -> Result<Applied, StoreError> {
+    async fn complete(&self, lease: &Lease, outcome: Outcome) -> Result<Fenced, StoreError> {
         let slot = self.writer.slot().await?;
         if !self.live.table.begin_finish(lease) {
-            return Ok(Applied::Stale);
+            return Ok(self.live.table.not_current(lease));
         }
         slot.finish(lease.job, lease.attempt, outcome, self.live.clock.now());
         self.evict();
-        Ok(Applied::Applied)
+        Ok(Fenced::Applied)
     }
 
-    async fn retry(&self, lease: &Lease, not_before: SystemTime) -> Result<Applied, StoreError> {
+    async fn retry(&self, lease: &Lease, not_before: SystemTime) -> Result<Fenced, StoreError> {
         let slot = self.writer.slot().await?;
         if !self.live.requeue(lease, not_before) {
-            return Ok(Applied::Stale);
+            return Ok(self.live.table.not_current(lease));
         }
         // A failure here means fail-stop; after a restart recovery re-queues
         // the job it finds running.
         slot.requeue(vec![(lease.job, lease.attempt)], self.live.clock.now())
             .await?;
-        Ok(Applied::Applied)
+        Ok(Fenced::Applied)
     }
 
-    async fn release(&self, lease: &Lease) -> Result<Applied, StoreError> {
+    async fn release(&self, lease: &Lease) -> Result<Fenced, StoreError> {
         self.retry(lease, self.live.clock.now()).await
     }
 

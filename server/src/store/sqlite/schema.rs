@@ -103,6 +103,17 @@ const MIGRATIONS: &[&str] = &[
     ALTER TABLE jobs ADD COLUMN retry_safe INTEGER NOT NULL DEFAULT 1;
     ALTER TABLE jobs ADD COLUMN lease INTEGER;
     ",
+    // 7: remote workers. `worker_labels` (JSON object, NULL when empty): the
+    // labels a worker must carry to run the job. `holder` and `lease_ttl_ms`
+    // (NULL for a lease held for the life of the process): who holds the
+    // running attempt's lease and for how long between renewals, so that
+    // after a restart a lease a remote worker holds survives until it lapses
+    // (the worker re-attaches) instead of being taken back at once.
+    "
+    ALTER TABLE jobs ADD COLUMN worker_labels TEXT;
+    ALTER TABLE jobs ADD COLUMN holder TEXT;
+    ALTER TABLE jobs ADD COLUMN lease_ttl_ms INTEGER;
+    ",
 ];
 
 /// Why the schema could not be brought up to date.
@@ -214,7 +225,7 @@ mod tests {
         let version: i64 = conn
             .query_row("PRAGMA user_version", [], |r| r.get(0))
             .unwrap();
-        assert_eq!(version, 6);
+        assert_eq!(version, 7);
     }
 
     #[test]
@@ -249,7 +260,7 @@ mod tests {
             migrate(&mut conn),
             Err(SchemaError::TooNew {
                 found: 99,
-                known: 6
+                known: 7
             })
         ));
     }

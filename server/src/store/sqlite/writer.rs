@@ -27,7 +27,7 @@ use super::codec::{
 use crate::{
     job::{JobRecord, Outcome},
     store::{
-        Deleted, FencingToken, Missing, StoreError,
+        Claimed, Deleted, FencingToken, LeaseHolder, Missing, StoreError,
         live::{Live, table::RequestEntry},
     },
 };
@@ -80,6 +80,10 @@ enum Op {
         attempt: u32,
         token: FencingToken,
         at: SystemTime,
+        /// Who holds the lease, and its length when it can lapse: kept so
+        /// that recovery can tell a lease that outlives the process.
+        holder: LeaseHolder,
+        ttl: Option<std::time::Duration>,
     },
     Finish {
         id: JobId,
@@ -262,12 +266,20 @@ pub(crate) struct Slot<'a>(mpsc::Permit<'a, Op>);
 
 impl Slot<'_> {
     /// Records a claim without waiting: it rides in the next batch.
-    pub(crate) fn start(self, id: JobId, attempt: u32, token: FencingToken, at: SystemTime) {
+    pub(crate) fn start(
+        self,
+        claimed: &Claimed,
+        holder: LeaseHolder,
+        ttl: Option<std::time::Duration>,
+    ) {
+        let lease = &claimed.lease;
         self.0.send(Op::Start {
-            id,
-            attempt,
-            token,
-            at,
+            id: lease.job,
+            attempt: lease.attempt,
+            token: lease.token,
+            at: claimed.started_at,
+            holder,
+            ttl,
         });
     }
 
@@ -561,6 +573,7 @@ fn apply_in(
                 attempt,
                 token,
                 at,
+                ..
             } if finishes(id) => Some((*id, *attempt, *token, *at)),
             _ => None,
         })
@@ -589,6 +602,8 @@ fn apply_in(
                 attempt,
                 token,
                 at,
+                holder,
+                ttl,
             } => {
                 // A job that also finishes in this batch gets its start
                 // columns and history entry from the Finish update: one
@@ -600,6 +615,8 @@ fn apply_in(
                         boot,
                         history_entry(JobState::Running, *attempt, *at),
                         token_value(*token),
+                        &**holder,
+                        ttl.map(|t| i64::try_from(t.as_millis()).unwrap_or(i64::MAX)),
                         id_bytes(*id)
                     ])?;
                 }
@@ -701,12 +718,13 @@ static SQL_TEXT: LazyLock<[String; Sql::COUNT]> = LazyLock::new(|| {
         format!(
             "INSERT INTO jobs (id, function, pool, state, args, labels, request_id, \
              fingerprint, submitted_at, attempt, priority, not_before, timeout_us, \
-             max_attempts, history, retry_safe) \
-             VALUES (?1, ?2, ?3, {PENDING}, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)"
+             max_attempts, history, retry_safe, worker_labels) \
+             VALUES (?1, ?2, ?3, {PENDING}, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)"
         ),
         format!(
             "UPDATE jobs SET state = {RUNNING}, attempt = ?1, started_at = ?2, boot = ?3, \
-             history = history || ?4, lease = ?5 WHERE id = ?6 AND state = {PENDING}"
+             history = history || ?4, lease = ?5, holder = ?6, lease_ttl_ms = ?7 \
+             WHERE id = ?8 AND state = {PENDING}"
         ),
         format!(
             "UPDATE jobs SET state = ?1, finished_at = ?2, value = ?3, error_kind = ?4, \
@@ -790,6 +808,7 @@ fn insert(sql: &mut Statements<'_>, job: &InsertJob) -> rusqlite::Result<Inserte
         (r.max_attempts > 1).then_some(r.max_attempts),
         history_entry(JobState::Pending, r.attempt, r.submitted_at),
         r.retry_safe,
+        labels_json(&r.worker_labels),
     ])?;
     Ok(Inserted::New)
 }
@@ -970,6 +989,8 @@ mod tests {
             attempt,
             token: FencingToken(u64::from(attempt)),
             at: at(us),
+            holder: std::sync::Arc::from("test"),
+            ttl: None,
         }
     }
 
