@@ -50,6 +50,10 @@ pub enum JobFailure {
     /// the job ends CANCELLED.
     #[error("job was cancelled")]
     Cancelled,
+    /// The function ran past a time limit of its own (for instance the
+    /// job's [`Ctx::deadline`], enforced here); the job fails as timed out.
+    #[error("job timed out: {0}")]
+    TimedOut(String),
 }
 
 impl JobFailure {

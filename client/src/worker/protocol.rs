@@ -140,6 +140,7 @@ pub(crate) fn report(finished: &Finished) -> pb::WorkerMessage {
                 JobFailure::Failed(_) => Kind::Failed,
                 JobFailure::Retryable(_) => Kind::Retryable,
                 JobFailure::Cancelled => Kind::Cancelled,
+                JobFailure::TimedOut(_) => Kind::TimedOut,
             };
             failure(kind, error.to_string())
         }
