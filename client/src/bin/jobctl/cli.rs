@@ -250,19 +250,8 @@ pub(crate) enum Command {
     #[command(long_about = BENCH_LONG_ABOUT, after_long_help = BENCH_AFTER_LONG_HELP)]
     Bench(Bench),
 
-    /// Serve job functions from this process to jobd (a remote worker),
-    /// until SIGINT or SIGTERM.
-    ///
-    /// The worker attaches to jobd and declares its functions, which `jobctl
-    /// functions` then lists on the pool "worker"; jobs submitted to them run
-    /// here. It waits for jobd when it is away and reattaches after a
-    /// restart, with the jobs it still runs. SIGINT or SIGTERM drains it:
-    /// it takes no new job, lets the running ones finish within --grace,
-    /// gives back the rest, and exits 0. A server with tokens needs a token
-    /// with the `worker` capability (--token-file or JOBD_TOKEN).
-    ///
-    /// Logs (attach, reconnects, drain) go to stderr; RUST_LOG=debug shows
-    /// every job.
+    /// Serve job functions from this process to jobd, until SIGINT or SIGTERM.
+    #[command(long_about = WORKER_LONG_ABOUT)]
     Worker(crate::worker::Serve),
 
     /// List the remote workers attached to jobd: name, instance, peer,
@@ -273,6 +262,34 @@ pub(crate) enum Command {
     /// when stdout is not a terminal or with -o json.
     Workers,
 }
+
+const WORKER_LONG_ABOUT: &str = "\
+Serve job functions from this process to jobd (a remote worker), until SIGINT
+or SIGTERM.
+
+The worker attaches to jobd and declares its functions, which `jobctl
+functions` then lists on the pool \"worker\"; jobs submitted to them run here.
+It waits for jobd when it is away and reattaches after a restart, with the
+jobs it still runs. SIGINT or SIGTERM drains it: it takes no new job, lets the
+running ones finish within --grace, gives back the rest, and exits 0. A server
+with tokens needs a token with the `worker` capability (--token-file or
+JOBD_TOKEN).
+
+--exec NAME=COMMAND runs COMMAND for each job of NAME: the words of COMMAND
+are the program and its arguments (no shell runs it), the job's arguments
+arrive as one line of JSON on stdin, and stdout is the result (JSON when it
+parses as JSON, else a string). A non-zero exit fails the job with the exit
+code and the tail of stderr. The command starts in this directory with a clean
+environment: PATH, JOBD_JOB_ID and JOBD_ATTEMPT only. Cancelling the job (or
+the worker giving it back) kills the command's whole process group at once;
+the job's --run-timeout stops it with SIGTERM, then SIGKILL 5 s later.
+
+Examples:
+  jobctl worker --exec upper='tr a-z A-Z' --concurrency 4
+  jobctl worker --exec resize='convert - -resize 50% -' --label gpu=true
+  jobctl worker --noop remote.noop      (what `bench --worker-slots` runs)
+
+Logs (attach, reconnects, drain) go to stderr; RUST_LOG=debug shows every job.";
 
 const BENCH_LONG_ABOUT: &str = "\
 Load a jobd server with jobs and measure throughput and latency.
