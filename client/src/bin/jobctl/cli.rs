@@ -340,8 +340,20 @@ RPC and per job, and cpu_ratio, the first over the second. On a machine
 shared with other load, or with jobctl itself, the CPU cost per job moves
 less from run to run than jobs/s does.
 
+Over the worker protocol: with --worker-slots N the jobs are not run by
+jobd's own pools but by a remote worker the bench starts for the run, this
+jobctl as a child process (`jobctl worker --noop bench.noop --concurrency N`,
+its connection flags as the bench's). The bench waits until jobd lists the
+function as served by a worker (at most 30 s; a worker jobd refuses ends the
+bench with exit code 3), measures as usual, then stops the worker with
+SIGTERM and waits for it to drain and exit. The report says a remote worker
+served the jobs (worker_slots). Roundtrip mode measures the whole path: submit,
+assignment to the worker, its report, the result. A server with tokens needs
+a worker token for the worker: --worker-token-file.
+
 Examples:
   jobctl bench                                      submit, 4 x 64, 5 s
+  jobctl bench --mode roundtrip --worker-slots 8    jobs served by a remote worker
   jobctl bench --mode roundtrip --duration 10
   jobctl bench --mode batch --batch-size 500 -o json
   jobctl bench --mode submit --jobs 100000 --payload-bytes 1024";
@@ -350,13 +362,15 @@ const BENCH_AFTER_LONG_HELP: &str = "\
 Output: an aligned table, or with --output json one JSON object with mode,
 connections, concurrency, jobs, errors, first_error, duration_secs,
 jobs_per_sec, p50_us, p90_us, p99_us, max_us, the same for the floor (floor_*),
-ratio, batch_size, server_rss_before_bytes, server_rss_bytes and
-server_rss_per_job_bytes. A key that does not apply to the run is null. A
-live progress line goes to stderr when it is a terminal, never to a pipe.
+ratio, batch_size, server_rss_before_bytes, server_rss_bytes,
+server_rss_per_job_bytes and worker_slots (the remote worker's slots, null when
+jobd's own pools ran the jobs). A key that does not apply to the run is null.
+A live progress line goes to stderr when it is a terminal, never to a pipe.
 
 Exit codes: 0 the run finished (errors, if any, are in the report); 2 usage
-error, or --server-pid is not a readable process; 3 jobd unreachable, or
-every request of a phase failed.";
+error, or --server-pid is not a readable process; 3 jobd unreachable, every
+request of a phase failed, or the --worker-slots worker did not come to serve
+the function.";
 
 /// What `jobctl bench` measures.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -418,9 +432,11 @@ pub(crate) struct Bench {
     #[arg(long, value_name = "R", default_value = "1", value_parser = clap::value_parser!(u32).range(1..=100))]
     pub(crate) rounds: u32,
 
-    /// The job function to submit (see `jobctl functions`).
-    #[arg(long, default_value = "noop")]
-    pub(crate) function: String,
+    /// The job function to submit (see `jobctl functions`) [default: noop;
+    /// with --worker-slots: bench.noop, since a worker cannot serve one of
+    /// jobd's own functions].
+    #[arg(long)]
+    pub(crate) function: Option<String>,
 
     /// The size of each job's argument: 0 sends null, more sends a JSON
     /// string of this many bytes.
@@ -437,6 +453,31 @@ pub(crate) struct Bench {
     /// steadier figure than the throughput ratio on a busy machine).
     #[arg(long, value_name = "PID")]
     pub(crate) server_pid: Option<u32>,
+
+    /// Serve the jobs from a remote worker with N slots instead of jobd's
+    /// own pools: the bench starts `jobctl worker --noop FUNCTION
+    /// --concurrency N` (this binary, as a child process), waits until jobd
+    /// lists the function as served, runs, then stops the worker with
+    /// SIGTERM. Not for floor mode, which submits no job.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    pub(crate) worker_slots: Option<u32>,
+
+    /// With --worker-slots on a server with tokens: the token file of the
+    /// worker, whose token needs the `worker` capability (the bench's own
+    /// token, a client's, cannot attach) [default: --token-file].
+    #[arg(long, value_name = "FILE", requires = "worker_slots")]
+    pub(crate) worker_token_file: Option<PathBuf>,
+}
+
+impl Bench {
+    /// The function the bench submits.
+    pub(crate) fn function(&self) -> &str {
+        match (&self.function, self.worker_slots) {
+            (Some(function), _) => function,
+            (None, None) => "noop",
+            (None, Some(_)) => "bench.noop",
+        }
+    }
 }
 
 #[derive(Debug, Args)]
