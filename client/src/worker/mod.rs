@@ -31,7 +31,7 @@ pub use self::ctx::{Ctx, JobFailure};
 use tonic::transport::Channel;
 
 use self::{
-    function::{Body, Function, MAX_FUNCTIONS, MAX_SLOTS, Outcome, is_valid_name},
+    function::{Body, Function, MAX_FUNCTIONS, MAX_SLOTS, is_valid_name},
     session::{Connection, Definition},
 };
 use crate::{connect::ConnectOptions, error::Error};
@@ -278,7 +278,7 @@ impl Worker {
     pub fn register_async<F, Fut>(self, name: &str, description: &str, f: F) -> Self
     where
         F: Fn(Ctx, serde_json::Value) -> Fut + Send + Sync + 'static,
-        Fut: Future<Output = Outcome> + Send + 'static,
+        Fut: Future<Output = Result<serde_json::Value, JobFailure>> + Send + 'static,
     {
         self.register(name, description, Body::from_async(f))
     }
@@ -289,7 +289,10 @@ impl Worker {
     /// [`register_async`](Self::register_async).
     pub fn register_blocking<F>(self, name: &str, description: &str, f: F) -> Self
     where
-        F: Fn(Ctx, serde_json::Value) -> Outcome + Send + Sync + 'static,
+        F: Fn(Ctx, serde_json::Value) -> Result<serde_json::Value, JobFailure>
+            + Send
+            + Sync
+            + 'static,
     {
         self.register(name, description, Body::from_blocking(f))
     }
