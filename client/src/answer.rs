@@ -1,6 +1,6 @@
 //! What the server answers, as the client's own types: a job's record and
 //! outcome, its progress, a cancel report and outcome, a page of jobs, a map
-//! item, a watch event, a function's description.
+//! item, a watch event, a function's description, an attached worker.
 //!
 //! Plain data, with no calls and no wire types: `wire` reads the generated
 //! messages into these, and the modules that make calls hand them out.
@@ -20,8 +20,15 @@ use crate::error::{Error, ErrorKind};
 pub struct FunctionInfo {
     /// The name to submit it by.
     pub name: String,
-    /// The pool it runs on ("async" or "blocking").
+    /// The pool it runs on ("async" or "blocking", or the pool of the remote
+    /// workers that serve it).
     pub pool: String,
+    /// The kind of that pool: which executor runs the function's jobs.
+    pub pool_kind: PoolKind,
+    /// For a function served by remote workers ([`PoolKind::Worker`]): how
+    /// many worker sessions serve it now. Zero does not make it unknown: its
+    /// jobs are accepted and wait for a worker.
+    pub workers: u32,
     /// What it does and how to call it.
     pub description: String,
     /// The JSON Schema its argument must match, if it declared one; the
@@ -29,6 +36,73 @@ pub struct FunctionInfo {
     pub args_schema: Option<serde_json::Value>,
     /// What it returns, in words, if it said.
     pub returns: Option<String>,
+}
+
+/// The kind of pool a function runs on, in [`FunctionInfo::pool_kind`]. The
+/// server may add kinds; one this client does not know reads as
+/// [`PoolKind::Unspecified`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum PoolKind {
+    /// The server named no kind, or one this client does not know.
+    Unspecified,
+    /// Tokio tasks in jobd: for I/O-bound functions.
+    Async,
+    /// Dedicated threads in jobd: for CPU-bound or blocking functions.
+    Blocking,
+    /// Remote worker processes attached to jobd (see
+    /// [`Worker`](crate::Worker)): for the functions they declared.
+    Worker,
+}
+
+impl PoolKind {
+    /// The kind's name in `snake_case`, as `jobctl -o json` prints it.
+    ///
+    /// ```
+    /// assert_eq!(jobd_client::PoolKind::Worker.as_str(), "worker");
+    /// ```
+    #[must_use]
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Unspecified => "unspecified",
+            Self::Async => "async",
+            Self::Blocking => "blocking",
+            Self::Worker => "worker",
+        }
+    }
+}
+
+/// One remote worker session attached to the server
+/// ([`JobClient::workers`](crate::JobClient::workers)).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WorkerInfo {
+    /// The server's id of the session.
+    pub session_id: String,
+    /// What the worker calls itself.
+    pub name: String,
+    /// The worker process: the same across its reconnects.
+    pub instance: String,
+    /// Where it connects from, as the server sees it.
+    pub peer: String,
+    /// The functions it serves, sorted.
+    pub functions: Vec<String>,
+    /// Its labels (jobs submitted with worker labels go only to workers
+    /// carrying all of them).
+    pub labels: HashMap<String, String>,
+    /// How many jobs it runs at once, at most.
+    pub slots: u32,
+    /// How many of its slots run a job now.
+    pub busy: u32,
+    /// The jobs it runs now.
+    pub running: Vec<JobId>,
+    /// When the server last heard from it.
+    pub last_heartbeat: Option<SystemTime>,
+    /// When it attached.
+    pub attached_at: Option<SystemTime>,
+    /// Its software and version, as it said.
+    pub version: String,
+    /// True once it is draining: it takes no new job.
+    pub draining: bool,
 }
 
 /// Everything the server knows about a job (`GetJob`).
@@ -46,6 +120,9 @@ pub struct JobInfo {
     pub args: serde_json::Value,
     /// Its labels.
     pub labels: HashMap<String, String>,
+    /// The worker labels it was submitted with: only remote workers
+    /// carrying all of them may run it.
+    pub worker_labels: HashMap<String, String>,
     /// The request id it was submitted with, if any.
     pub request_id: Option<String>,
     /// When it was accepted.

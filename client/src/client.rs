@@ -5,7 +5,7 @@ use serde::Serialize;
 use tonic::{service::interceptor::InterceptedService, transport::Channel};
 
 use crate::{
-    answer::FunctionInfo,
+    answer::{FunctionInfo, WorkerInfo},
     connect::{CallCredentials, ConnectOptions},
     error::Error,
     handle::JobHandle,
@@ -239,5 +239,32 @@ impl JobClient {
             .into_iter()
             .map(wire::function_info)
             .collect())
+    }
+
+    /// The remote worker sessions attached to the server now, oldest first:
+    /// who they are, what they serve and how busy they are (see
+    /// [`Worker`](crate::Worker) for serving functions from a process of
+    /// your own).
+    ///
+    /// ```no_run
+    /// # async fn run(client: jobd_client::JobClient) -> Result<(), jobd_client::Error> {
+    /// for worker in client.workers().await? {
+    ///     println!("{} serves {:?}: {} of {} slots busy", worker.name, worker.functions, worker.busy, worker.slots);
+    /// }
+    /// # Ok(()) }
+    /// ```
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Transport`] or [`Error::Rpc`]; [`Error::Protocol`] for a
+    /// running job id the client cannot read.
+    pub async fn workers(&self) -> Result<Vec<WorkerInfo>, Error> {
+        let answer = self
+            .rpc
+            .clone()
+            .list_workers(pb::ListWorkersRequest {})
+            .await?
+            .into_inner();
+        answer.workers.into_iter().map(wire::worker_info).collect()
     }
 }

@@ -246,7 +246,7 @@ fn endpoint_for(addr: &str) -> Result<Endpoint, Error> {
 
 /// An error and its causes on one line (tonic's TLS errors hide the useful
 /// part in a source).
-fn one_line(error: &dyn std::error::Error) -> String {
+pub(crate) fn one_line(error: &dyn std::error::Error) -> String {
     let mut line = error.to_string();
     let mut cause = error.source();
     while let Some(inner) = cause {

@@ -60,6 +60,10 @@ pub enum Error {
     /// A value could not be converted to or from the requested Rust type.
     #[error("cannot convert job value: {0}")]
     Json(#[from] serde_json::Error),
+    /// A [`Worker`](crate::Worker)'s definition is unusable (no function, a
+    /// bad or repeated name, slots out of range); every mistake is named.
+    #[error("invalid worker: {0}")]
+    InvalidWorker(String),
 }
 
 /// Which kind of failure a job that did not succeed reports, in

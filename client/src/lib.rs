@@ -34,6 +34,10 @@
 //! [`JobClient::rpc`], the raw generated client, for calls this crate does
 //! not wrap.
 //!
+//! Serving functions from a process of your own, on any machine: a
+//! [`Worker`] attaches to jobd, runs the jobs of the functions it declared
+//! and reports them, with the same [`Ctx`] jobd gives its own functions.
+//!
 //! This crate's default `cli` feature builds the `jobctl` binary; library
 //! users depend on it with `default-features = false` and pay for none of the
 //! CLI's dependencies.
@@ -50,6 +54,10 @@
 // 4. `client` <-> `handle`: the connection, and one job.
 // 5. `watch`, `map`, `sets`: more `JobClient` calls, each on its own stream
 //    or set of jobs.
+// 6. `worker`: serving functions to jobd over the worker protocol. It uses
+//    `connect`, `retry`, `wire` and `error`, never a `JobClient`; its own
+//    pb conversions live in `worker::protocol`, as the job API's live in
+//    `wire`, and nothing above it knows it exists.
 mod answer;
 mod client;
 mod connect;
@@ -61,10 +69,11 @@ mod retry;
 mod sets;
 mod watch;
 mod wire;
+mod worker;
 
 pub use answer::{
     CancelOutcome, CancelReport, FunctionInfo, JobEvent, JobEventKind, JobInfo, JobOutcome,
-    JobPage, MapItem, Progress, ResumePoint,
+    JobPage, MapItem, PoolKind, Progress, ResumePoint, WorkerInfo,
 };
 pub use client::{JobClient, RpcClient};
 pub use connect::{CallCredentials, ConnectOptions};
@@ -74,3 +83,4 @@ pub use jobd_proto::{JobId, JobState};
 pub use map::MapResults;
 pub use request::{ListFilter, MapOptions, ReturnWhen, Submission, Watch};
 pub use sets::WaitResult;
+pub use worker::{Ctx, JobFailure, Worker};

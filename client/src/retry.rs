@@ -1,5 +1,10 @@
 //! When the client asks again by itself, and how long it pauses first.
 //!
+//! A [`Worker`](crate::Worker) reconnects its session whenever it breaks,
+//! until it is told to stop, after the pauses of [`Backoff`]; a session that
+//! jobd ended by refusing the worker ([`reconnects_worker`] says which)
+//! ends the worker instead, since asking again would be refused again.
+//!
 //! Three calls are retried without the caller seeing it: a submit cut off by
 //! a broken connection or a briefly unavailable server (safe, because every
 //! submission carries a request id), a watch stream that broke (resumed
@@ -87,9 +92,111 @@ pub(crate) fn cut_short(asked: Instant, deadline: Option<Instant>) -> bool {
     now.duration_since(asked) >= MIN_SERVER_CAP && deadline.is_none_or(|d| now < d)
 }
 
+/// The first pause before a worker reconnects.
+const FIRST_RECONNECT: Duration = Duration::from_millis(100);
+
+/// The longest pause before a worker reconnects: short enough that a worker
+/// is back within seconds of jobd, long enough that a thousand workers
+/// waiting for it do not flood it.
+const MAX_RECONNECT: Duration = Duration::from_secs(5);
+
+/// The pauses between a worker's reconnects: 100 ms, doubling up to 5 s,
+/// each with jitter (between half and all of it), so that workers cut off
+/// together do not come back together.
+#[derive(Debug)]
+pub(crate) struct Backoff {
+    next: Duration,
+}
+
+impl Backoff {
+    pub(crate) fn new() -> Self {
+        Self {
+            next: FIRST_RECONNECT,
+        }
+    }
+
+    /// Starts over from the first pause (after a session that attached).
+    pub(crate) fn reset(&mut self) {
+        self.next = FIRST_RECONNECT;
+    }
+
+    /// The next pause.
+    pub(crate) fn pause(&mut self) -> Duration {
+        let full = self.next;
+        self.next = (full * 2).min(MAX_RECONNECT);
+        // The low 53 bits of a v4 UUID (a dependency already), all random
+        // (its fixed version and variant bits are higher up), in [0, 1).
+        let bits = uuid::Uuid::new_v4().as_u128() as u64 & ((1 << 53) - 1);
+        let random = bits as f64 / (1u64 << 53) as f64;
+        full.mul_f64(0.5 + random / 2.0)
+    }
+}
+
+/// True when a worker whose session ended with `status` should connect
+/// again: the connection broke, jobd was unavailable (restarting, shutting
+/// down), or it ended a session it thought dead (DEADLINE_EXCEEDED). False
+/// when jobd refused the worker itself (a bad definition, a token without
+/// the `worker` capability, a jobd without the worker service, a message
+/// over its size limit): the same attach would be refused again.
+pub(crate) fn reconnects_worker(status: &tonic::Status) -> bool {
+    !matches!(
+        status.code(),
+        tonic::Code::InvalidArgument
+            | tonic::Code::FailedPrecondition
+            | tonic::Code::Unauthenticated
+            | tonic::Code::PermissionDenied
+            | tonic::Code::Unimplemented
+            | tonic::Code::OutOfRange
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn reconnect_pauses_double_up_to_five_seconds_with_jitter() {
+        let mut backoff = Backoff::new();
+        let mut full = FIRST_RECONNECT;
+        for _ in 0..12 {
+            let pause = backoff.pause();
+            assert!(pause >= full / 2 && pause <= full, "{pause:?} for {full:?}");
+            full = (full * 2).min(MAX_RECONNECT);
+        }
+        assert_eq!(full, MAX_RECONNECT);
+        backoff.reset();
+        assert!(backoff.pause() <= FIRST_RECONNECT);
+        // Jitter: twenty pauses of the same step are not all alike.
+        let pauses: std::collections::HashSet<Duration> = (0..20)
+            .map(|_| {
+                backoff.reset();
+                backoff.pause()
+            })
+            .collect();
+        assert!(pauses.len() > 1);
+    }
+
+    #[test]
+    fn a_worker_reconnects_unless_jobd_refused_it() {
+        for status in [
+            tonic::Status::unavailable("restarting"),
+            tonic::Status::deadline_exceeded("silent for 15s"),
+            tonic::Status::unknown("connection reset"),
+            tonic::Status::internal("oops"),
+            tonic::Status::resource_exhausted("too many sessions"),
+        ] {
+            assert!(reconnects_worker(&status), "{status:?}");
+        }
+        for status in [
+            tonic::Status::invalid_argument("bad schema"),
+            tonic::Status::failed_precondition("function defined otherwise"),
+            tonic::Status::permission_denied("not a worker token"),
+            tonic::Status::unauthenticated("no token"),
+            tonic::Status::unimplemented("no worker service"),
+        ] {
+            assert!(!reconnects_worker(&status), "{status:?}");
+        }
+    }
 
     #[test]
     fn a_submit_is_retried_only_when_it_may_not_have_reached_the_server() {

@@ -18,7 +18,7 @@ use jobd_proto::{JobId, JobState, pb, value};
 use crate::{
     answer::{
         CancelOutcome, CancelReport, FunctionInfo, JobEvent, JobEventKind, JobInfo, JobOutcome,
-        JobPage, MapItem, Progress,
+        JobPage, MapItem, PoolKind, Progress, WorkerInfo,
     },
     error::{Error, ErrorKind},
     request::{ListFilter, MapOptions, ReturnWhen, Submission, Watch},
@@ -163,10 +163,47 @@ pub(crate) fn function_info(f: pb::FunctionInfo) -> FunctionInfo {
     FunctionInfo {
         name: f.name,
         pool: f.pool,
+        pool_kind: pool_kind(f.pool_kind),
+        workers: f.workers,
         description: f.description,
         args_schema: f.args_schema.map(value::to_json),
         returns: Some(f.returns).filter(|r| !r.is_empty()),
     }
+}
+
+/// A function's pool kind; one this client does not know (a newer
+/// server's) reads as unspecified.
+fn pool_kind(raw: i32) -> PoolKind {
+    // No `_` arm, as for error kinds.
+    match pb::PoolKind::try_from(raw) {
+        Ok(pb::PoolKind::Unspecified) | Err(_) => PoolKind::Unspecified,
+        Ok(pb::PoolKind::Async) => PoolKind::Async,
+        Ok(pb::PoolKind::Blocking) => PoolKind::Blocking,
+        Ok(pb::PoolKind::Worker) => PoolKind::Worker,
+    }
+}
+
+/// One attached worker session of a `ListWorkers` answer.
+pub(crate) fn worker_info(w: pb::WorkerInfo) -> Result<WorkerInfo, Error> {
+    Ok(WorkerInfo {
+        session_id: w.session_id,
+        name: w.name,
+        instance: w.instance,
+        peer: w.peer,
+        functions: w.functions,
+        labels: w.labels,
+        slots: w.slots,
+        busy: w.busy,
+        running: w
+            .running
+            .iter()
+            .map(|id| parse_id(id))
+            .collect::<Result<_, _>>()?,
+        last_heartbeat: time(w.last_heartbeat),
+        attached_at: time(w.attached_at),
+        version: w.version,
+        draining: w.draining,
+    })
 }
 
 /// The outcome of a terminal job; `None` if the state is not terminal.
@@ -234,6 +271,7 @@ pub(crate) fn job_info(job: pb::Job) -> Result<JobInfo, Error> {
         state,
         args: value::option_to_json(job.args),
         labels: job.labels,
+        worker_labels: job.worker_labels,
         request_id: Some(job.request_id).filter(|r| !r.is_empty()),
         submitted_at: time(job.submit_time),
         started_at: time(job.start_time),

@@ -334,3 +334,62 @@ fn an_unreachable_server_fails_at_once_in_one_line() {
         "jobctl: cannot reach jobd at http://127.0.0.1:1: connection refused"
     );
 }
+
+/// `--worker-slots`: the bench starts a remote worker (`jobctl worker
+/// --noop bench.noop`), every job of the run is served by it (jobd has no
+/// function of that name itself, so no job could have run otherwise), the
+/// report says so, and the worker is stopped and gone when the bench ends.
+#[test]
+fn a_remote_worker_serves_the_bench_and_is_stopped_after() {
+    let server = Target::start();
+    let report = server.bench(&[
+        "--mode",
+        "roundtrip",
+        "--jobs",
+        "300",
+        "--worker-slots",
+        "3",
+    ]);
+    assert_sane(&report);
+    assert_eq!(report["function"], "bench.noop");
+    assert_eq!(report["worker_slots"], 3);
+    assert_eq!(
+        (report["jobs"].as_u64(), report["errors"].as_u64()),
+        (Some(300), Some(0)),
+        "{report}"
+    );
+    // The worker drained and detached before the bench returned.
+    let workers = server.jobctl(&["workers"]);
+    assert_eq!(
+        (workers.code, workers.stdout.as_str()),
+        (Some(0), ""),
+        "{workers:#?}"
+    );
+
+    // A worker jobd refuses (a name jobd has itself) ends the bench with
+    // exit code 3, in one line, after the worker's own line.
+    let run = server.jobctl(&[
+        "bench",
+        "--worker-slots",
+        "1",
+        "--function",
+        "noop",
+        "--jobs",
+        "10",
+    ]);
+    assert_eq!(run.code, Some(3), "{run:#?}");
+    assert_eq!(run.stdout, "");
+    let last = run.stderr.lines().last().unwrap_or_default();
+    assert!(
+        last.starts_with(
+            "jobctl: bench: the remote worker: `jobctl worker` stopped before serving"
+        ),
+        "{run:#?}"
+    );
+    assert!(
+        run.stderr
+            .contains("jobd has a function of that name itself"),
+        "{run:#?}"
+    );
+    server.shutdown();
+}

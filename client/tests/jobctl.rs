@@ -519,6 +519,26 @@ fn status_shows_the_whole_job() {
     server.shutdown();
 }
 
+/// With no worker attached, `workers` writes nothing to a pipe (one JSON
+/// line per worker there) and succeeds; `functions -o json` gives every
+/// function its pool kind, and a count of workers only to worker-served
+/// ones.
+#[test]
+fn workers_and_pool_kinds_reach_the_command_line() {
+    let server = Target::start();
+    let run = server.jobctl(&["workers"]).success();
+    assert_eq!(run.stdout, "");
+    let text = server.jobctl(&["-o", "json", "functions"]).success().stdout;
+    for line in text.lines() {
+        let function: Value = serde_json::from_str(line).unwrap();
+        assert!(
+            ["async", "blocking"].contains(&function["pool_kind"].as_str().unwrap()),
+            "{line}"
+        );
+        assert_eq!(function["workers"], Value::Null, "{line}");
+    }
+}
+
 #[test]
 fn functions_lists_names_pools_and_descriptions() {
     let server = Target::start();
@@ -1073,4 +1093,218 @@ fn list_filters_by_submission_time() {
         .code(2);
     assert!(run.error_line().contains("RFC 3339"), "{run:#?}");
     server.shutdown();
+}
+
+/// `jobctl worker` as a child process of the test, its log lines (stderr)
+/// read on a thread so that a test can wait for one, and killed if a test
+/// fails before it stops it.
+struct WorkerProcess {
+    child: std::process::Child,
+    log: std::sync::mpsc::Receiver<String>,
+}
+
+impl WorkerProcess {
+    fn start(addr: &str, args: &[&str]) -> Self {
+        let mut child = jobctl_std()
+            .args(["--addr", addr, "worker"])
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn jobctl worker");
+        let stderr = child.stderr.take().expect("piped stderr");
+        let (lines, log) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            use std::io::BufRead as _;
+            // Read to the end, so that the worker never blocks on a full
+            // pipe, whether or not the test still listens.
+            for line in std::io::BufReader::new(stderr)
+                .lines()
+                .map_while(Result::ok)
+            {
+                let _ = lines.send(line);
+            }
+        });
+        Self { child, log }
+    }
+
+    /// Waits for a log line containing `needle`, and returns it.
+    fn wait_log(&self, needle: &str) -> String {
+        let deadline = std::time::Instant::now() + START_LIMIT;
+        let mut seen = Vec::new();
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            match self.log.recv_timeout(left) {
+                Ok(line) if line.contains(needle) => return line,
+                Ok(line) => seen.push(line),
+                Err(error) => panic!("no log line with {needle:?} ({error}) in {seen:#?}"),
+            }
+        }
+    }
+
+    /// SIGTERM through kill(1) (the workspace forbids unsafe code), then
+    /// its exit status. Polls for the exit: a child's exit has no signal a
+    /// test can wait on with a bound.
+    fn terminate(mut self) -> std::process::ExitStatus {
+        let status = std::process::Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill -TERM failed");
+        let deadline = std::time::Instant::now() + START_LIMIT;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                return status;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the worker did not exit"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+impl Drop for WorkerProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The pids of processes whose argv is exactly `argv`.
+fn processes(argv: &[&str]) -> Vec<u32> {
+    let wanted: Vec<u8> = argv
+        .iter()
+        .flat_map(|a| [a.as_bytes(), b"\0"].concat())
+        .collect();
+    std::fs::read_dir("/proc")
+        .expect("/proc")
+        .filter_map(|entry| {
+            let pid: u32 = entry.ok()?.file_name().to_str()?.parse().ok()?;
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+            (cmdline == wanted).then_some(pid)
+        })
+        .collect()
+}
+
+/// Polls `condition` until it holds, at most [`START_LIMIT`]: for what
+/// has no signal to wait on (a process appearing or gone).
+fn eventually(what: &str, mut condition: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + START_LIMIT;
+    while !condition() {
+        assert!(std::time::Instant::now() < deadline, "never: {what}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// `jobctl worker --exec` runs a command per job through jobd-command:
+/// the job's arguments as JSON on stdin, stdout as the result (JSON when it
+/// parses, else a string), a clean environment, a non-zero exit as a
+/// failure with its code and stderr; a cancel kills the command's whole
+/// process group, and so does the job's time limit (as timed out).
+/// SIGTERM drains the worker, which exits 0.
+#[test]
+fn a_worker_runs_commands_for_jobs_and_drains_on_sigterm() {
+    let server = Target::start();
+    let worker = WorkerProcess::start(
+        &server.addr,
+        &[
+            "--name",
+            "commands",
+            "--concurrency",
+            "4",
+            "--exec",
+            "cmd.upper=tr a-z A-Z",
+            "--exec",
+            "cmd.parrot=cat",
+            "--exec",
+            "cmd.env=env",
+            "--exec",
+            r#"cmd.fail=sh -c "echo first >&2; echo oops >&2; exit 3""#,
+            // Two processes in the command's group: both must go.
+            "--exec",
+            "cmd.stall=sh -c 'sleep 7778 & exec sleep 7777'",
+            "--noop",
+            "cmd.nothing",
+        ],
+    );
+    worker.wait_log("attached to jobd");
+
+    let functions = server.jobctl(&["-o", "json", "functions"]).success().stdout;
+    let upper = functions
+        .lines()
+        .map(|line| serde_json::from_str::<Value>(line).unwrap())
+        .find(|f| f["name"] == "cmd.upper")
+        .unwrap_or_else(|| panic!("no cmd.upper in {functions}"));
+    assert_eq!(
+        (upper["pool_kind"].as_str(), upper["workers"].as_u64()),
+        (Some("worker"), Some(1))
+    );
+    assert!(
+        upper["description"]
+            .as_str()
+            .unwrap()
+            .starts_with("Runs tr "),
+        "{upper}"
+    );
+
+    let result = |args: &[&str]| {
+        let submit: Vec<&str> = ["submit", "--wait"]
+            .into_iter()
+            .chain(args.iter().copied())
+            .collect();
+        server.jobctl(&submit)
+    };
+    assert_eq!(result(&["cmd.upper", "shout"]).success().line(), "SHOUT");
+    assert_eq!(
+        result(&["cmd.parrot", r#"{"x":[1,2]}"#]).success().line(),
+        r#"{"x":[1,2]}"#
+    );
+    assert_eq!(result(&["cmd.nothing", "7"]).success().line(), "7");
+    let env = result(&["cmd.env"]).success().stdout;
+    let mut names: Vec<&str> = env
+        .lines()
+        .filter_map(|l| l.split_once('='))
+        .map(|(k, _)| k)
+        .collect();
+    names.sort_unstable();
+    assert_eq!(names, ["JOBD_ATTEMPT", "JOBD_JOB_ID", "PATH"], "{env}");
+    let failed = result(&["cmd.fail"]).code(1);
+    assert!(
+        failed
+            .stderr
+            .contains("failed: exited with code 3: first\noops")
+            || failed
+                .stderr
+                .contains("failed: exited with code 3: first oops"),
+        "{failed:#?}"
+    );
+
+    // A cancel kills the whole process group at once.
+    let id = server.submit(&["cmd.stall"]);
+    eventually("the command runs", || {
+        !processes(&["sleep", "7777"]).is_empty()
+    });
+    server.jobctl(&["cancel", &id]).success();
+    let cancelled = server.jobctl(&["result", &id]).code(1);
+    assert!(cancelled.stderr.contains("was cancelled"), "{cancelled:#?}");
+    eventually("the command's group is gone", || {
+        processes(&["sleep", "7777"]).is_empty() && processes(&["sleep", "7778"]).is_empty()
+    });
+
+    // So does the job's time limit, and the job fails as timed out.
+    let id = server.submit(&["cmd.stall", "--run-timeout", "0.5"]);
+    server.jobctl(&["result", &id]).code(1);
+    let status = server
+        .jobctl(&["-o", "json", "status", &id])
+        .success()
+        .json();
+    assert_eq!(status["error"]["kind"], "timed_out", "{status}");
+    eventually("the timed-out group is gone", || {
+        processes(&["sleep", "7777"]).is_empty() && processes(&["sleep", "7778"]).is_empty()
+    });
+
+    assert_eq!(worker.terminate().code(), Some(0));
 }

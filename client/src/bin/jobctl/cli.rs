@@ -27,6 +27,7 @@ Examples:
   jobctl submit --wait hello Ann       submits and waits in one step
   jobctl submit echo a 1 '{\"x\":2}'     several arguments become [\"a\",1,{\"x\":2}]
   jobctl submit sleep 30 --label team=infra
+  jobctl submit resize img.png --worker-label gpu=true   only on workers labelled gpu=true
   jobctl done <id>                     true or false, without waiting
   jobctl result <id> --timeout 0.5     gives up (exit 3) if not done in 0.5 s
   jobctl cancel <id>
@@ -36,6 +37,8 @@ Examples:
   seq 1000 | jobctl map echo           one job per line, results in order
   jobctl -o json status <id>           the whole job as one JSON object
   jobctl bench --mode roundtrip        jobs/s and latency, next to the gRPC floor
+  jobctl worker --noop my.noop --concurrency 8   serve a function from this process
+  jobctl workers                       the workers attached to jobd
   JOBD_ADDR=http://10.0.0.7:50051 jobctl functions
   jobctl --addr https://jobd.example:50051 --ca-cert ca.pem --token-file ~/.jobd-token list
   JOBD_TOKEN=$(cat token) jobctl --addr https://jobd.example:50051 functions";
@@ -246,7 +249,47 @@ pub(crate) enum Command {
     /// gRPC floor (health checks) measured in the same run.
     #[command(long_about = BENCH_LONG_ABOUT, after_long_help = BENCH_AFTER_LONG_HELP)]
     Bench(Bench),
+
+    /// Serve job functions from this process to jobd, until SIGINT or SIGTERM.
+    #[command(long_about = WORKER_LONG_ABOUT)]
+    Worker(crate::worker::Serve),
+
+    /// List the remote workers attached to jobd: name, instance, peer,
+    /// functions, slots busy/free, running jobs, last heartbeat, draining.
+    ///
+    /// An aligned table on a terminal; one JSON object per worker (with
+    /// every field: session_id, labels, version, running job ids, times)
+    /// when stdout is not a terminal or with -o json.
+    Workers,
 }
+
+const WORKER_LONG_ABOUT: &str = "\
+Serve job functions from this process to jobd (a remote worker), until SIGINT
+or SIGTERM.
+
+The worker attaches to jobd and declares its functions, which `jobctl
+functions` then lists on the pool \"worker\"; jobs submitted to them run here.
+It waits for jobd when it is away and reattaches after a restart, with the
+jobs it still runs. SIGINT or SIGTERM drains it: it takes no new job, lets the
+running ones finish within --grace, gives back the rest, and exits 0. A server
+with tokens needs a token with the `worker` capability (--token-file or
+JOBD_TOKEN).
+
+--exec NAME=COMMAND runs COMMAND for each job of NAME: the words of COMMAND
+are the program and its arguments (no shell runs it), the job's arguments
+arrive as one line of JSON on stdin, and stdout is the result (JSON when it
+parses as JSON, else a string). A non-zero exit fails the job with the exit
+code and the tail of stderr. The command starts in this directory with a clean
+environment: PATH, JOBD_JOB_ID and JOBD_ATTEMPT only. Cancelling the job (or
+the worker giving it back) kills the command's whole process group at once;
+the job's --run-timeout stops it with SIGTERM, then SIGKILL 5 s later.
+
+Examples:
+  jobctl worker --exec upper='tr a-z A-Z' --concurrency 4
+  jobctl worker --exec resize='convert - -resize 50% -' --label gpu=true
+  jobctl worker --noop remote.noop      (what `bench --worker-slots` runs)
+
+Logs (attach, reconnects, drain) go to stderr; RUST_LOG=debug shows every job.";
 
 const BENCH_LONG_ABOUT: &str = "\
 Load a jobd server with jobs and measure throughput and latency.
@@ -297,8 +340,20 @@ RPC and per job, and cpu_ratio, the first over the second. On a machine
 shared with other load, or with jobctl itself, the CPU cost per job moves
 less from run to run than jobs/s does.
 
+Over the worker protocol: with --worker-slots N the jobs are not run by
+jobd's own pools but by a remote worker the bench starts for the run, this
+jobctl as a child process (`jobctl worker --noop bench.noop --concurrency N`,
+its connection flags as the bench's). The bench waits until jobd lists the
+function as served by a worker (at most 30 s; a worker jobd refuses ends the
+bench with exit code 3), measures as usual, then stops the worker with
+SIGTERM and waits for it to drain and exit. The report says a remote worker
+served the jobs (worker_slots). Roundtrip mode measures the whole path: submit,
+assignment to the worker, its report, the result. A server with tokens needs
+a worker token for the worker: --worker-token-file.
+
 Examples:
   jobctl bench                                      submit, 4 x 64, 5 s
+  jobctl bench --mode roundtrip --worker-slots 8    jobs served by a remote worker
   jobctl bench --mode roundtrip --duration 10
   jobctl bench --mode batch --batch-size 500 -o json
   jobctl bench --mode submit --jobs 100000 --payload-bytes 1024";
@@ -307,13 +362,15 @@ const BENCH_AFTER_LONG_HELP: &str = "\
 Output: an aligned table, or with --output json one JSON object with mode,
 connections, concurrency, jobs, errors, first_error, duration_secs,
 jobs_per_sec, p50_us, p90_us, p99_us, max_us, the same for the floor (floor_*),
-ratio, batch_size, server_rss_before_bytes, server_rss_bytes and
-server_rss_per_job_bytes. A key that does not apply to the run is null. A
-live progress line goes to stderr when it is a terminal, never to a pipe.
+ratio, batch_size, server_rss_before_bytes, server_rss_bytes,
+server_rss_per_job_bytes and worker_slots (the remote worker's slots, null when
+jobd's own pools ran the jobs). A key that does not apply to the run is null.
+A live progress line goes to stderr when it is a terminal, never to a pipe.
 
 Exit codes: 0 the run finished (errors, if any, are in the report); 2 usage
-error, or --server-pid is not a readable process; 3 jobd unreachable, or
-every request of a phase failed.";
+error, or --server-pid is not a readable process; 3 jobd unreachable, every
+request of a phase failed, or the --worker-slots worker did not come to serve
+the function.";
 
 /// What `jobctl bench` measures.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -375,9 +432,11 @@ pub(crate) struct Bench {
     #[arg(long, value_name = "R", default_value = "1", value_parser = clap::value_parser!(u32).range(1..=100))]
     pub(crate) rounds: u32,
 
-    /// The job function to submit (see `jobctl functions`).
-    #[arg(long, default_value = "noop")]
-    pub(crate) function: String,
+    /// The job function to submit (see `jobctl functions`) [default: noop;
+    /// with --worker-slots: bench.noop, since a worker cannot serve one of
+    /// jobd's own functions].
+    #[arg(long)]
+    pub(crate) function: Option<String>,
 
     /// The size of each job's argument: 0 sends null, more sends a JSON
     /// string of this many bytes.
@@ -394,6 +453,31 @@ pub(crate) struct Bench {
     /// steadier figure than the throughput ratio on a busy machine).
     #[arg(long, value_name = "PID")]
     pub(crate) server_pid: Option<u32>,
+
+    /// Serve the jobs from a remote worker with N slots instead of jobd's
+    /// own pools: the bench starts `jobctl worker --noop FUNCTION
+    /// --concurrency N` (this binary, as a child process), waits until jobd
+    /// lists the function as served, runs, then stops the worker with
+    /// SIGTERM. Not for floor mode, which submits no job.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    pub(crate) worker_slots: Option<u32>,
+
+    /// With --worker-slots on a server with tokens: the token file of the
+    /// worker, whose token needs the `worker` capability (the bench's own
+    /// token, a client's, cannot attach) [default: --token-file].
+    #[arg(long, value_name = "FILE", requires = "worker_slots")]
+    pub(crate) worker_token_file: Option<PathBuf>,
+}
+
+impl Bench {
+    /// The function the bench submits.
+    pub(crate) fn function(&self) -> &str {
+        match (&self.function, self.worker_slots) {
+            (Some(function), _) => function,
+            (None, None) => "noop",
+            (None, Some(_)) => "bench.noop",
+        }
+    }
 }
 
 #[derive(Debug, Args)]
@@ -433,6 +517,12 @@ pub(crate) struct Submit {
     #[arg(long = "label", value_name = "KEY=VALUE", value_parser = parse_label)]
     pub(crate) labels: Vec<(String, String)>,
 
+    /// Only remote workers carrying this label may run the job (for
+    /// functions served by workers, see `jobctl workers`); repeat to
+    /// require several, e.g. --worker-label gpu=true --worker-label zone=eu.
+    #[arg(long = "worker-label", value_name = "KEY=VALUE", value_parser = parse_label)]
+    pub(crate) worker_labels: Vec<(String, String)>,
+
     /// Priority within the job's pool, -1000 to 1000 (default 0): a higher
     /// one starts first, equal ones in submission order.
     #[arg(long, value_name = "N", allow_hyphen_values = true,
@@ -464,6 +554,9 @@ impl Submit {
         submission.pool.clone_from(&self.pool);
         submission.request_id.clone_from(&self.request_id);
         submission.labels.extend(self.labels.iter().cloned());
+        submission
+            .worker_labels
+            .extend(self.worker_labels.iter().cloned());
         submission.priority = self.priority.unwrap_or_default();
         submission.delay = self.delay;
         submission.timeout = self.run_timeout;
@@ -598,6 +691,12 @@ mod tests {
             "2",
             "--max-attempts",
             "3",
+            "--worker-label",
+            "gpu=true",
+            "--worker-label",
+            "zone=eu",
+            "--label",
+            "team=infra",
         ])
         .unwrap();
         let Command::Submit(submit) = cli.command else {
@@ -608,6 +707,17 @@ mod tests {
         assert_eq!(submission.delay, Some(Duration::from_millis(500)));
         assert_eq!(submission.timeout, Some(Duration::from_secs(2)));
         assert_eq!(submission.max_attempts, 3);
+        assert_eq!(
+            submission.worker_labels,
+            [("gpu", "true"), ("zone", "eu")]
+                .map(|(k, v)| (k.to_owned(), v.to_owned()))
+                .into()
+        );
+        assert_eq!(
+            submission.labels.len(),
+            1,
+            "labels and worker labels stay apart"
+        );
         // --timeout stays the wait bound of --wait, not the job's limit.
         assert!(Cli::try_parse_from(["jobctl", "submit", "sleep", "--timeout", "2"]).is_err());
         assert!(Cli::try_parse_from(["jobctl", "submit", "sleep", "--priority", "1001"]).is_err());

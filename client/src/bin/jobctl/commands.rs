@@ -13,7 +13,7 @@ use crate::{
     bench,
     cli::{Cli, Command, Format, Submit},
     failure::{Failure, root_cause},
-    map, output, sets, waiting, watch,
+    map, output, sets, waiting, watch, worker, workers,
 };
 
 /// How long to try to connect before saying the server is unreachable: long
@@ -24,16 +24,25 @@ pub(crate) const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Runs `cli.command`, printing its answer on stdout.
 pub(crate) async fn run(cli: Cli) -> Result<(), Failure> {
     let options = connect_options(&cli)?;
-    let client = connect(&cli.addr, options.clone()).await?;
-    execute(&client, &cli.addr, &options, cli.command, cli.output)
-        .await
-        .map_err(|failure| failure.lost_connection(&cli.addr))
+    let flags = worker_flags(&cli);
+    match cli.command {
+        // A worker waits for jobd when it is away, instead of failing as a
+        // request does: it connects (and reconnects) by itself.
+        Command::Worker(args) => worker::serve(&cli.addr, options, &args).await,
+        command => {
+            let client = connect(&cli.addr, options.clone()).await?;
+            execute(&client, &cli.addr, &options, &flags, command, cli.output)
+                .await
+                .map_err(|failure| failure.lost_connection(&cli.addr))
+        }
+    }
 }
 
 async fn execute(
     client: &JobClient,
     addr: &str,
     options: &ConnectOptions,
+    worker_flags: &bench::WorkerFlags,
     command: Command,
     format: Format,
 ) -> Result<(), Failure> {
@@ -66,10 +75,36 @@ async fn execute(
         Command::Watch(args) => watch::watch(client, format, &args).await,
         Command::Map(args) => map::run(client, format, &args).await,
         Command::Bench(args) => {
-            let report = bench::run(client, addr, options, &args).await?;
+            let report = bench::run(client, addr, options, worker_flags, &args).await?;
             print(&bench::render(format, &report))
         }
+        Command::Workers => workers::list(client, format).await,
+        Command::Worker(args) => worker::serve(addr, options.clone(), &args).await,
     }
+}
+
+/// The connection flags a worker started by `bench --worker-slots` gets:
+/// this jobctl's own, with the worker's token file in place of the bench's
+/// when one is given. The environment (JOBD_TOKEN among it) it inherits.
+fn worker_flags(cli: &Cli) -> bench::WorkerFlags {
+    let mut flags: bench::WorkerFlags = vec!["--addr".into(), cli.addr.clone().into()];
+    let token_file = match &cli.command {
+        Command::Bench(bench) => bench.worker_token_file.as_ref(),
+        _ => None,
+    }
+    .or(cli.token_file.as_ref());
+    for (flag, path) in [
+        ("--ca-cert", cli.ca_cert.as_ref()),
+        ("--client-cert", cli.client_cert.as_ref()),
+        ("--client-key", cli.client_key.as_ref()),
+        ("--token-file", token_file),
+    ] {
+        if let Some(path) = path {
+            flags.push(flag.into());
+            flags.push(path.clone().into_os_string());
+        }
+    }
+    flags
 }
 
 /// The TLS files and token the flags and environment name, read now so that

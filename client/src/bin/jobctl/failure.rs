@@ -67,6 +67,13 @@ pub(crate) enum Failure {
         /// The first failure, on one line.
         first: String,
     },
+    /// `bench --worker-slots`: the worker the bench starts did not come to
+    /// serve its function (jobd refused it, or it could not start).
+    #[error("bench: the remote worker: {reason}")]
+    BenchWorker {
+        /// What went wrong, in a few words.
+        reason: String,
+    },
     /// `bench --server-pid`: the process's memory cannot be read.
     #[error("cannot read the memory of process {pid} (--server-pid): {reason}")]
     ServerMemory {
@@ -160,6 +167,7 @@ impl Failure {
             | Self::ConnectionLost { .. }
             | Self::TimedOut { .. }
             | Self::NothingSucceeded { .. }
+            | Self::BenchWorker { .. }
             | Self::MapStopped { .. } => Exit::Rpc,
             Self::ServerMemory { .. } | Self::File { .. } | Self::Stdin(_) => Exit::Usage,
             Self::Interrupted { .. } => Exit::Interrupted,
@@ -167,7 +175,9 @@ impl Failure {
                 Exit::JobUnsuccessful
             }
             Self::Client(error) => match error {
-                ClientError::InvalidAddress { .. } | ClientError::InvalidOptions(_) => Exit::Usage,
+                ClientError::InvalidAddress { .. }
+                | ClientError::InvalidOptions(_)
+                | ClientError::InvalidWorker(_) => Exit::Usage,
                 ClientError::JobFailed { .. } | ClientError::Cancelled { .. } => {
                     Exit::JobUnsuccessful
                 }

@@ -6,7 +6,9 @@
 //! (spinner or progress bar, and Ctrl-C, while blocked on a job), `watch`
 //! (live events of jobs), `sets` (wait, list and delete: the commands about
 //! many jobs), `map` (stdin lines through one Map stream), `bench` (load and
-//! measurement), `failure` (exit codes and one-line error messages).
+//! measurement), `worker` (this process serving functions to jobd),
+//! `workers` (the workers attached to jobd), `failure` (exit codes and
+//! one-line error messages).
 //!
 //! Errors are a typed [`failure::Failure`] rather than `anyhow::Error`: the
 //! exit code depends on what went wrong, and that is a match on a type, not a
@@ -21,6 +23,8 @@ mod output;
 mod sets;
 mod waiting;
 mod watch;
+mod worker;
+mod workers;
 
 use std::{
     io::{IsTerminal as _, Write as _},
@@ -53,7 +57,7 @@ fn main() -> ExitCode {
             return ExitCode::from(u8::try_from(error.exit_code()).unwrap_or(2));
         }
     };
-    init_logging();
+    init_logging(&cli.command);
 
     let runtime = match runtime_for(&cli.command) {
         Ok(runtime) => runtime,
@@ -82,11 +86,13 @@ fn main() -> ExitCode {
 
 /// The async runtime a command needs. One connection and one request at a
 /// time: a single thread is plenty. `bench` keeps hundreds of requests in
-/// flight and would measure jobctl instead of jobd on one thread, so it gets
-/// one worker per core.
+/// flight and would measure jobctl instead of jobd on one thread, and
+/// `worker` runs many jobs at once, so they get one worker per core.
 fn runtime_for(command: &cli::Command) -> std::io::Result<tokio::runtime::Runtime> {
     let mut builder = match command {
-        cli::Command::Bench(_) => tokio::runtime::Builder::new_multi_thread(),
+        cli::Command::Bench(_) | cli::Command::Worker(_) => {
+            tokio::runtime::Builder::new_multi_thread()
+        }
         _ => tokio::runtime::Builder::new_current_thread(),
     };
     builder.enable_all().build()
@@ -94,10 +100,16 @@ fn runtime_for(command: &cli::Command) -> std::io::Result<tokio::runtime::Runtim
 
 /// Logs to stderr, filtered by RUST_LOG. The default is `warn`: jobctl's
 /// answers are its output, and logging is for finding out why they are
-/// wrong. A malformed RUST_LOG falls back to the default rather than
-/// failing the command.
-fn init_logging() {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("warn"));
+/// wrong. A worker has no answers: what it tells (attached, reconnecting,
+/// draining) is its log, so the worker library logs at `info` by default.
+/// A malformed RUST_LOG falls back to the default rather than failing the
+/// command.
+fn init_logging(command: &cli::Command) {
+    let default = match command {
+        cli::Command::Worker(_) => "warn,jobd_client=info",
+        _ => "warn",
+    };
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

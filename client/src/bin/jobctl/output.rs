@@ -8,7 +8,7 @@ use std::{collections::BTreeMap, time::SystemTime};
 
 use jobd_client::{
     CancelOutcome, CancelReport, Error as ClientError, ErrorKind, FunctionInfo, JobId, JobInfo,
-    JobOutcome, JobState, MapItem,
+    JobOutcome, JobState, MapItem, PoolKind,
 };
 use serde_json::{Value, json};
 
@@ -125,11 +125,8 @@ pub(crate) fn cancel(format: Format, id: JobId, report: &CancelReport) -> String
 /// result); JSON keeps every key, with null, so scripts see one shape.
 pub(crate) fn status(format: Format, job: &JobInfo) -> String {
     let time = |t: Option<SystemTime>| t.map(timestamp);
-    let labels: BTreeMap<&str, &str> = job
-        .labels
-        .iter()
-        .map(|(k, v)| (k.as_str(), v.as_str()))
-        .collect();
+    let labels = sorted(&job.labels);
+    let worker_labels = sorted(&job.worker_labels);
     match format {
         Format::Text => {
             let mut rows = vec![
@@ -139,9 +136,12 @@ pub(crate) fn status(format: Format, job: &JobInfo) -> String {
                 ("state", job.state.to_string()),
                 ("args", job.args.to_string()),
             ];
-            if !labels.is_empty() {
-                let pairs: Vec<String> = labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
-                rows.push(("labels", pairs.join(", ")));
+            for (key, labels) in [("labels", &labels), ("worker_labels", &worker_labels)] {
+                if !labels.is_empty() {
+                    let pairs: Vec<String> =
+                        labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+                    rows.push((key, pairs.join(", ")));
+                }
             }
             if let Some(request_id) = &job.request_id {
                 rows.push(("request_id", request_id.clone()));
@@ -181,6 +181,7 @@ pub(crate) fn status(format: Format, job: &JobInfo) -> String {
                 "state": job.state.as_str(),
                 "args": job.args,
                 "labels": labels,
+                "worker_labels": worker_labels,
                 "request_id": job.request_id,
                 "submit_time": time(job.submitted_at),
                 "start_time": time(job.started_at),
@@ -207,7 +208,8 @@ pub(crate) fn status(format: Format, job: &JobInfo) -> String {
 
 /// What `functions` prints: an aligned table with a header, each function
 /// followed by its argument schema (compact JSON) and what it returns when
-/// it declared them; or one JSON object per function.
+/// it declared them, and for one served by remote workers how many serve it
+/// now; or one JSON object per function.
 pub(crate) fn functions(format: Format, functions: &[FunctionInfo]) -> String {
     match format {
         Format::Text => {
@@ -228,6 +230,9 @@ pub(crate) fn functions(format: Format, functions: &[FunctionInfo]) -> String {
                 if let Some(returns) = &f.returns {
                     lines.push(row("", "", &format!("returns: {returns}")));
                 }
+                if f.pool_kind == PoolKind::Worker {
+                    lines.push(row("", "", &served_by(f.workers)));
+                }
             }
             lines.join("\n")
         }
@@ -237,6 +242,9 @@ pub(crate) fn functions(format: Format, functions: &[FunctionInfo]) -> String {
                 json!({
                     "name": f.name,
                     "pool": f.pool,
+                    "pool_kind": f.pool_kind.as_str(),
+                    // Only worker-served functions have workers to count.
+                    "workers": (f.pool_kind == PoolKind::Worker).then_some(f.workers),
                     "description": f.description,
                     "args_schema": f.args_schema,
                     "returns": f.returns,
@@ -246,6 +254,23 @@ pub(crate) fn functions(format: Format, functions: &[FunctionInfo]) -> String {
             .collect::<Vec<_>>()
             .join("\n"),
     }
+}
+
+/// The line under a worker-served function: who serves it now.
+fn served_by(workers: u32) -> String {
+    match workers {
+        0 => "served by no worker now (its jobs wait for one)".to_owned(),
+        1 => "served by 1 worker".to_owned(),
+        n => format!("served by {n} workers"),
+    }
+}
+
+/// Labels sorted by key, for output that does not change from run to run.
+fn sorted(labels: &std::collections::HashMap<String, String>) -> BTreeMap<&str, &str> {
+    labels
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect()
 }
 
 /// A result as a shell user wants it: a string as-is (so `$(jobctl result
@@ -383,6 +408,7 @@ mod tests {
             state: JobState::Pending,
             args: json!("Ann"),
             labels: HashMap::from([("team".to_owned(), "infra".to_owned())]),
+            worker_labels: HashMap::new(),
             request_id: None,
             submitted_at: Some(SystemTime::UNIX_EPOCH + Duration::from_secs(86_400)),
             started_at: None,
@@ -413,6 +439,12 @@ mod tests {
         let f = |name: &str, pool: &str| FunctionInfo {
             name: name.to_owned(),
             pool: pool.to_owned(),
+            pool_kind: if pool == "async" {
+                PoolKind::Async
+            } else {
+                PoolKind::Blocking
+            },
+            workers: 0,
             description: format!("about {name}"),
             args_schema: None,
             returns: None,
@@ -442,5 +474,69 @@ mod tests {
         let json: Value = serde_json::from_str(&functions(Format::Json, &[described])).unwrap();
         assert_eq!(json["args_schema"], json!({"type": "string"}));
         assert_eq!(json["returns"], "a greeting");
+        assert_eq!(json["pool_kind"], "async");
+        assert_eq!(json["workers"], Value::Null);
+    }
+
+    #[test]
+    fn worker_served_functions_say_how_many_workers_serve_them() {
+        let remote = |workers| FunctionInfo {
+            name: "resize".to_owned(),
+            pool: "worker".to_owned(),
+            pool_kind: PoolKind::Worker,
+            workers,
+            description: "Resizes an image".to_owned(),
+            args_schema: None,
+            returns: None,
+        };
+        assert_eq!(
+            functions(Format::Text, &[remote(2)]),
+            "NAME    POOL    DESCRIPTION\n\
+             resize  worker  Resizes an image\n\
+             \x20               served by 2 workers"
+        );
+        assert!(
+            functions(Format::Text, &[remote(0)])
+                .ends_with("served by no worker now (its jobs wait for one)")
+        );
+        let json: Value = serde_json::from_str(&functions(Format::Json, &[remote(0)])).unwrap();
+        assert_eq!(json["pool_kind"], "worker");
+        assert_eq!(json["workers"], 0);
+    }
+
+    #[test]
+    fn a_job_lost_with_its_worker_says_so_with_its_worker_labels() {
+        let job = JobInfo {
+            id: JobId::new(),
+            function: "resize".to_owned(),
+            pool: "worker".to_owned(),
+            state: JobState::Failed,
+            args: json!(null),
+            labels: HashMap::new(),
+            worker_labels: HashMap::from([("gpu".to_owned(), "true".to_owned())]),
+            request_id: None,
+            submitted_at: None,
+            started_at: None,
+            finished_at: None,
+            attempt: 3,
+            priority: 0,
+            not_before: None,
+            timeout: None,
+            max_attempts: 1,
+            outcome: Some(JobOutcome {
+                state: JobState::Failed,
+                result: Err((ErrorKind::WorkerLost, "lost its worker 3 times".to_owned())),
+            }),
+            progress: None,
+        };
+        let text = status(Format::Text, &job);
+        assert!(text.contains("\nworker_labels: gpu=true\n"), "{text}");
+        assert!(
+            text.ends_with("error:         worker_lost: lost its worker 3 times"),
+            "{text}"
+        );
+        let json: Value = serde_json::from_str(&status(Format::Json, &job)).unwrap();
+        assert_eq!(json["worker_labels"], json!({"gpu": "true"}));
+        assert_eq!(json["error"]["kind"], "worker_lost");
     }
 }

@@ -325,6 +325,7 @@ mod tests {
                 .iter()
                 .map(|&(k, v)| (k.to_owned(), v.to_owned()))
                 .collect::<HashMap<_, _>>(),
+            worker_labels: HashMap::new(),
             request_id: None,
             submitted_at: Some(SystemTime::UNIX_EPOCH + Duration::from_secs(86_400)),
             started_at: None,

@@ -6,11 +6,13 @@
 //! This module decides the plan (connections, the two phases, the server's
 //! memory before and after); `load` drives the requests and keeps the
 //! tallies, `report` turns them into text or JSON, `progress` shows a live
-//! line on a terminal.
+//! line on a terminal, `worker` starts and stops the remote worker of
+//! `--worker-slots`.
 
 mod load;
 mod progress;
 mod report;
+mod worker;
 
 use std::{io::Write as _, num::NonZeroU64, time::Duration};
 
@@ -19,9 +21,11 @@ use jobd_proto::pb;
 use tonic::transport::Channel;
 
 pub(crate) use self::report::{Report, render};
+pub(crate) use self::worker::Flags as WorkerFlags;
 use self::{
     load::{Phase, Stop, Workload},
-    report::Measured,
+    report::{Measured, RemoteWorker},
+    worker::WorkerChild,
 };
 use crate::{
     cli::{Bench, BenchMode},
@@ -37,17 +41,54 @@ const DEFAULT_DURATION: Duration = Duration::from_secs(5);
 const SAFETY_CAP: Duration = Duration::from_secs(600);
 
 /// Runs the benchmark `args` describes against the server `client` is
-/// connected to (at `addr`), and returns what it measured.
+/// connected to (at `addr`), and returns what it measured. With
+/// `--worker-slots`, a remote worker started with `worker_flags` (this
+/// jobctl's connection flags) serves the jobs for the length of the run.
 pub(crate) async fn run(
     client: &JobClient,
     addr: &str,
     options: &ConnectOptions,
+    worker_flags: &WorkerFlags,
     args: &Bench,
+) -> Result<Report, Failure> {
+    let slots = match args.worker_slots {
+        Some(slots) if args.mode != BenchMode::Floor => slots,
+        _ => return measure(client, addr, options, args, None).await,
+    };
+    let function = args.function();
+    let mut worker = WorkerChild::start(worker_flags, function, slots)?;
+    let remote = RemoteWorker {
+        slots,
+        pid: worker.pid(),
+    };
+    let report = match worker.wait_served(client, function).await {
+        Ok(()) => measure(client, addr, options, args, Some(remote)).await,
+        Err(failure) => Err(failure),
+    };
+    // Stopped whichever way the run went: no worker outlives its bench.
+    if let Some(trouble) = worker.stop().await {
+        // Not eprintln!, which panics if stderr is closed.
+        let _ = writeln!(
+            std::io::stderr(),
+            "jobctl: warning: the bench's worker (pid {}): {trouble}",
+            remote.pid
+        );
+    }
+    report
+}
+
+/// The measurement itself, with `worker` serving the jobs if there is one.
+async fn measure(
+    client: &JobClient,
+    addr: &str,
+    options: &ConnectOptions,
+    args: &Bench,
+    worker: Option<RemoteWorker>,
 ) -> Result<Report, Failure> {
     // An unknown function would make every submit fail; say so now rather
     // than after the floor phase.
     if args.mode != BenchMode::Floor {
-        check_function(client, &args.function).await?;
+        check_function(client, args.function()).await?;
     }
     // A wrong --server-pid is found before the load, not after it.
     if let Some(pid) = args.server_pid {
@@ -141,7 +182,7 @@ pub(crate) async fn run(
 
     Ok(Report {
         mode: args.mode,
-        function: args.function.clone(),
+        function: args.function().to_owned(),
         payload_bytes: args.payload_bytes,
         connections: args.connections.get(),
         concurrency: args.concurrency.get(),
@@ -153,6 +194,7 @@ pub(crate) async fn run(
         server_pid: args.server_pid,
         rss_before,
         rss_after,
+        worker,
     })
 }
 
@@ -274,7 +316,7 @@ impl Workload {
         // No request id: the bench measures the plain path, and ids would
         // add the idempotency index to every submit.
         let submit = pb::SubmitRequest {
-            function: args.function.clone(),
+            function: args.function().to_owned(),
             args: payload(args.payload_bytes),
             ..pb::SubmitRequest::default()
         };

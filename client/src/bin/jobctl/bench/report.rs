@@ -31,6 +31,16 @@ pub(crate) struct Report {
     pub(crate) rss_before: Option<u64>,
     /// The server's resident memory after it.
     pub(crate) rss_after: Option<u64>,
+    /// The remote worker that served the jobs (`--worker-slots`); `None`
+    /// when jobd's own pools ran them.
+    pub(crate) worker: Option<RemoteWorker>,
+}
+
+/// The worker a `--worker-slots` bench started.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct RemoteWorker {
+    pub(crate) slots: u32,
+    pub(crate) pid: u32,
 }
 
 /// One phase's figures.
@@ -163,6 +173,7 @@ fn json(report: &Report) -> Value {
         "server_cpu_us_per_job": run.and_then(Measured::server_cpu_us_per_op),
         "floor_server_cpu_us_per_rpc": floor.server_cpu_us_per_op(),
         "cpu_ratio": report.cpu_ratio(),
+        "worker_slots": report.worker.map(|w| w.slots),
     })
 }
 
@@ -181,6 +192,13 @@ fn text(report: &Report) -> String {
         rows.push(row(&format!("{} (jobs)", report.mode.as_str()), run));
     }
     lines.extend(table(&rows));
+    if let Some(worker) = report.worker {
+        lines.push(format!(
+            "jobs served by a remote worker over the worker protocol: `jobctl worker --noop {} \
+             --concurrency {}` (pid {})",
+            report.function, worker.slots, worker.pid
+        ));
+    }
     if let Some(batch_size) = report.batch_size {
         lines.push(format!(
             "latency is per SubmitBatch call of up to {batch_size} jobs"
@@ -337,6 +355,7 @@ mod tests {
             server_pid: None,
             rss_before: None,
             rss_after: None,
+            worker: None,
         }
     }
 
@@ -414,5 +433,26 @@ mod tests {
         );
         assert!(text.contains("ratio: 0.500"), "{text}");
         assert!(text.contains("first batch error: queue full"), "{text}");
+        assert!(!text.contains("remote worker"), "{text}");
+    }
+
+    #[test]
+    fn a_remote_worker_is_named_in_both_formats() {
+        let mut remote = report(BenchMode::Roundtrip);
+        assert_eq!(json(&remote)["worker_slots"], Value::Null);
+        remote.function = "bench.noop".to_owned();
+        remote.worker = Some(RemoteWorker {
+            slots: 8,
+            pid: 4242,
+        });
+        assert_eq!(json(&remote)["worker_slots"], 8);
+        let shown = text(&remote);
+        assert!(
+            shown.contains(
+                "jobs served by a remote worker over the worker protocol: \
+                 `jobctl worker --noop bench.noop --concurrency 8` (pid 4242)"
+            ),
+            "{shown}"
+        );
     }
 }
