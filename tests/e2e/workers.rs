@@ -626,3 +626,74 @@ async fn a_workers_log_lines_join_the_jobs_log_before_its_report() {
     assert_eq!(entries[0].stream(), pb::LogStream::Stderr);
     server.shutdown().await;
 }
+
+/// jobd restarts after a worker's job failed retryably and before the
+/// worker's report was acknowledged; the worker re-attaches (without the
+/// finished job, which it no longer runs) and sends the report again: the
+/// job's retry budget decides, as it would have without the restart (its
+/// first attempt is retried, its last one fails).
+#[tokio::test]
+async fn a_retryable_failure_sent_again_after_a_restart_keeps_the_retry_budget() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = jobd::StoreConfig::Sqlite {
+        dir: dir.path().to_owned(),
+    };
+    let start = || async {
+        let (registry, _fx) = registry();
+        let config = jobd::EngineConfig {
+            worker_heartbeat_interval: Duration::from_millis(100),
+            worker_lease_timeout: Duration::from_secs(5),
+            ..config(64, 2, 1000)
+        };
+        TestServer::start_on(registry, config, Duration::from_millis(100), &store).await
+    };
+    let retryable = |assignment: &pb::Assignment| {
+        Kind::Report(pb::Report {
+            job_id: assignment.job_id.clone(),
+            fencing_token: assignment.fencing_token,
+            outcome: Some(pb::report::Outcome::Failure(pb::WorkerFailure {
+                kind: pb::worker_failure::Kind::Retryable.into(),
+                message: "the database blinked".into(),
+            })),
+        })
+    };
+    let identity = attach("flaky", &["work"], 1);
+    let mut server = start().await;
+    let mut before = worker(&server, identity.clone()).await;
+    let id = server
+        .client()
+        .await
+        .submit_with(Submission::new("work", json!(1)).max_attempts(2))
+        .await
+        .unwrap()
+        .id();
+    for attempt in 1..=2 {
+        let assignment = before.assignment().await;
+        assert_eq!(
+            (assignment.attempt, assignment.job_id.clone()),
+            (attempt, id.to_string())
+        );
+        // The drain's grace passes without a report: the job keeps its
+        // lease across the restart.
+        server.shutdown().await;
+        drop(before);
+        server = start().await;
+        let again = worker(&server, identity.clone()).await;
+        let _alive = again.heartbeats(Duration::from_millis(100));
+        let mut again = again;
+        again.send(retryable(&assignment)).await;
+        assert_eq!(again.ack().await.result(), pb::report_ack::Result::Accepted);
+        again.credit(1).await;
+        before = again;
+    }
+    drop(before.close());
+    let outcome = server
+        .client()
+        .await
+        .job(id)
+        .outcome(Some(Duration::from_secs(10)))
+        .await
+        .unwrap();
+    assert_eq!(outcome.state, JobState::Failed, "{outcome:?}");
+    server.shutdown().await;
+}

@@ -87,10 +87,9 @@ fn cpu_seconds(limit: Duration) -> u64 {
 /// # Examples
 ///
 /// ```no_run
-/// fn main() {
-///     jobd_command::exec_if_helper();
-///     // ... the program proper ...
-/// }
+/// // First thing in `main`:
+/// jobd_command::exec_if_helper();
+/// // ... the program proper ...
 /// ```
 pub fn exec_if_helper() {
     let mut args = std::env::args_os().skip(1);

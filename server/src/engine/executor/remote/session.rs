@@ -373,17 +373,26 @@ impl Session {
         };
         let (lease, max_attempts) = match self.run_of(job, token) {
             Some(found) => found,
-            // Not (or no longer) this session's: the store decides (a
-            // repeat of a recorded report, or stale).
-            None => (
-                Lease {
-                    job,
-                    attempt: 0,
-                    token: FencingToken(token),
-                    expires_at: None,
-                },
-                1,
-            ),
+            // Not (or no longer) this session's: a report sent again after
+            // a reconnect, for a job that ended while the worker was away.
+            // The store decides (current, a repeat, or stale), with the
+            // job's own attempt and retry budget, so a retryable failure
+            // is still retried.
+            None => {
+                let (attempt, max_attempts) = match workers.store.get(job).await? {
+                    Ok(record) => (record.attempt, record.max_attempts),
+                    Err(_) => (0, 1),
+                };
+                (
+                    Lease {
+                        job,
+                        attempt,
+                        token: FencingToken(token),
+                        expires_at: None,
+                    },
+                    max_attempts,
+                )
+            }
         };
         let applied = workers.ends.end(&lease, max_attempts, outcome).await?;
         self.forget(job, token);
