@@ -184,6 +184,50 @@ pub struct Progress {
     pub updated_at: Option<SystemTime>,
 }
 
+/// Which output of a job a log entry came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum LogStream {
+    /// A program's standard output.
+    Stdout,
+    /// A program's standard error.
+    Stderr,
+    /// A line the job function logged ([`Ctx::log`](crate::Ctx::log) and
+    /// jobd's own `Ctx::log`).
+    Log,
+    /// A stream this client does not know.
+    Unspecified,
+}
+
+/// One entry of a job's log: a line (or a chunk of a long one), as bytes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LogEntry {
+    /// Where it starts in the job's log (bytes written before it).
+    pub offset: u64,
+    /// The attempt that wrote it, from 1.
+    pub attempt: u32,
+    /// Which output it came from.
+    pub stream: LogStream,
+    /// When the server took it.
+    pub at: Option<SystemTime>,
+    /// What was written (a line keeps its newline); not necessarily UTF-8.
+    pub data: Vec<u8>,
+}
+
+/// A page of a job's log, as [`JobClient::logs`](crate::JobClient::logs)
+/// streams them.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LogPage {
+    /// Entries, in order.
+    pub entries: Vec<LogEntry>,
+    /// Bytes before the first entry (after the previous page, or the
+    /// offset asked for) that the server no longer keeps: its cap dropped
+    /// them.
+    pub skipped: u64,
+    /// Where to resume: the offset after the last entry.
+    pub next_offset: u64,
+}
+
 /// What a cancel request achieved.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct CancelReport {

@@ -28,6 +28,7 @@
 //! outcomes) for jobs or a filter, resumable by sequence number.
 //! [`JobClient::map`] is `Executor.map`: one function over many arguments,
 //! results in order (or as completed), with bounded jobs in flight.
+//! [`JobClient::logs`] reads or follows a job's log.
 //!
 //! Every type in this API is the crate's own (or `jobd-proto`'s [`JobId`]
 //! and [`JobState`]); the one way to the generated gRPC code is
@@ -52,8 +53,8 @@
 // 3. `wire` (every pb <-> own-type conversion), `retry` (what is asked
 //    again, and after which pause), `connect` (address, TLS, token).
 // 4. `client` <-> `handle`: the connection, and one job.
-// 5. `watch`, `map`, `sets`: more `JobClient` calls, each on its own stream
-//    or set of jobs.
+// 5. `watch`, `map`, `sets`, `logs`: more `JobClient` calls, each on its
+//    own stream or set of jobs.
 // 6. `worker`: serving functions to jobd over the worker protocol. It uses
 //    `connect`, `retry`, `wire` and `error`, never a `JobClient`; its own
 //    pb conversions live in `worker::protocol`, as the job API's live in
@@ -63,6 +64,7 @@ mod client;
 mod connect;
 mod error;
 mod handle;
+mod logs;
 mod map;
 mod request;
 mod retry;
@@ -73,7 +75,7 @@ mod worker;
 
 pub use answer::{
     CancelOutcome, CancelReport, FunctionInfo, JobEvent, JobEventKind, JobInfo, JobOutcome,
-    JobPage, MapItem, PoolKind, Progress, ResumePoint, WorkerInfo,
+    JobPage, LogEntry, LogPage, LogStream, MapItem, PoolKind, Progress, ResumePoint, WorkerInfo,
 };
 pub use client::{JobClient, RpcClient};
 pub use connect::{CallCredentials, ConnectOptions};

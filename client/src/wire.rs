@@ -18,7 +18,7 @@ use jobd_proto::{JobId, JobState, pb, value};
 use crate::{
     answer::{
         CancelOutcome, CancelReport, FunctionInfo, JobEvent, JobEventKind, JobInfo, JobOutcome,
-        JobPage, MapItem, PoolKind, Progress, WorkerInfo,
+        JobPage, LogEntry, LogPage, LogStream, MapItem, PoolKind, Progress, WorkerInfo,
     },
     error::{Error, ErrorKind},
     request::{ListFilter, MapOptions, ReturnWhen, Submission, Watch},
@@ -368,6 +368,34 @@ pub(crate) fn map_item(response: pb::MapResponse) -> Result<MapItem, Error> {
         job: Some(id),
         result: outcome.into_value(id),
     })
+}
+
+/// A page of a job's log as the server sent it.
+pub(crate) fn log_page(page: pb::LogsResponse) -> LogPage {
+    LogPage {
+        entries: page
+            .entries
+            .into_iter()
+            .map(|entry| LogEntry {
+                offset: entry.offset,
+                attempt: entry.attempt,
+                stream: log_stream(entry.stream),
+                at: time(entry.at),
+                data: entry.data,
+            })
+            .collect(),
+        skipped: page.skipped,
+        next_offset: page.next_offset,
+    }
+}
+
+fn log_stream(raw: i32) -> LogStream {
+    match pb::LogStream::try_from(raw) {
+        Ok(pb::LogStream::Stdout) => LogStream::Stdout,
+        Ok(pb::LogStream::Stderr) => LogStream::Stderr,
+        Ok(pb::LogStream::Log) => LogStream::Log,
+        Ok(pb::LogStream::Unspecified) | Err(_) => LogStream::Unspecified,
+    }
 }
 
 /// A timestamp the server sent, if it is one this platform can hold.

@@ -1308,3 +1308,80 @@ fn a_worker_runs_commands_for_jobs_and_drains_on_sigterm() {
 
     assert_eq!(worker.terminate().code(), Some(0));
 }
+
+#[test]
+fn logs_prints_output_as_written_and_follow_resumes_across_a_broken_connection() {
+    use std::io::{BufRead as _, BufReader, Read as _};
+
+    let target = Target::start();
+    let gate = std::sync::Arc::clone(&target.fixtures.lock().expect("one test thread").gate);
+    let id = target.submit(&["log_gated"]);
+    target.wait_started();
+    let proxy = jobd_test_support::proxy::CutProxy::start(target.server.server().addr);
+    let mut follower = jobctl_std()
+        .args(["--addr", &proxy.url(), "logs", "--follow", &id])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("jobctl runs");
+    let pid = follower.id();
+    // Bounds the test: a follower still running after RUN_LIMIT is killed
+    // (and the test fails); once it has exited, the watchdog stands down.
+    let (exited, watching) = std::sync::mpsc::channel::<()>();
+    let watchdog = std::thread::spawn(move || {
+        if watching.recv_timeout(RUN_LIMIT) == Err(std::sync::mpsc::RecvTimeoutError::Timeout) {
+            let _ = std::process::Command::new("kill")
+                .args(["-9", &pid.to_string()])
+                .status();
+        }
+    });
+    let mut stdout = BufReader::new(follower.stdout.take().expect("piped"));
+    let mut first = Vec::new();
+    stdout.read_until(b'\n', &mut first).unwrap();
+    assert_eq!(first, b"first\n");
+    // Every connection through the proxy dies while the follower waits.
+    proxy.reset();
+    gate.add_permits(1);
+    let mut rest = Vec::new();
+    stdout.read_to_end(&mut rest).unwrap();
+    let status = follower.wait().unwrap();
+    drop(exited);
+    watchdog.join().unwrap();
+    let mut stderr = String::new();
+    follower
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut stderr)
+        .unwrap();
+    assert!(status.success(), "{status:?}: {stderr}");
+    // Nothing lost, nothing twice, bytes as written.
+    assert_eq!(rest, b"\xff\xfe\nsecond\n", "{stderr}");
+
+    // Read once, after the job ended: the whole log.
+    let whole = jobctl_std()
+        .args(["--addr", &target.addr, "logs", &id])
+        .output()
+        .unwrap();
+    assert!(whole.status.success());
+    assert_eq!(whole.stdout, b"first\n\xff\xfe\nsecond\n");
+    // As JSON: one object per entry; bytes that are not UTF-8 in base64.
+    let json = target.jobctl(&["-o", "json", "logs", &id]).success();
+    let entries: Vec<Value> = json
+        .stdout
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap())
+        .collect();
+    assert_eq!(entries.len(), 3, "{json:#?}");
+    assert_eq!(entries[0]["text"], "first\n");
+    assert_eq!(entries[0]["stream"], "log");
+    assert_eq!(entries[1]["data_base64"], "//4K");
+    assert_eq!(entries[1]["stream"], "stdout");
+    assert_eq!(entries[2]["offset"], 9);
+    // An unknown job: one line, exit 3.
+    let unknown = target
+        .jobctl(&["logs", "0190b6e0-0000-7000-8000-000000000000"])
+        .code(3);
+    assert!(unknown.error_line().contains("not found"), "{unknown:#?}");
+    target.shutdown();
+}

@@ -200,3 +200,51 @@ async fn a_worker_serves_jobd_clients() {
     assert!(client.workers().await.expect("workers").is_empty());
     server.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn what_a_worker_function_logs_is_the_jobs_log() {
+    let (registry, _fixtures) = jobd_test_support::registry();
+    let server = TestServer::start(registry, EngineConfig::default()).await;
+    let client = server.client().await;
+    let worker = Worker::new(server.url())
+        .name("sdk-logs")
+        .register_blocking("sdk.chatty", "Logs three lines", |ctx: Ctx, _args| {
+            for n in 1..=3 {
+                ctx.log(format!("line {n}"));
+            }
+            ctx.log_output(jobd_client::LogStream::Stderr, b"\xff\n");
+            Ok(json!("said it"))
+        });
+    let (stop, stopped) = oneshot::channel::<()>();
+    let run = tokio::spawn(worker.run(async {
+        let _ = stopped.await;
+    }));
+    served(&client, "sdk.chatty").await;
+    let job = client.submit("sdk.chatty", Value::Null).await.unwrap();
+    assert_eq!(
+        tokio::time::timeout(LIMIT, job.result())
+            .await
+            .unwrap()
+            .unwrap(),
+        json!("said it")
+    );
+    // The lines were stored before the report: the log is whole now.
+    let mut pages = client.logs(job.id(), 0, false).await.unwrap();
+    let mut entries = Vec::new();
+    while let Some(page) = pages.next().await {
+        entries.extend(page.unwrap().entries);
+    }
+    let data: Vec<&[u8]> = entries.iter().map(|e| e.data.as_slice()).collect();
+    assert_eq!(
+        data,
+        [&b"line 1\n"[..], b"line 2\n", b"line 3\n", b"\xff\n"]
+    );
+    assert_eq!(entries[3].stream, jobd_client::LogStream::Stderr);
+    stop.send(()).expect("the worker runs");
+    tokio::time::timeout(LIMIT, run)
+        .await
+        .expect("the worker stopped in time")
+        .expect("the worker task")
+        .expect("a clean stop");
+    server.shutdown().await;
+}

@@ -17,6 +17,8 @@ use std::{
 
 use jobd_proto::JobId;
 use tokio::sync::Notify;
+
+use crate::answer::LogStream;
 use tokio_util::sync::CancellationToken;
 
 /// Why a job function has no value: what it returns instead, as jobd's own
@@ -102,8 +104,22 @@ const MAX_PROGRESS_MESSAGE: usize = 256;
 #[derive(Debug, Default)]
 pub(crate) struct ProgressBoard {
     latest: Mutex<HashMap<Lease, (f64, String)>>,
-    /// Woken on every report; the session then takes the board.
+    /// Log lines of each running job, waiting to be sent, in order.
+    logs: Mutex<HashMap<Lease, PendingLog>>,
+    /// Woken on every report and line; the session then takes the board.
     changed: Notify,
+}
+
+/// Bytes of log lines one job may have waiting to be sent (while the worker
+/// reconnects, say); past it lines are dropped, and counted.
+const MAX_PENDING_LOG: usize = 256 * 1024;
+
+/// One job's log lines waiting to be sent.
+#[derive(Debug, Default)]
+pub(crate) struct PendingLog {
+    pub(crate) lines: Vec<(LogStream, Vec<u8>)>,
+    bytes: usize,
+    dropped: u64,
 }
 
 impl ProgressBoard {
@@ -116,6 +132,37 @@ impl ProgressBoard {
             .unwrap_or_else(PoisonError::into_inner)
             .insert(lease.clone(), (fraction, message));
         self.changed.notify_one();
+    }
+
+    fn log(&self, lease: &Lease, stream: LogStream, data: Vec<u8>) {
+        {
+            let mut logs = self.logs.lock().unwrap_or_else(PoisonError::into_inner);
+            let pending = logs.entry(lease.clone()).or_default();
+            if pending.bytes + data.len() > MAX_PENDING_LOG {
+                pending.dropped += 1;
+                return;
+            }
+            pending.bytes += data.len();
+            pending.lines.push((stream, data));
+        }
+        self.changed.notify_one();
+    }
+
+    /// Every job's waiting log lines, with a note of any dropped.
+    pub(crate) fn take_logs(&self) -> HashMap<Lease, Vec<(LogStream, Vec<u8>)>> {
+        let logs = std::mem::take(&mut *self.logs.lock().unwrap_or_else(PoisonError::into_inner));
+        logs.into_iter()
+            .map(|(lease, mut pending)| {
+                if pending.dropped > 0 {
+                    let note = format!(
+                        "[worker: {} log lines dropped: the job wrote faster than they could be sent]\n",
+                        pending.dropped
+                    );
+                    pending.lines.push((LogStream::Log, note.into_bytes()));
+                }
+                (lease, pending.lines)
+            })
+            .collect()
     }
 
     /// Every report posted since the last take, latest per lease.
@@ -235,6 +282,36 @@ impl Ctx {
     /// ```
     pub fn set_progress(&self, fraction: f64, message: &str) {
         self.progress.post(&self.lease, fraction, message);
+    }
+
+    /// Adds a line to the job's log, which `jobctl logs` and
+    /// [`JobClient::logs`](crate::JobClient::logs) show (a newline is added
+    /// unless the line ends with one). Lines are sent to jobd in order, and
+    /// all before the job's report; a job that logs faster than they can be
+    /// sent loses lines (the log says how many) rather than slowing down.
+    ///
+    /// ```
+    /// use jobd_client::{Ctx, JobFailure};
+    ///
+    /// async fn fetch(ctx: Ctx, args: serde_json::Value) -> Result<serde_json::Value, JobFailure> {
+    ///     ctx.log(format!("fetching {args}"));
+    ///     Ok(serde_json::json!("fetched"))
+    /// }
+    /// ```
+    pub fn log(&self, line: impl AsRef<str>) {
+        let mut data = line.as_ref().as_bytes().to_vec();
+        if data.last() != Some(&b'\n') {
+            data.push(b'\n');
+        }
+        self.progress.log(&self.lease, LogStream::Log, data);
+    }
+
+    /// Adds what a program the job runs wrote on `stream` to the job's log,
+    /// as bytes (output that is not UTF-8 is kept as it is).
+    pub fn log_output(&self, stream: LogStream, data: &[u8]) {
+        if !data.is_empty() {
+            self.progress.log(&self.lease, stream, data.to_vec());
+        }
     }
 
     /// The running job's id.

@@ -20,7 +20,7 @@ use super::{
     function::Function,
     jobs::{Ended, Finished},
 };
-use crate::wire;
+use crate::{answer::LogStream, wire};
 
 /// How often a worker speaks when jobd's `attached` did not say (an older
 /// or odd jobd): well inside any lease timeout jobd would choose.
@@ -121,6 +121,29 @@ pub(crate) fn progress(lease: &Lease, fraction: f64, note: &str) -> pb::WorkerMe
         },
         message: note.to_owned(),
     }))
+}
+
+/// Log lines of a running job.
+pub(crate) fn log_lines(lease: &Lease, lines: Vec<(LogStream, Vec<u8>)>) -> pb::WorkerMessage {
+    message(worker_message::Kind::Log(pb::LogLines {
+        job_id: lease.job_id.clone(),
+        fencing_token: lease.fencing_token,
+        lines: lines
+            .into_iter()
+            .map(|(stream, data)| pb::LogLine {
+                stream: log_stream(stream).into(),
+                data,
+            })
+            .collect(),
+    }))
+}
+
+fn log_stream(stream: LogStream) -> pb::LogStream {
+    match stream {
+        LogStream::Stdout => pb::LogStream::Stdout,
+        LogStream::Stderr => pb::LogStream::Stderr,
+        LogStream::Log | LogStream::Unspecified => pb::LogStream::Log,
+    }
 }
 
 /// The report of a finished job.

@@ -566,6 +566,8 @@ impl Runner {
             tracing::debug!(job = %finished.lease.job_id, "dropped the end of a job no longer ours");
             return Ok(());
         }
+        // What the job wrote goes before its report: jobd stores it first.
+        self.send_progress(out).await?;
         self.jobs.remove(&finished.lease.job_id);
         self.report_now(finished, out, state).await
     }
@@ -605,6 +607,12 @@ impl Runner {
     }
 
     async fn send_progress(&self, out: &mut Outbox) -> Result<(), End> {
+        for (lease, lines) in self.progress.take_logs() {
+            // Lines of a job that has ended here would be refused.
+            if self.jobs.get(&lease.job_id).map(|r| &r.lease) == Some(&lease) {
+                out.send(protocol::log_lines(&lease, lines)).await?;
+            }
+        }
         for (lease, (fraction, note)) in self.progress.take() {
             // Progress of a job that has ended here is no news for jobd.
             if self.jobs.get(&lease.job_id).map(|r| &r.lease) == Some(&lease) {

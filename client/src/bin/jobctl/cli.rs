@@ -250,6 +250,17 @@ pub(crate) enum Command {
     #[command(long_about = BENCH_LONG_ABOUT, after_long_help = BENCH_AFTER_LONG_HELP)]
     Bench(Bench),
 
+    /// Print a job's log: what it printed and logged, across its attempts.
+    ///
+    /// The bytes as the job wrote them go to stdout (output that is not
+    /// UTF-8 included); with --follow (-f), the log is followed until the
+    /// job ends, like `kubectl logs -f`, resuming by itself if the
+    /// connection breaks. When the server's cap (`jobd --max-log-bytes`)
+    /// dropped older lines, a note on stderr says how many bytes. With -o
+    /// json, one object per entry: offset, attempt, stream, at, and text
+    /// (or data_base64 for bytes that are not UTF-8).
+    Logs(crate::logs::Logs),
+
     /// Serve job functions from this process to jobd, until SIGINT or SIGTERM.
     #[command(long_about = WORKER_LONG_ABOUT)]
     Worker(crate::worker::Serve),

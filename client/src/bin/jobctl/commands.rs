@@ -13,7 +13,7 @@ use crate::{
     bench,
     cli::{Cli, Command, Format, Submit},
     failure::{Failure, root_cause},
-    map, output, sets, waiting, watch, worker, workers,
+    logs, map, output, sets, waiting, watch, worker, workers,
 };
 
 /// How long to try to connect before saying the server is unreachable: long
@@ -73,6 +73,7 @@ async fn execute(
         Command::List(args) => sets::list(client, format, &args).await,
         Command::Delete { id } => sets::delete(client, format, id).await,
         Command::Watch(args) => watch::watch(client, format, &args).await,
+        Command::Logs(args) => logs::print(client, format, &args).await,
         Command::Map(args) => map::run(client, format, &args).await,
         Command::Bench(args) => {
             let report = bench::run(client, addr, options, worker_flags, &args).await?;

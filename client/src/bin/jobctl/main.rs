@@ -18,6 +18,7 @@ mod bench;
 mod cli;
 mod commands;
 mod failure;
+mod logs;
 mod map;
 mod output;
 mod sets;

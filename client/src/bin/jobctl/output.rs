@@ -287,7 +287,7 @@ pub(crate) fn error(kind: ErrorKind, message: &str) -> Value {
 }
 
 /// RFC 3339 in UTC, as the protobuf JSON mapping writes timestamps.
-fn timestamp(at: SystemTime) -> String {
+pub(crate) fn timestamp(at: SystemTime) -> String {
     prost_types::Timestamp::from(at).to_string()
 }
 

@@ -14,8 +14,8 @@ use std::{
 };
 
 use clap::Args;
-use jobd_client::{ConnectOptions, Ctx, JobFailure, Worker};
-use jobd_command::{CommandSpec, Ending, ResultMode, split_command_line};
+use jobd_client::{ConnectOptions, Ctx, JobFailure, LogStream, Worker};
+use jobd_command::{CommandSpec, Ending, OutputLine, ResultMode, Stream, split_command_line};
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
@@ -163,9 +163,22 @@ async fn run_command(argv: &[String], ctx: &Ctx, args: &Value) -> Result<Value, 
                 .unwrap_or_default(),
         );
     }
-    let finished = jobd_command::run(spec, &CancellationToken::new())
-        .await
-        .map_err(JobFailure::failed)?;
+    // Every line it writes goes to the job's log as well.
+    let (lines, mut written) = tokio::sync::mpsc::channel::<OutputLine>(1024);
+    let forward = async {
+        while let Some(line) = written.recv().await {
+            let mut data = line.bytes;
+            data.push(b'\n');
+            let stream = match line.stream {
+                Stream::Stdout => LogStream::Stdout,
+                Stream::Stderr => LogStream::Stderr,
+            };
+            ctx.log_output(stream, &data);
+        }
+    };
+    let never = CancellationToken::new();
+    let (finished, ()) = tokio::join!(jobd_command::run(spec.lines(lines), &never), forward);
+    let finished = finished.map_err(JobFailure::failed)?;
     finished
         .into_outcome(ResultMode::Json)
         .map_err(|failure| match failure.ending {
