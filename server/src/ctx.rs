@@ -181,6 +181,17 @@ impl Ctx {
         let _ = self.sleep_blocking_until(duration, false);
     }
 
+    /// The job's cancel signal, for code in this crate that runs the job's
+    /// work itself (command functions).
+    pub(crate) fn cancel_token(&self) -> CancellationToken {
+        self.cancel.clone()
+    }
+
+    /// Drives `future` to its end on the calling blocking-pool thread.
+    pub(crate) fn block_on<F: std::future::Future>(&self, future: F) -> F::Output {
+        self.runtime.block_on(future)
+    }
+
     fn sleep_blocking_until(&self, duration: Duration, cancellable: bool) -> Result<(), JobError> {
         let cancel = &self.cancel;
         // Blocking-pool threads are plain OS threads outside the runtime, so

@@ -41,6 +41,7 @@
 pub mod auth;
 pub mod builtins;
 pub mod clock;
+pub mod command_functions;
 pub mod ctx;
 mod engine;
 mod error;
@@ -51,6 +52,7 @@ pub mod limits;
 pub mod server;
 pub mod store;
 pub mod tls;
+pub mod units;
 
 pub use clock::Clock;
 pub use ctx::Ctx;

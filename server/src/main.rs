@@ -53,7 +53,7 @@ struct Args {
 
     /// On SIGINT/SIGTERM, how long running jobs may take to finish before they
     /// are interrupted, e.g. "30s", "500ms", "2m".
-    #[arg(long, env = "JOBD_SHUTDOWN_GRACE", default_value = "30s", value_parser = parse_duration)]
+    #[arg(long, env = "JOBD_SHUTDOWN_GRACE", default_value = "30s", value_parser = jobd::units::parse_duration)]
     shutdown_grace: Duration,
 
     /// Priority aging: each such interval a pending job waits counts as one
@@ -61,7 +61,7 @@ struct Args {
     /// a lower one back for ever: a job of priority p is overtaken only by
     /// jobs queued less than (q - p) intervals after it (q their priority).
     /// "0" turns aging off (priority alone decides).
-    #[arg(long, env = "JOBD_PRIORITY_AGING", default_value = "1s", value_parser = parse_duration)]
+    #[arg(long, env = "JOBD_PRIORITY_AGING", default_value = "1s", value_parser = jobd::units::parse_duration)]
     priority_aging: Duration,
 
     /// Where job state lives: "sqlite" (durable: an acknowledged job survives
@@ -75,7 +75,7 @@ struct Args {
 
     /// How long finished jobs and their results are kept, e.g. "7d", "12h".
     /// Removed jobs leave a small tombstone so lookups say "expired".
-    #[arg(long, env = "JOBD_RETENTION", default_value = "7d", value_parser = parse_duration)]
+    #[arg(long, env = "JOBD_RETENTION", default_value = "7d", value_parser = jobd::units::parse_duration)]
     retention: Duration,
 
     /// With the sqlite store: finished jobs kept in memory for fast reads
@@ -158,17 +158,17 @@ struct Args {
 
     /// How often idle HTTP/2 connections are pinged, so dead peers give back
     /// their connection slot.
-    #[arg(long, env = "JOBD_HTTP2_KEEPALIVE_INTERVAL", default_value = "60s", value_parser = parse_duration)]
+    #[arg(long, env = "JOBD_HTTP2_KEEPALIVE_INTERVAL", default_value = "60s", value_parser = jobd::units::parse_duration)]
     http2_keepalive_interval: Duration,
 
     /// How long a keepalive ping may go unanswered before the connection is
     /// closed.
-    #[arg(long, env = "JOBD_HTTP2_KEEPALIVE_TIMEOUT", default_value = "20s", value_parser = parse_duration)]
+    #[arg(long, env = "JOBD_HTTP2_KEEPALIVE_TIMEOUT", default_value = "20s", value_parser = jobd::units::parse_duration)]
     http2_keepalive_timeout: Duration,
 
     /// TCP keepalive idle time on accepted connections (finds peers that
     /// vanished without closing).
-    #[arg(long, env = "JOBD_TCP_KEEPALIVE", default_value = "60s", value_parser = parse_duration)]
+    #[arg(long, env = "JOBD_TCP_KEEPALIVE", default_value = "60s", value_parser = jobd::units::parse_duration)]
     tcp_keepalive: Duration,
 
     /// Serve TLS with this certificate chain (PEM). Needs --tls-key. Clients
@@ -192,7 +192,7 @@ struct Args {
 
     /// How long a client may take to finish the TLS handshake before its
     /// connection is closed (it holds a connection slot meanwhile).
-    #[arg(long, env = "JOBD_TLS_HANDSHAKE_TIMEOUT", value_name = "DURATION", default_value = "10s", value_parser = parse_duration)]
+    #[arg(long, env = "JOBD_TLS_HANDSHAKE_TIMEOUT", value_name = "DURATION", default_value = "10s", value_parser = jobd::units::parse_duration)]
     tls_handshake_timeout: Duration,
 
     /// Require a bearer token on every JobService call. FILE holds one token
@@ -229,6 +229,13 @@ struct Args {
     #[arg(long, env = "JOBD_MAX_RESULT_BYTES", default_value = "1048576")]
     max_result_bytes: NonZeroUsize,
 
+    /// A TOML file of command functions: named jobs that run a program
+    /// (`[functions.NAME]` with `command`, `args_schema`, `timeout`, `env`,
+    /// `cwd`, `result`, `limits`, ...; see docs/guide.md). They run on the
+    /// blocking pool. A file with a mistake stops jobd at start.
+    #[arg(long, env = "JOBD_FUNCTIONS", value_name = "FILE")]
+    functions: Option<PathBuf>,
+
     /// Bytes of each job's log kept (what it printed, and its log lines):
     /// past it the oldest entries are dropped, and a reader is told how
     /// many bytes it missed.
@@ -244,14 +251,14 @@ struct Args {
 
     /// How often a remote worker must be heard from (it sends a heartbeat
     /// when idle), e.g. "5s".
-    #[arg(long, env = "JOBD_WORKER_HEARTBEAT_INTERVAL", default_value = "5s", value_parser = parse_duration)]
+    #[arg(long, env = "JOBD_WORKER_HEARTBEAT_INTERVAL", default_value = "5s", value_parser = jobd::units::parse_duration)]
     worker_heartbeat_interval: Duration,
 
     /// How long a remote worker's leases last without hearing from it: its
     /// running jobs go back to pending (or fail, when not safe to retry)
     /// within this plus a second after it vanished. At least twice the
     /// heartbeat interval.
-    #[arg(long, env = "JOBD_WORKER_LEASE_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
+    #[arg(long, env = "JOBD_WORKER_LEASE_TIMEOUT", default_value = "30s", value_parser = jobd::units::parse_duration)]
     worker_lease_timeout: Duration,
 
     /// Remote worker sessions attached at once; one more is refused with
@@ -359,33 +366,10 @@ fn security(args: &Args) -> anyhow::Result<Security> {
     })
 }
 
-fn parse_duration(raw: &str) -> Result<Duration, String> {
-    let raw = raw.trim();
-    let (number, unit) = raw
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .map_or((raw, "s"), |i| raw.split_at(i));
-    let n: f64 = number
-        .parse()
-        .map_err(|_| format!("{raw:?} is not a duration like 30s, 500ms or 2m"))?;
-    let secs = match unit {
-        "ms" => n / 1000.0,
-        "s" => n,
-        "m" => n * 60.0,
-        "h" => n * 3600.0,
-        "d" => n * 86400.0,
-        _ => {
-            return Err(format!(
-                "unknown unit {unit:?} in {raw:?}: use ms, s, m, h or d"
-            ));
-        }
-    };
-    Duration::try_from_secs_f64(secs).map_err(|e| format!("{raw:?}: {e}"))
-}
-
 /// `--max-wait`: a duration of at least 100 ms, so that a client asking
 /// again after each cut-off cannot turn into a busy loop.
 fn parse_max_wait(raw: &str) -> Result<Duration, String> {
-    let wait = parse_duration(raw)?;
+    let wait = jobd::units::parse_duration(raw)?;
     if wait < Duration::from_millis(100) {
         return Err(format!("{raw:?} is too short: at least 100ms"));
     }
@@ -393,6 +377,9 @@ fn parse_max_wait(raw: &str) -> Result<Duration, String> {
 }
 
 fn main() -> std::process::ExitCode {
+    // Command functions with limits start their program through this
+    // binary: in that role it sets the limits and becomes the program.
+    jobd_command::exec_if_helper();
     let args = Args::parse();
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(runtime) => runtime,
@@ -452,6 +439,15 @@ async fn run(args: Args) -> anyhow::Result<()> {
         args.worker_heartbeat_interval
     );
     let mut registry = jobd::builtins::registry();
+    if let Some(path) = &args.functions {
+        let functions = jobd::command_functions::load(path)?;
+        let helper = std::env::current_exe()
+            .map_err(|e| anyhow::anyhow!("cannot find jobd's own executable: {e}"))?;
+        let count = functions.len();
+        jobd::command_functions::register(&mut registry, functions, &helper)
+            .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+        tracing::info!(path = %path.display(), functions = count, "loaded command functions");
+    }
     for name in &args.not_safe_to_retry {
         if registry.get(name).is_none() {
             anyhow::bail!("--not-safe-to-retry {name:?}: no such function");
@@ -569,17 +565,6 @@ async fn shutdown_signal() {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn durations_parse_with_units() {
-        assert_eq!(parse_duration("30s"), Ok(Duration::from_secs(30)));
-        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
-        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
-        assert_eq!(parse_duration("7"), Ok(Duration::from_secs(7)));
-        assert_eq!(parse_duration("7d"), Ok(Duration::from_secs(7 * 86400)));
-        assert!(parse_duration("soon").is_err());
-        assert!(parse_duration("5w").is_err());
-    }
 
     /// The flag defaults are written as strings for `--help`; this keeps
     /// them equal to the library's `ServerLimits::default()`.

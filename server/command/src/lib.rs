@@ -57,7 +57,7 @@ mod template;
 
 pub use argv::{SplitError, split_command_line};
 pub use ending::{Ending, Exit, GroupCleanup, Signal};
-pub use limits::{HELPER_ARG, Limits, exec_if_helper};
+pub use limits::{HELPER_ARG, Limits, exec_if_helper, probe_helper};
 pub use outcome::{Failure, ResultMode, UnknownResultMode};
 pub use run::{Finished, RunError, SpawnError, run};
 pub use spec::{

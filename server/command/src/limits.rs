@@ -96,6 +96,11 @@ pub fn exec_if_helper() {
     if args.next().as_deref() != Some(OsStr::new(HELPER_ARG)) {
         return;
     }
+    let mut args = args.peekable();
+    if args.peek().map(OsString::as_os_str) == Some(OsStr::new(PROBE_ARG)) {
+        println!("{PROBE_ANSWER}");
+        std::process::exit(0);
+    }
     let status = match helper(args) {
         Ok(never) => match never {},
         Err(message) => {
@@ -105,6 +110,64 @@ pub fn exec_if_helper() {
         }
     };
     std::process::exit(status);
+}
+
+const PROBE_ARG: &str = "--probe";
+const PROBE_ANSWER: &str = "jobd-command limits helper";
+/// How long a probed binary may take to answer.
+const PROBE_LIMIT: Duration = Duration::from_secs(5);
+
+/// Checks that `binary` serves [`exec_if_helper`], so that a misconfigured
+/// program fails at start, not on its first job: it must answer the probe
+/// within 5 s (a binary that does something else instead is killed).
+///
+/// # Errors
+///
+/// Why the binary cannot be the helper, in a few words.
+#[allow(
+    clippy::disallowed_methods,
+    reason = "runs once at start, before any runtime: a bounded wait on a child process"
+)]
+pub fn probe_helper(binary: &std::path::Path) -> Result<(), String> {
+    let mut child = std::process::Command::new(binary)
+        .args([HELPER_ARG, PROBE_ARG])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .map_err(|err| format!("cannot start {}: {err}", binary.display()))?;
+    let started = std::time::Instant::now();
+    // Polled: a child's exit has no signal to wait on with a bound without
+    // unsafe code; this runs once, at start.
+    let status = loop {
+        match child.try_wait() {
+            Ok(Some(status)) => break status,
+            Ok(None) if started.elapsed() < PROBE_LIMIT => {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            Ok(None) | Err(_) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(format!(
+                    "{} did not answer as the limits helper (its main must call jobd_command::exec_if_helper first)",
+                    binary.display()
+                ));
+            }
+        }
+    };
+    let mut out = String::new();
+    if let Some(mut stdout) = child.stdout.take() {
+        use std::io::Read as _;
+        let _ = stdout.read_to_string(&mut out);
+    }
+    if status.success() && out.trim() == PROBE_ANSWER {
+        Ok(())
+    } else {
+        Err(format!(
+            "{} is not the limits helper (its main must call jobd_command::exec_if_helper first)",
+            binary.display()
+        ))
+    }
 }
 
 /// Sets the limits and `exec`s; returns only why it could not.
