@@ -522,10 +522,13 @@ async fn processes_left_behind_by_a_finished_program_are_stopped() {
 async fn a_process_that_left_the_group_is_not_waited_for() {
     // `setsid` takes the sleep out of the group (out of reach of killpg),
     // but it still holds stdout open: the run must end anyway, bounded,
-    // and say the output may be incomplete.
-    let finished = run_to_end(sh("setsid sleep 1000 & echo \"escaped $!\"").inherit_path(true))
-        .await
-        .unwrap();
+    // and say the output may be incomplete. The escaped process says when
+    // it has left the group (through a fifo the script waits on), so the
+    // script cannot end, and its group be stopped, before it has.
+    let script = r#"f=$(mktemp -u); mkfifo "$f"
+setsid sh -c 'echo "escaped $$"; echo > "$1"; exec sleep 1000' sh "$f" &
+read _ < "$f"; rm -f "$f""#;
+    let finished = run_to_end(sh(script).inherit_path(true)).await.unwrap();
     let printed = String::from_utf8_lossy(&finished.stdout).into_owned();
     let escaped: i32 = printed.trim()["escaped ".len()..].parse().unwrap();
     // The test started it, so the test ends it, before any assertion.
