@@ -229,12 +229,13 @@ async fn the_callers_deadline_ends_a_wait_with_a_normal_answer() {
         return_when: pb::ReturnWhen::AllCompleted.into(),
         timeout: None,
     });
-    request.set_timeout(Duration::from_millis(300));
+    // Long enough that the server's slack (a tenth) covers a busy machine.
+    request.set_timeout(Duration::from_secs(2));
     let start = Instant::now();
     let answer = client.rpc().wait(request).await.unwrap().into_inner();
     // The server answers a little before the deadline (grpc/deadline.rs).
     assert!(
-        start.elapsed() >= Duration::from_millis(200),
+        start.elapsed() >= Duration::from_millis(1500),
         "{:?}",
         start.elapsed()
     );

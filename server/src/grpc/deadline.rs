@@ -8,15 +8,23 @@ use tonic::metadata::MetadataMap;
 
 /// How much earlier than the caller's deadline a wait gives up, so that the
 /// answer is on the wire before the caller stops listening, even on a busy
-/// machine (a few milliseconds proved too tight under load).
-const SLACK: Duration = Duration::from_millis(50);
+/// machine: a tenth of the deadline, at least `MIN_SLACK` (a few
+/// milliseconds proved too tight under load, and 50 ms too tight on a
+/// machine loaded several times over) and at most `MAX_SLACK` (a long wait
+/// should not end noticeably early).
+const MIN_SLACK: Duration = Duration::from_millis(50);
+const MAX_SLACK: Duration = Duration::from_millis(500);
 
-/// The time left before the caller's deadline, less a small slack; `None`
+/// The time left before the caller's deadline, less the slack; `None`
 /// when the caller set no deadline or the header is malformed (the transport
 /// rejects malformed headers on its own).
 pub(crate) fn remaining(metadata: &MetadataMap) -> Option<Duration> {
     let raw = metadata.get("grpc-timeout")?.to_str().ok()?;
-    parse(raw).map(|d| d.saturating_sub(SLACK))
+    parse(raw).map(less_slack)
+}
+
+fn less_slack(deadline: Duration) -> Duration {
+    deadline.saturating_sub((deadline / 10).clamp(MIN_SLACK, MAX_SLACK))
 }
 
 /// Parses `grpc-timeout`: up to 8 ASCII digits and a unit (H, M, S, m, u, n).
@@ -52,5 +60,14 @@ mod tests {
         for junk in ["", "S", "123456789S", "5x", "-5S", "5 S"] {
             assert_eq!(parse(junk), None, "{junk:?}");
         }
+    }
+
+    #[test]
+    fn the_slack_is_a_tenth_of_the_deadline_within_bounds() {
+        let ms = Duration::from_millis;
+        assert_eq!(less_slack(ms(30)), ms(0));
+        assert_eq!(less_slack(ms(300)), ms(250));
+        assert_eq!(less_slack(ms(2000)), ms(1800));
+        assert_eq!(less_slack(ms(60_000)), ms(59_500));
     }
 }
