@@ -9,6 +9,7 @@
 The generated gRPC stubs are in :mod:`jobd.v1` for plain calls.
 """
 
+from jobd import aio
 from jobd.errors import (
     AlreadyExists,
     DeadlineExceeded,
@@ -62,4 +63,5 @@ __all__ = [
     "Unavailable",
     "Worker",
     "__version__",
+    "aio",
 ]
