@@ -47,7 +47,9 @@ def _check_installed_package() -> None:
         for path in source.glob("*.py"):
             copy = installed / path.name
             if not copy.is_file() or copy.read_bytes() != path.read_bytes():
-                pytest.exit(f"the installed jobd package ({installed}) differs from {path}: {hint}", 2)
+                pytest.exit(
+                    f"the installed jobd package ({installed}) differs from {path}: {hint}", 2
+                )
     from jobd import v1
 
     digest = hashlib.sha256()
@@ -108,7 +110,9 @@ class JobdServer:
                 lines.put(None)
 
         threading.Thread(target=pump, args=(self.process.stdout, [], True), daemon=True).start()
-        threading.Thread(target=pump, args=(self.process.stderr, self.log, False), daemon=True).start()
+        threading.Thread(
+            target=pump, args=(self.process.stderr, self.log, False), daemon=True
+        ).start()
         deadline = time.monotonic() + 30
         while True:
             try:

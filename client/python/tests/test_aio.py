@@ -6,10 +6,10 @@ import asyncio
 import time
 
 import pytest
-from conftest import JobdServer, wait_for_state
 
 import jobd
 import jobd.aio
+from conftest import JobdServer, wait_for_state
 
 
 def run(coroutine: object) -> object:
@@ -43,7 +43,10 @@ def test_map_wait_as_completed(server: JobdServer) -> None:
             assert [v async for v in client.map("echo", numbers(), "x" * 50, buffersize=8)] == [
                 [n, "x"] for n in range(50)
             ]
-            assert sorted([v async for v in client.map("sleep", [0.2, 0], ordered=False)]) == [0, 0.2]
+            assert sorted([v async for v in client.map("sleep", [0.2, 0], ordered=False)]) == [
+                0,
+                0.2,
+            ]
             slow, fast, middle = [await client.submit("sleep", s) for s in (0.9, 0.05, 0.4)]
             done, pending = await client.wait([slow, fast], return_when=jobd.aio.FIRST_COMPLETED)
             assert done == {fast} and pending == {slow}

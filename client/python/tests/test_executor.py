@@ -7,9 +7,9 @@ import time
 from concurrent.futures import ALL_COMPLETED, FIRST_COMPLETED, FIRST_EXCEPTION, Future
 
 import pytest
-from conftest import JobdServer, wait_for_state, wire_state
 
 import jobd
+from conftest import JobdServer, wait_for_state, wire_state
 from jobd.v1 import jobd_pb2
 
 

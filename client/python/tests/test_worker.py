@@ -11,6 +11,8 @@ import threading
 from pathlib import Path
 
 import pytest
+
+import jobd
 from conftest import (
     WORKER_FLAGS,
     JobdServer,
@@ -19,8 +21,6 @@ from conftest import (
     wait_for_progress,
     wait_for_state,
 )
-
-import jobd
 
 
 def test_python_program_to_python_workers(server: JobdServer, pool: jobd.Executor) -> None:
@@ -216,6 +216,7 @@ def test_worker_tokens(tmp_path: Path) -> None:
     tokens.chmod(0o600)
     protected = JobdServer("--auth-token-file", str(tokens), *WORKER_FLAGS).start()
     try:
+
         def worker_with(token: str | None) -> jobd.Worker:
             worker = jobd.Worker(protected.address, token=token, slots=1)
 

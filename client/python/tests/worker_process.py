@@ -30,7 +30,9 @@ def main() -> None:
     parser.add_argument("--grace", type=float, default=30.0)
     parser.add_argument("--slots", type=int, default=4)
     options = parser.parse_args()
-    worker = jobd.Worker(options.address, slots=options.slots, grace=options.grace, name=f"test-{os.getpid()}")
+    worker = jobd.Worker(
+        options.address, slots=options.slots, grace=options.grace, name=f"test-{os.getpid()}"
+    )
 
     @worker.function()
     def hold(seconds: float, ctx: jobd.Context) -> dict[str, int]:

@@ -22,7 +22,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Union
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 import grpc
@@ -32,7 +32,7 @@ if TYPE_CHECKING:
 
 DEFAULT_ADDRESS = "http://127.0.0.1:50051"
 
-PemSource = Union[str, os.PathLike[str], bytes]
+PemSource = str | os.PathLike[str] | bytes
 """A PEM file's path, or its contents as bytes."""
 
 # jobd answers up to --max-response-bytes (16 MiB by default) and takes
@@ -129,6 +129,27 @@ class Connection:
             private_key=self.client_key,
             certificate_chain=self.client_cert,
         )
+
+
+def job_service(channel: Any) -> Any:
+    """The generated ``JobService`` stub on ``channel`` (sync or asyncio)."""
+    from jobd.v1 import jobd_pb2_grpc
+
+    return jobd_pb2_grpc.JobServiceStub(channel)  # type: ignore[no-untyped-call]
+
+
+def worker_service(channel: Any) -> Any:
+    """The generated ``WorkerService`` stub on ``channel``."""
+    from jobd.v1 import worker_pb2_grpc
+
+    return worker_pb2_grpc.WorkerServiceStub(channel)  # type: ignore[no-untyped-call]
+
+
+def aio_eof() -> Any:
+    """``grpc.aio.EOF``, which the type stubs do not declare."""
+    import grpc.aio
+
+    return getattr(grpc.aio, "EOF")  # noqa: B009 (absent from the type stubs)
 
 
 def parse_address(address: str) -> tuple[str, bool]:

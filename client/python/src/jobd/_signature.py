@@ -188,9 +188,7 @@ def bind(fn: Callable[..., Any], context_type: type, derive: bool = True) -> Bin
             return {}
 
     if not params:
-        return Binding(
-            {"type": "null"}, lambda value, ctx: ((), with_ctx({}, ctx)), takes_ctx
-        )
+        return Binding({"type": "null"}, lambda value, ctx: ((), with_ctx({}, ctx)), takes_ctx)
 
     if len(params) == 1 and positional:
         (only,) = positional
@@ -246,18 +244,20 @@ def bind(fn: Callable[..., Any], context_type: type, derive: bool = True) -> Bin
         required = [p.name for p in keyword if p.default is P.empty]
         if required:
             obj["required"] = required
-        obj["additionalProperties"] = (
-            schema_of(var_keyword) if var_keyword is not None else False
-        )
+        obj["additionalProperties"] = schema_of(var_keyword) if var_keyword is not None else False
         forms.append(obj)
     # One positional argument that is not an array or an object (as
     # ``submit(f, 5)`` sends it) is the first parameter, when the others
     # may be left out.
     scalar_first = False
-    if positional and all(
-        p.default is not P.empty or p.kind in (P.VAR_POSITIONAL, P.VAR_KEYWORD)
-        for p in params[1:]
-    ) and params[0] is positional[0]:
+    if (
+        positional
+        and all(
+            p.default is not P.empty or p.kind in (P.VAR_POSITIONAL, P.VAR_KEYWORD)
+            for p in params[1:]
+        )
+        and params[0] is positional[0]
+    ):
         scalar = _scalar_part(schema_of(positional[0]))
         if scalar is not None:
             forms.append(scalar)
@@ -332,7 +332,10 @@ def _scalar_part(schema: JsonSchema) -> JsonSchema | None:
     kinds = [k for k in ([kind] if isinstance(kind, str) else kind) if k in _SCALAR_TYPES]
     if not kinds:
         return None
-    return {"type": kinds[0] if len(kinds) == 1 else kinds, **{k: v for k, v in schema.items() if k != "type"}}
+    return {
+        "type": kinds[0] if len(kinds) == 1 else kinds,
+        **{k: v for k, v in schema.items() if k != "type"},
+    }
 
 
 def _allows_null(schema: JsonSchema) -> bool:

@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import grpc
 
 from jobd import errors
-from jobd._connect import Connection
+from jobd._connect import Connection, job_service
 from jobd._values import from_value
 from jobd.types import CANCELLED as WIRE_CANCELLED
 from jobd.types import FAILED as WIRE_FAILED
@@ -173,7 +173,7 @@ class JobFuture(Future[Any]):
             for waiter in self._waiters:
                 waiter.add_cancelled(self)
             self._condition.notify_all()
-        self._invoke_callbacks()
+        self._invoke_callbacks()  # type: ignore[attr-defined]
 
 
 try:
@@ -192,9 +192,7 @@ class Core:
         self.metadata = connection.metadata
         self.executor_id = executor_id
         self.channel = connection.channel()
-        from jobd.v1 import jobd_pb2_grpc
-
-        self.stub = jobd_pb2_grpc.JobServiceStub(self.channel)
+        self.stub = job_service(self.channel)
         self.max_pending = max_pending
         self.lock = threading.Lock()
         self.space = threading.Condition(self.lock)
@@ -214,8 +212,14 @@ class Core:
 
     # -- calls --------------------------------------------------------------
 
-    def call(self, method: Callable[..., T], request: Any, *, retry: bool = True,
-             timeout: float | None = None) -> T:
+    def call(
+        self,
+        method: Callable[..., T],
+        request: Any,
+        *,
+        retry: bool = True,
+        timeout: float | None = None,
+    ) -> T:
         """One unary call; retried while jobd is unavailable when ``retry``
         (every call made with it is safe to repeat)."""
         attempt = 0
@@ -223,7 +227,11 @@ class Core:
             try:
                 return method(request, metadata=self.metadata, timeout=timeout)
             except grpc.RpcError as err:
-                if retry and err.code() == grpc.StatusCode.UNAVAILABLE and attempt < len(RETRY_PAUSES):
+                if (
+                    retry
+                    and err.code() == grpc.StatusCode.UNAVAILABLE
+                    and attempt < len(RETRY_PAUSES)
+                ):
                     time.sleep(RETRY_PAUSES[attempt])
                     attempt += 1
                     continue

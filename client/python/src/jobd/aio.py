@@ -29,7 +29,7 @@ import grpc
 import grpc.aio
 
 from jobd import errors
-from jobd._connect import Connection, PemSource
+from jobd._connect import Connection, PemSource, aio_eof, job_service
 from jobd._sync import EXECUTOR_LABEL, MAP_LABEL, RECONNECT_TIMEOUT, RETRY_PAUSES
 from jobd._values import call_args, fill_value, from_value, to_value
 from jobd.executor import MAP_MAX_IN_FLIGHT, MAP_MESSAGE_ARGS, function_name
@@ -37,6 +37,9 @@ from jobd.options import Options
 from jobd.types import CANCELLED, FAILED, SUCCEEDED, FunctionInfo, JobInfo, job_failed
 
 __all__ = ["ALL_COMPLETED", "FIRST_COMPLETED", "FIRST_EXCEPTION", "Client", "Job"]
+
+_EOF = aio_eof()
+"""What ``read()`` returns on a stream that ended."""
 
 log = logging.getLogger("jobd")
 
@@ -357,7 +360,7 @@ class Client:
                     if input_error:
                         raise input_error[0] from None
                     raise
-                if response is grpc.aio.EOF:
+                if response is _EOF:
                     if input_error:
                         raise input_error[0]
                     if answered < sent or not writer.done():
@@ -397,7 +400,9 @@ class Client:
         await shared.close()
 
 
-async def _zip(iterables: tuple[Iterable[Any] | AsyncIterable[Any], ...]) -> AsyncIterator[tuple[Any, ...]]:
+async def _zip(
+    iterables: tuple[Iterable[Any] | AsyncIterable[Any], ...],
+) -> AsyncIterator[tuple[Any, ...]]:
     """``zip`` over sync and async iterables alike."""
     iterators: list[Any] = [
         aiter(it) if isinstance(it, AsyncIterable) else iter(it) for it in iterables
@@ -422,9 +427,7 @@ class _Shared:
         self.connection = connection
         self.metadata = connection.metadata
         self.channel = connection.aio_channel()
-        from jobd.v1 import jobd_pb2_grpc
-
-        self.stub = jobd_pb2_grpc.JobServiceStub(self.channel)
+        self.stub = job_service(self.channel)
         self.client_id = uuid.uuid4().hex
         self.pending: dict[str, Job] = {}
         self.early: dict[str, tuple[int, Any, Any]] = {}
@@ -595,4 +598,4 @@ class _Shared:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        await self.channel.close()
+        await self.channel.close(None)

@@ -161,9 +161,7 @@ class RpcError(JobdError):
 
     def __str__(self) -> str:
         text = f"{self.code.name.lower()}: {self.message}"
-        if self.field_violations and not all(
-            str(v) in self.message for v in self.field_violations
-        ):
+        if self.field_violations and not all(str(v) in self.message for v in self.field_violations):
             text += " (" + "; ".join(str(v) for v in self.field_violations) + ")"
         return text
 

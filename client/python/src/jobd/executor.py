@@ -21,7 +21,6 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import threading
-import time
 import uuid
 import weakref
 from collections.abc import Iterable, Iterator
@@ -134,7 +133,7 @@ class Executor(concurrent.futures.Executor):
 
     # -- concurrent.futures.Executor --------------------------------------------
 
-    def submit(self, fn: Any, /, *args: Any, **kwargs: Any) -> JobFuture:  # type: ignore[override]
+    def submit(self, fn: Any, /, *args: Any, **kwargs: Any) -> JobFuture:
         """Submits a job of function ``fn`` (its name) and returns its future.
 
         ``*args``/``**kwargs`` become the job's JSON argument: none is
@@ -164,7 +163,7 @@ class Executor(concurrent.futures.Executor):
         response = core.call(core.stub.Submit, request)
         return core.register(JobFuture(response.job_id, name, core), generation)
 
-    def map(  # type: ignore[override]
+    def map(
         self,
         fn: Any,
         *iterables: Iterable[Any],
@@ -345,7 +344,7 @@ class _Feed:
                     self.cond.wait()
                 if self.closed:
                     return
-                batch = []
+                batch: list[Any] = []
                 end = False
                 while self.queue and len(batch) < self.per_message:
                     item = self.queue.popleft()
@@ -386,7 +385,9 @@ class MapIterator(Iterator[Any]):
         self._id = uuid.uuid4().hex
         self._finished = False
         self._buffersize = buffersize
-        self._inputs = zip(*iterables)
+        self._inputs: Iterator[tuple[Any, ...]] = zip(
+            *iterables, strict=False
+        )  # as map(): the shortest ends it
         self._input_done = False
         self._read = 0
         self._answered = 0
@@ -419,11 +420,11 @@ class MapIterator(Iterator[Any]):
     def _read_inputs(self, count: int | None) -> None:
         """Reads (and converts) up to ``count`` more arguments; all when None.
         Runs in the caller's thread, so a failing input raises there."""
-        batch = []
+        batch: list[Any] = []
         try:
             while count is None or len(batch) < count:
-                args = next(self._inputs, _END)
-                if args is _END:
+                args = next(self._inputs, None)
+                if args is None:
                     self._input_done = True
                     break
                 batch.append(to_value(call_args(args, {})))

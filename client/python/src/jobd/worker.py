@@ -64,11 +64,14 @@ import grpc
 import grpc.aio
 
 from jobd import errors
-from jobd._connect import Connection, PemSource
-from jobd._signature import Binding, JsonSchema, SignatureError, bind
+from jobd._connect import Connection, PemSource, aio_eof, worker_service
+from jobd._signature import Binding, JsonSchema, bind
 from jobd._values import from_value, to_value
 
 __all__ = ["Context", "Worker"]
+
+_EOF = aio_eof()
+"""What ``read()`` returns on a stream that ended."""
 
 log = logging.getLogger("jobd.worker")
 
@@ -330,7 +333,7 @@ class Worker:
         """Declares ``fn`` (as :meth:`function`, without the decorator)."""
         if self._runner is not None:
             raise RuntimeError("declare every function before the worker runs")
-        name = name or getattr(fn, "__name__", "")
+        name = name or str(getattr(fn, "__name__", ""))
         if not _NAME.match(name):
             raise ValueError(f"function name {name!r}: 1-128 characters of [A-Za-z0-9_.:-]")
         if name in self._functions:
@@ -339,7 +342,7 @@ class Worker:
 
         binding = bind(fn, context_type, derive=schema is _DERIVE)
         declared = binding.schema if schema is _DERIVE else schema
-        if declared is not None and not isinstance(declared, dict | bool):
+        if declared is not None and not isinstance(declared, dict):
             raise TypeError("schema must be a JSON Schema (a dict), or None for any JSON")
         if declared is not None:
             to_value(declared)  # a schema must be JSON itself
@@ -350,9 +353,9 @@ class Worker:
             annotation = inspect.signature(fn).return_annotation
             returns = "" if annotation is inspect.Signature.empty else _describe(annotation)
         target = fn
-        is_async = inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(
-            getattr(fn, "__call__", None)
-        )
+        # A callable object whose __call__ is a coroutine function is async too.
+        call_method = vars(type(fn)).get("__call__")
+        is_async = inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(call_method)
         self._functions[name] = _Function(
             name=name,
             fn=target,
@@ -400,7 +403,7 @@ class Worker:
                 raise RuntimeError("this worker is already running")
             self._runner = runner
             stops = self._stop_requests
-        installed: list[int] = []
+        installed: list[signal.Signals] = []
         if handle_signals and threading.current_thread() is threading.main_thread():
             for signum in (signal.SIGTERM, signal.SIGINT):
                 try:
@@ -610,21 +613,21 @@ class _Runner:
         worker = self.worker
         channel = worker.connection.aio_channel()
         try:
-            from jobd.v1 import worker_pb2_grpc
-
-            stub = worker_pb2_grpc.WorkerServiceStub(channel)
+            stub = worker_service(channel)
             call = stub.Session(metadata=worker.connection.metadata)
             try:
                 await call.write(self.attach_message())
                 first = await asyncio.wait_for(call.read(), ATTACH_TIMEOUT)
             except TimeoutError:
                 call.cancel()
-                raise _End("broken", f"jobd did not answer attach within {ATTACH_TIMEOUT:.0f}s") from None
+                raise _End(
+                    "broken", f"jobd did not answer attach within {ATTACH_TIMEOUT:.0f}s"
+                ) from None
             except grpc.aio.AioRpcError as err:
                 raise _ended_by(err) from None
             except asyncio.InvalidStateError:
                 raise _End("broken", "the session ended before it attached") from None
-            if first is grpc.aio.EOF:
+            if first is _EOF:
                 raise await self.end_of(call, "jobd ended the session before it attached")
             if first.WhichOneof("kind") != "attached":
                 call.cancel()
@@ -633,7 +636,7 @@ class _Runner:
         finally:
             self.session = None
             worker._attached.clear()
-            await channel.close()
+            await channel.close(None)
 
     async def end_of(self, call: Any, why: str) -> _End:
         """The end of a session whose stream jobd closed."""
@@ -758,7 +761,7 @@ class _Runner:
         try:
             while True:
                 message = await call.read()
-                if message is grpc.aio.EOF:
+                if message is _EOF:
                     raise await self.end_of(call, "jobd ended the session")
                 self.on_message(session, message)
         except grpc.aio.AioRpcError as err:
@@ -790,7 +793,9 @@ class _Runner:
             ack = message.ack
             if self.unacked.pop((ack.job_id, ack.fencing_token), None) is not None:
                 if ack.result == 2:  # STALE
-                    log.info("jobd refused the report of job %s as stale: %s", ack.job_id, ack.reason)
+                    log.info(
+                        "jobd refused the report of job %s as stale: %s", ack.job_id, ack.reason
+                    )
             self.wake.set()
         elif kind == "cancel":
             cancel = message.cancel
@@ -821,7 +826,6 @@ class _Runner:
             log.debug("ignored a message from jobd this worker does not know: %s", kind)
 
     def assigned(self, session: _Session, assignment: Any) -> None:
-        pb = self.pb
         job_id, token = assignment.job_id, assignment.fencing_token
         if self.stop_by is not None or session.jobd_draining:
             # Assigned before jobd read `draining`: it may go elsewhere at once.
@@ -841,13 +845,24 @@ class _Runner:
             return
         function = self.functions.get(assignment.function)
         if function is None:
-            self.report(job_id, token, _failure(_FAILED, f"this worker does not serve {assignment.function!r}"), session)
+            self.report(
+                job_id,
+                token,
+                _failure(_FAILED, f"this worker does not serve {assignment.function!r}"),
+                session,
+            )
             return
         deadline = None
         if assignment.HasField("deadline"):
             deadline = assignment.deadline.ToDatetime(tzinfo=dt.UTC)
         ctx = Context(
-            self, job_id, token, function.name, assignment.attempt, assignment.max_attempts, deadline
+            self,
+            job_id,
+            token,
+            function.name,
+            assignment.attempt,
+            assignment.max_attempts,
+            deadline,
         )
         running = _Running(job_id, token, assignment.attempt, ctx)
         self.jobs[job_id] = running
@@ -916,12 +931,14 @@ class _Runner:
         try:
             value = to_value(result)
         except (TypeError, ValueError) as err:
-            return _failure(_FAILED, f"returned a value that is not JSON: {str(err).removeprefix('args')}")
+            return _failure(
+                _FAILED, f"returned a value that is not JSON: {str(err).removeprefix('args')}"
+            )
         size = value.ByteSize()
         if size > self.worker.max_result_bytes:
+            limit = self.worker.max_result_bytes
             return _failure(
-                _FAILED,
-                f"returned {size} bytes, over the worker's max_result_bytes ({self.worker.max_result_bytes})",
+                _FAILED, f"returned {size} bytes, over the worker's max_result_bytes ({limit})"
             )
         return value
 
@@ -936,7 +953,9 @@ class _Runner:
         if isinstance(exc, Exception):
             log.info("job %s (%s) failed", ctx.job_id, ctx.function, exc_info=exc)
             text = str(exc)
-            return _failure(_FAILED, f"{type(exc).__name__}: {text}" if text else type(exc).__name__)
+            return _failure(
+                _FAILED, f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+            )
         return _failure(_PANICKED, f"{type(exc).__name__}: {exc}")
 
     def finished(self, running: _Running, outcome: Any) -> None:
@@ -1054,4 +1073,3 @@ class _Runner:
 
 def _failure(kind: int, message: str) -> Any:
     return _pb().WorkerFailure(kind=kind, message=message)
-
