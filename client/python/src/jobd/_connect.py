@@ -47,6 +47,14 @@ _CHANNEL_OPTIONS: tuple[tuple[str, int], ...] = (
     ("grpc.keepalive_time_ms", 60_000),
     ("grpc.keepalive_timeout_ms", 20_000),
     ("grpc.http2.max_pings_without_data", 0),
+    # Each channel its own connection: gRPC otherwise shares connections
+    # between channels to one address, and a new executor would inherit
+    # another's connection backing off after jobd restarted (and fail fast
+    # with its stale error instead of connecting).
+    ("grpc.use_local_subchannel_pool", 1),
+    # Back on a restarted jobd within a few seconds, not a minute or two.
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 5_000),
 )
 
 

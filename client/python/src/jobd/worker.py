@@ -42,7 +42,9 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import collections.abc
 import concurrent.futures
+import contextvars
 import datetime as dt
 import inspect
 import logging
@@ -116,6 +118,9 @@ def _pb() -> Any:
     return worker_pb2
 
 
+_EVENT_LOCK = threading.Lock()
+
+
 class Context:
     """What a running job knows about itself, and how it talks back.
 
@@ -135,7 +140,10 @@ class Context:
     ) -> None:
         self._runner = runner
         self._token = token
-        self._cancel = threading.Event()
+        # The cancel flag; the Event that sleep() waits on is made only when
+        # a function sleeps (most never do, and an Event costs a lock).
+        self._cancelled = False
+        self._event: threading.Event | None = None
         self.job_id = job_id
         """The job's id."""
         self.function = function
@@ -150,7 +158,7 @@ class Context:
     @property
     def cancelled(self) -> bool:
         """True once jobd asked to stop this job (cancelled, timed out, or lost here)."""
-        return self._cancel.is_set()
+        return self._cancelled
 
     @property
     def last_attempt(self) -> bool:
@@ -165,12 +173,24 @@ class Context:
 
     def raise_if_cancelled(self) -> None:
         """Raises ``concurrent.futures.CancelledError`` once the job was asked to stop."""
-        if self._cancel.is_set():
+        if self._cancelled:
             raise concurrent.futures.CancelledError(f"job {self.job_id} was cancelled")
 
     def sleep(self, seconds: float) -> bool:
         """Sleeps (in a sync function) unless cancelled first; True if it was cancelled."""
-        return self._cancel.wait(seconds)
+        with _EVENT_LOCK:
+            if self._event is None:
+                self._event = threading.Event()
+                if self._cancelled:
+                    self._event.set()
+            event = self._event
+        return event.wait(seconds)
+
+    def _cancel(self) -> None:
+        with _EVENT_LOCK:
+            self._cancelled = True
+            if self._event is not None:
+                self._event.set()
 
     def progress(self, done: float, total: float | None = None, message: str = "") -> None:
         """Reports how far the job is: ``progress(0.5)``, ``progress(3, 10, "step 3")``.
@@ -501,7 +521,7 @@ class _Running:
     task: asyncio.Task[Any] | None = None
 
     def cancel(self) -> None:
-        self.ctx._cancel.set()
+        self.ctx._cancel()
         if self.task is not None:
             self.task.cancel()
 
@@ -556,6 +576,7 @@ class _Runner:
         self.progress: dict[tuple[str, int], tuple[float, str]] = {}
         self.threads: _DaemonThreads | None = None
         self.max_unacked = max(2 * worker.slots, 64)
+        self.credit_batch = max(1, min(32, worker.slots // 8))
 
     # -- the reconnect loop ---------------------------------------------------------
 
@@ -704,7 +725,16 @@ class _Runner:
                 await self.wake.wait()
 
     def credit_due(self, session: _Session) -> bool:
-        return session.owed_credit > 0 and len(self.unacked) < self.max_unacked
+        """Whether to offer jobd the slots freed since the last credit.
+
+        Freed slots are offered in batches (an eighth of the slots, at most
+        32): each message costs the worker a write, and jobd never runs short
+        meanwhile, since it still holds at least seven eighths of the slots
+        less those running. While too many reports await acknowledgement the
+        credit is held back, so that a jobd slow to commit slows the worker
+        down instead of piling up results here.
+        """
+        return session.owed_credit >= self.credit_batch and len(self.unacked) < self.max_unacked
 
     async def flush(self, session: _Session) -> None:
         """Writes everything queued: messages, owed credit, progress."""
@@ -868,9 +898,7 @@ class _Runner:
         self.jobs[job_id] = running
         value = from_value(assignment.args)
         if function.is_async:
-            task = self.loop.create_task(self.run_async(function, value, ctx))
-            running.task = task
-            task.add_done_callback(lambda done: self.async_done(running, done))
+            self.start_async(function, value, running)
         else:
             if self.threads is None:
                 self.threads = _DaemonThreads(self.worker.threads)
@@ -893,12 +921,36 @@ class _Runner:
 
     # -- running jobs --------------------------------------------------------------
 
-    async def run_async(self, function: _Function, value: Any, ctx: Context) -> Any:
-        args, kwargs = function.binding.call(value, ctx)
-        result = function.fn(*args, **kwargs)
-        if inspect.isawaitable(result):
-            result = await result
-        return result
+    def start_async(self, function: _Function, value: Any, running: _Running) -> None:
+        """Runs an async function's first step at once, and makes a task of
+        it only if it awaits something: a function that returns without
+        waiting (a cache hit, a no-op) costs no task and no trip through the
+        event loop. The first step runs in a copy of the context, which the
+        task then keeps, as a task started the usual way would."""
+        context = contextvars.copy_context()
+        try:
+            args, kwargs = context.run(function.binding.call, value, running.ctx)
+            coroutine = context.run(function.fn, *args, **kwargs)
+            if not inspect.iscoroutine(coroutine):
+                if inspect.isawaitable(coroutine):
+                    coroutine = _await(coroutine)
+                else:
+                    self.finished(running, self.encode(coroutine))
+                    return
+        except BaseException as exc:
+            self.finished(running, self.failure_of(exc, running.ctx))
+            return
+        try:
+            first = context.run(coroutine.send, None)
+        except StopIteration as stop:
+            self.finished(running, self.encode(stop.value))
+            return
+        except BaseException as exc:
+            self.finished(running, self.failure_of(exc, running.ctx))
+            return
+        task = self.loop.create_task(_Resumed(coroutine, first), context=context)
+        running.task = task
+        task.add_done_callback(lambda done: self.async_done(running, done))
 
     def async_done(self, running: _Running, task: asyncio.Task[Any]) -> None:
         if task.cancelled():
@@ -1069,6 +1121,45 @@ class _Runner:
                 job_id=running.job_id, attempt=running.attempt, fencing_token=running.token
             )
         return pb.WorkerMessage(attach=attach)
+
+
+async def _await(awaitable: Any) -> Any:
+    return await awaitable
+
+
+class _Resumed(collections.abc.Coroutine[Any, Any, Any]):
+    """A coroutine whose first step has already run: hands the task what
+    that step yielded, then passes everything through (``send``, and
+    ``throw`` for cancellation)."""
+
+    def __init__(self, coroutine: Any, first: Any) -> None:
+        self._coroutine = coroutine
+        self._first: Any = first
+        self._pending = True
+
+    def send(self, value: Any) -> Any:
+        if self._pending:
+            self._pending = False
+            return self._first
+        return self._coroutine.send(value)
+
+    def throw(self, typ: Any, value: Any = None, traceback: Any = None) -> Any:
+        self._pending = False
+        if value is None and traceback is None:
+            return self._coroutine.throw(typ)
+        return self._coroutine.throw(typ, value, traceback)
+
+    def close(self) -> None:
+        self._coroutine.close()
+
+    def __await__(self) -> Any:
+        return self
+
+    def __iter__(self) -> Any:
+        return self
+
+    def __next__(self) -> Any:
+        return self.send(None)
 
 
 def _failure(kind: int, message: str) -> Any:
