@@ -44,8 +44,9 @@
 //! the spec has no limits field, rather than one that would be ignored.
 
 // Layers: `argv` and `template` (words), `spec` and `ending` (data),
-// `output` and `group` (mechanisms), `run` (uses all of them), `outcome`
-// (reads what `run` returns).
+// `output` and `group` (mechanisms), `run` (uses all of them), `stop` (the
+// group stop of `run`, for children spawned elsewhere), `outcome` (reads
+// what `run` returns).
 mod argv;
 mod ending;
 mod group;
@@ -53,6 +54,7 @@ mod outcome;
 mod output;
 mod run;
 mod spec;
+mod stop;
 mod template;
 
 pub use argv::{SplitError, split_command_line};
@@ -63,4 +65,5 @@ pub use spec::{
     CommandSpec, DEFAULT_KILL_GRACE, DEFAULT_MAX_OUTPUT, DEFAULT_STDERR_TAIL, MAX_LINE, OutputLine,
     Stream,
 };
+pub use stop::{GroupStop, ProcessGroup};
 pub use template::{Template, TemplateError};
