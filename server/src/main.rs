@@ -22,7 +22,7 @@ use tracing_subscriber::EnvFilter;
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-/// jobd: run named job functions on async and blocking pools, over gRPC.
+/// jobd: run named job functions on async, blocking and process pools, over gRPC.
 ///
 /// Submit jobs with `jobctl submit hello`, fetch results with
 /// `jobctl result ID`, or talk to it with any gRPC tool (`grpcurl -plaintext
@@ -45,6 +45,31 @@ struct Args {
     /// Dedicated OS threads in the blocking pool [default: number of cores].
     #[arg(long, env = "JOBD_BLOCKING_WORKERS")]
     blocking_workers: Option<NonZeroUsize>,
+
+    /// Child processes in the process pool, one job at a time each
+    /// [default: number of cores]. Children start when the first process
+    /// job comes, and are replaced when they die.
+    #[arg(long, env = "JOBD_PROCESS_WORKERS")]
+    process_workers: Option<NonZeroUsize>,
+
+    /// Replace a process-pool child after it has run this many jobs (0:
+    /// never), so that what a job leaks (memory, file descriptors, global
+    /// state) goes with its child.
+    #[arg(
+        long,
+        env = "JOBD_PROCESS_MAX_JOBS_PER_CHILD",
+        value_name = "N",
+        default_value = "0"
+    )]
+    process_max_jobs_per_child: u64,
+
+    /// The address space each process-pool child may use (RLIMIT_AS, set by
+    /// the child itself before it runs anything), e.g. "512MiB", "2GiB" or
+    /// bytes. A job that allocates past it kills its child, not jobd: the
+    /// job fails with WORKER_LOST. At least 64MiB (a child needs some to
+    /// start). Default: no limit.
+    #[arg(long, env = "JOBD_PROCESS_MEMORY_LIMIT", value_name = "BYTES", value_parser = parse_memory_limit)]
+    process_memory_limit: Option<u64>,
 
     /// Pending jobs each pool's queue holds; past it Submit answers
     /// RESOURCE_EXHAUSTED.
@@ -83,8 +108,8 @@ struct Args {
     #[arg(long, env = "JOBD_CACHE_FINISHED", default_value = "100000")]
     cache_finished: usize,
 
-    /// Start with both pools paused: jobs are accepted and queued, none
-    /// starts. For maintenance windows and for measuring the cost of queued
+    /// Start with every local pool paused: jobs are accepted and queued,
+    /// none starts. For maintenance windows and for measuring the cost of queued
     /// jobs (see `jobctl bench --help`).
     #[arg(long, env = "JOBD_PAUSED")]
     paused: bool,
@@ -382,6 +407,41 @@ fn parse_duration(raw: &str) -> Result<Duration, String> {
     Duration::try_from_secs_f64(secs).map_err(|e| format!("{raw:?}: {e}"))
 }
 
+/// The smallest `--process-memory-limit`: a child is this program, and its
+/// code, runtime and thread stacks take address space before any job runs.
+const MIN_PROCESS_MEMORY: u64 = 64 * 1024 * 1024;
+
+/// `--process-memory-limit`: bytes, or a number with KiB, MiB or GiB (K, M
+/// and G mean the same), at least [`MIN_PROCESS_MEMORY`].
+fn parse_memory_limit(raw: &str) -> Result<u64, String> {
+    let raw = raw.trim();
+    let split = raw.find(|c: char| !c.is_ascii_digit()).unwrap_or(raw.len());
+    let (number, unit) = raw.split_at(split);
+    let n: u64 = number
+        .parse()
+        .map_err(|_| format!("{raw:?} is not a size like 512MiB, 2GiB or 1073741824"))?;
+    let scale: u64 = match unit.trim() {
+        "" | "B" => 1,
+        "K" | "KiB" => 1 << 10,
+        "M" | "MiB" => 1 << 20,
+        "G" | "GiB" => 1 << 30,
+        other => {
+            return Err(format!(
+                "unknown unit {other:?} in {raw:?}: use KiB, MiB or GiB"
+            ));
+        }
+    };
+    let bytes = n
+        .checked_mul(scale)
+        .ok_or_else(|| format!("{raw:?} is too large"))?;
+    if bytes < MIN_PROCESS_MEMORY {
+        return Err(format!(
+            "{raw:?} is too small: a child needs at least 64MiB of address space to start"
+        ));
+    }
+    Ok(bytes)
+}
+
 /// `--max-wait`: a duration of at least 100 ms, so that a client asking
 /// again after each cut-off cannot turn into a busy loop.
 fn parse_max_wait(raw: &str) -> Result<Duration, String> {
@@ -393,6 +453,9 @@ fn parse_max_wait(raw: &str) -> Result<Duration, String> {
 }
 
 fn main() -> std::process::ExitCode {
+    // A child of the process pool is this program run again: it serves the
+    // built-ins' jobs and exits here, before any flag is read.
+    jobd::process::run_child_if_requested(jobd::builtins::registry);
     let args = Args::parse();
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(runtime) => runtime,
@@ -424,6 +487,12 @@ async fn run(args: Args) -> anyhow::Result<()> {
         blocking_workers: args
             .blocking_workers
             .unwrap_or_else(|| EngineConfig::default().blocking_workers),
+        process_workers: args
+            .process_workers
+            .unwrap_or_else(|| EngineConfig::default().process_workers),
+        process_max_jobs_per_child: NonZeroU64::new(args.process_max_jobs_per_child),
+        process_memory_limit: args.process_memory_limit,
+        process_program: None,
         max_queued: args.max_queued,
         retention: args.retention,
         cache_finished: args.cache_finished,
@@ -579,6 +648,31 @@ mod tests {
         assert_eq!(parse_duration("7d"), Ok(Duration::from_secs(7 * 86400)));
         assert!(parse_duration("soon").is_err());
         assert!(parse_duration("5w").is_err());
+    }
+
+    #[test]
+    fn memory_limits_parse_with_binary_units_and_a_floor() {
+        assert_eq!(parse_memory_limit("512MiB"), Ok(512 << 20));
+        assert_eq!(parse_memory_limit("512M"), Ok(512 << 20));
+        assert_eq!(parse_memory_limit("2GiB"), Ok(2 << 30));
+        assert_eq!(parse_memory_limit("1073741824"), Ok(1 << 30));
+        assert_eq!(parse_memory_limit("65536KiB"), Ok(64 << 20));
+        assert!(
+            parse_memory_limit("1MiB")
+                .unwrap_err()
+                .contains("too small")
+        );
+        assert!(
+            parse_memory_limit("5TB")
+                .unwrap_err()
+                .contains("unknown unit")
+        );
+        assert!(parse_memory_limit("lots").is_err());
+        assert!(
+            parse_memory_limit("99999999999GiB")
+                .unwrap_err()
+                .contains("too large")
+        );
     }
 
     /// The flag defaults are written as strings for `--help`; this keeps
