@@ -156,11 +156,13 @@ mod faults {
                 "TEST ONLY: its process receives SIGSEGV, as from a bad pointer",
                 |_ctx, _args| {
                     let me = rustix::process::getpid();
-                    let _ = rustix::process::kill_process(me, rustix::process::Signal::SEGV);
-                    // Another thread of the process may take the signal a
-                    // moment later; this one must not answer meanwhile.
+                    // Rust's runtime catches SIGSEGV (to report stack
+                    // overflows); for a fault that is not one it restores
+                    // the default action, so the next SIGSEGV is fatal, as
+                    // a real fault's retry would be.
                     loop {
-                        std::thread::park();
+                        let _ = rustix::process::kill_process(me, rustix::process::Signal::SEGV);
+                        std::thread::park_timeout(std::time::Duration::from_millis(10));
                     }
                 },
             )
