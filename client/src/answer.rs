@@ -53,6 +53,10 @@ pub enum PoolKind {
     /// Remote worker processes attached to jobd (see
     /// [`Worker`](crate::Worker)): for the functions they declared.
     Worker,
+    /// Child processes of jobd, one job at a time each: for functions that
+    /// must not take the server down when they crash, and that a cancel or
+    /// a time limit must kill for sure.
+    Process,
 }
 
 impl PoolKind {
@@ -68,6 +72,7 @@ impl PoolKind {
             Self::Async => "async",
             Self::Blocking => "blocking",
             Self::Worker => "worker",
+            Self::Process => "process",
         }
     }
 }

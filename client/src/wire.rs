@@ -180,6 +180,7 @@ fn pool_kind(raw: i32) -> PoolKind {
         Ok(pb::PoolKind::Async) => PoolKind::Async,
         Ok(pb::PoolKind::Blocking) => PoolKind::Blocking,
         Ok(pb::PoolKind::Worker) => PoolKind::Worker,
+        Ok(pb::PoolKind::Process) => PoolKind::Process,
     }
 }
 

@@ -124,7 +124,129 @@ pub fn registry() -> Registry {
             "additionalProperties": false
         }))
         .returns("the hex digest after the last round, a string");
+    #[cfg(feature = "fault-injection")]
+    faults::register(&mut registry);
     registry
+}
+
+/// Functions that misbehave on purpose, for the process pool's tests: they
+/// crash, leak, loop or leave processes behind, which only a child process
+/// may do. Registered for the process pool only, and compiled into test
+/// builds only (the `fault-injection` feature).
+#[cfg(feature = "fault-injection")]
+mod faults {
+    use std::{
+        io::Write as _,
+        process::{Command, Stdio},
+    };
+
+    use serde_json::{Value, json};
+
+    use crate::{JobError, Registry};
+
+    pub(super) fn register(registry: &mut Registry) {
+        registry
+            .register_process(
+                "test.abort",
+                "TEST ONLY: aborts its process (SIGABRT)",
+                |_ctx, _args| std::process::abort(),
+            )
+            .register_process(
+                "test.segfault",
+                "TEST ONLY: its process receives SIGSEGV, as from a bad pointer",
+                |_ctx, _args| {
+                    let me = rustix::process::getpid();
+                    // Rust's runtime catches SIGSEGV (to report stack
+                    // overflows); for a fault that is not one it restores
+                    // the default action, so the next SIGSEGV is fatal, as
+                    // a real fault's retry would be.
+                    loop {
+                        let _ = rustix::process::kill_process(me, rustix::process::Signal::SEGV);
+                        std::thread::park_timeout(std::time::Duration::from_millis(10));
+                    }
+                },
+            )
+            .register_process(
+                "test.exit",
+                "TEST ONLY: exits its process with code args (default 3) mid-job",
+                |_ctx, args| {
+                    let code = args.as_i64().and_then(|c| i32::try_from(c).ok()).unwrap_or(3);
+                    std::process::exit(code)
+                },
+            )
+            .register_process(
+                "test.memory_hog",
+                "TEST ONLY: allocates and touches args MiB (default 1024) in 16 MiB blocks, then returns the MiB held",
+                |ctx, args| {
+                    const BLOCK: usize = 16 << 20;
+                    let mib = args.as_u64().unwrap_or(1024);
+                    let mut held: Vec<Vec<u8>> = Vec::new();
+                    while (held.len() * 16) < usize::try_from(mib).unwrap_or(usize::MAX) {
+                        // Touched, so the pages are really there.
+                        held.push(vec![1; BLOCK]);
+                        ctx.log(format!("holding {} MiB", held.len() * 16));
+                    }
+                    Ok(json!(held.len() * 16))
+                },
+            )
+            .register_process(
+                "test.spin",
+                "TEST ONLY: a runaway loop: burns CPU until it is killed",
+                |ctx, _args| {
+                    ctx.log("spinning");
+                    let mut x = 0_u64;
+                    loop {
+                        x = std::hint::black_box(x.wrapping_add(1));
+                    }
+                },
+            )
+            .register_process(
+                "test.spawn_sleepers",
+                "TEST ONLY: starts `sleep 1000` twice, directly and through a shell that leaves it behind, logs their pids; with args true then blocks until killed, else returns the pids",
+                |ctx, args| {
+                    let direct = Command::new("sleep")
+                        .arg("1000")
+                        .stdin(Stdio::null())
+                        .spawn()
+                        .map_err(JobError::failed)?;
+                    // The shell exits at once: its `sleep` is an orphan,
+                    // which the child adopts as its subreaper.
+                    let orphan = Command::new("sh")
+                        .args(["-c", "sleep 1000 >/dev/null 2>&1 & echo $!"])
+                        .stdin(Stdio::null())
+                        .output()
+                        .map_err(JobError::failed)?;
+                    let orphan: u32 = String::from_utf8_lossy(&orphan.stdout)
+                        .trim()
+                        .parse()
+                        .map_err(JobError::failed)?;
+                    let pids = json!([direct.id(), orphan]);
+                    ctx.log(format!("sleepers {pids}"));
+                    if args == Value::Bool(true) {
+                        loop {
+                            std::thread::park();
+                        }
+                    }
+                    Ok(pids)
+                },
+            )
+            .register_process(
+                "test.pid",
+                "TEST ONLY: returns the pid of the process that runs it",
+                |_ctx, _args| Ok(json!(std::process::id())),
+            )
+            .register_process(
+                "test.print",
+                "TEST ONLY: prints args on stdout and on stderr (the last without a newline), logs it, returns null",
+                |ctx, args| {
+                    let text = args.as_str().unwrap_or("hello").to_owned();
+                    println!("out: {text}");
+                    let _ = write!(std::io::stderr(), "err: {text}");
+                    ctx.log(format!("log: {text}"));
+                    Ok(Value::Null)
+                },
+            );
+    }
 }
 
 fn hello(args: &Value) -> Result<Value, JobError> {

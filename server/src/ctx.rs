@@ -25,8 +25,9 @@ pub(crate) trait Reports: Send + Sync + 'static {
 /// Passed to every job function.
 ///
 /// Async jobs are aborted outright on cancel, so they rarely need to look at
-/// it. Blocking jobs cannot be interrupted: they should check
-/// [`Ctx::is_cancelled`] between steps, or sleep with
+/// it, and process-pool jobs are killed with their child process (their
+/// `Ctx` never reports a cancel). Blocking jobs cannot be interrupted: they
+/// should check [`Ctx::is_cancelled`] between steps, or sleep with
 /// [`Ctx::sleep_blocking`], and return [`JobError::Cancelled`] to honour a
 /// cancel request.
 ///

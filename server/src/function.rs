@@ -1,9 +1,12 @@
 //! The function registry: which named job functions this server can run, and
 //! on which pool.
 //!
-//! Embedders build a [`Registry`], register their own async or blocking
-//! functions next to (or instead of) the [built-ins](crate::builtins), and
-//! hand it to the [`Engine`](crate::Engine).
+//! Embedders build a [`Registry`], register their own async, blocking or
+//! process functions next to (or instead of) the
+//! [built-ins](crate::builtins), and hand it to the
+//! [`Engine`](crate::Engine). Async and blocking functions may also be sent
+//! to the process pool by a Submit that asks for it ([`Function::runs_on`]);
+//! the program must then serve as its own child (see [`crate::process`]).
 //!
 //! A function may also declare the JSON Schema its argument must match and a
 //! description of its result ([`Registry::with_args_schema`],
@@ -12,9 +15,14 @@
 //! argument against the schema before it accepts the job. Schemas are
 //! compiled once, here, at registration.
 
-use std::{collections::BTreeMap, fmt, future::Future, pin::Pin, sync::Arc};
+use std::{
+    collections::BTreeMap, fmt, future::Future, panic::AssertUnwindSafe, pin::Pin, sync::Arc,
+};
 
-use crate::{ctx::Ctx, job::Outcome};
+use crate::{
+    ctx::Ctx,
+    job::{JobError, Outcome},
+};
 
 /// The kind of executor a function runs on: how its code is run and how a
 /// cancel reaches it. A pool (see [`PoolName`](crate::PoolName)) is an
@@ -30,6 +38,11 @@ pub enum PoolKind {
     /// Remote worker processes attached over the worker protocol: for the
     /// functions they declare.
     Worker,
+    /// Child processes of jobd, one job at a time each: for functions that
+    /// must not be able to harm the server (a crash, a leak, a runaway
+    /// loop) and that must be stopped for sure (cancel and time limits kill
+    /// the child's whole process group). See [`crate::process`].
+    Process,
 }
 
 impl PoolKind {
@@ -40,6 +53,7 @@ impl PoolKind {
             Self::Async => "async",
             Self::Blocking => "blocking",
             Self::Worker => "worker",
+            Self::Process => "process",
         }
     }
 
@@ -50,6 +64,7 @@ impl PoolKind {
             "async" => Some(Self::Async),
             "blocking" => Some(Self::Blocking),
             "worker" => Some(Self::Worker),
+            "process" => Some(Self::Process),
             _ => None,
         }
     }
@@ -74,6 +89,9 @@ pub(crate) enum Body {
     Blocking(BlockingBody),
     /// Declared by remote workers, which hold its code.
     Worker,
+    /// Run in a child process of the process pool, which finds it by name
+    /// in its own registry; never called in the server itself.
+    Process(BlockingBody),
 }
 
 /// One registered job function.
@@ -138,7 +156,21 @@ impl Function {
             Body::Async(_) => PoolKind::Async,
             Body::Blocking(_) => PoolKind::Blocking,
             Body::Worker => PoolKind::Worker,
+            Body::Process(_) => PoolKind::Process,
         }
+    }
+
+    /// Whether a Submit may ask for `pool` for this function: its own pool,
+    /// or the process pool for a function whose code this server holds (an
+    /// async or blocking one), as a caller of Python's concurrent.futures
+    /// picks a thread or a process pool for the same function. Functions
+    /// registered for the process pool never run in the server itself, and
+    /// functions of remote workers run only on their workers.
+    #[must_use]
+    pub fn runs_on(&self, pool: PoolKind) -> bool {
+        pool == self.pool()
+            || (pool == PoolKind::Process
+                && matches!(self.body, Body::Async(_) | Body::Blocking(_)))
     }
 
     /// A function declared by a remote worker: its name, description,
@@ -265,6 +297,22 @@ fn field_path(pointer: &jsonschema::paths::Location) -> String {
     path
 }
 
+/// Runs user code that may panic; a panic fails the job, not the executor.
+pub(crate) fn guarded<T>(run: impl FnOnce() -> T) -> Result<T, JobError> {
+    std::panic::catch_unwind(AssertUnwindSafe(run)).map_err(|panic| panicked(&*panic))
+}
+
+/// The message of a caught panic, which is a `&str` or a `String` unless the
+/// code panicked with some other payload.
+pub(crate) fn panicked(payload: &(dyn std::any::Any + Send)) -> JobError {
+    let message = payload
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a non-string panic payload".to_owned());
+    JobError::Panicked(message)
+}
+
 impl fmt::Debug for Function {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Function")
@@ -348,6 +396,40 @@ impl Registry {
         F: Fn(Ctx, serde_json::Value) -> Outcome + Send + Sync + 'static,
     {
         self.insert(name, description, Body::Blocking(Arc::new(f)))
+    }
+
+    /// Registers a function that runs only in child processes of the
+    /// process pool, one job at a time per child: a crash, an abort, a leak
+    /// or a runaway loop there costs one child (the job fails with
+    /// `WORKER_LOST`, or times out), never the server. Cancel and time
+    /// limits kill the child's whole process group.
+    ///
+    /// The child finds the function by name in its own registry: the
+    /// program the children run must call
+    /// [`run_child_if_requested`](crate::process::run_child_if_requested)
+    /// with a registry that holds it (see [`crate::process`]). `f` is never
+    /// called in the server itself.
+    ///
+    /// ```
+    /// use jobd::{JobError, Registry};
+    /// use serde_json::json;
+    ///
+    /// let mut registry = Registry::new();
+    /// registry.register_process("parse", "Parses untrusted input in a child", |_ctx, args| {
+    ///     let text = args.as_str().ok_or_else(|| JobError::bad_args("expected a string"))?;
+    ///     Ok(json!(text.len()))
+    /// });
+    /// assert_eq!(registry.get("parse").unwrap().pool(), jobd::PoolKind::Process);
+    /// ```
+    ///
+    /// # Panics
+    ///
+    /// As [`Registry::register_async`].
+    pub fn register_process<F>(&mut self, name: &str, description: &str, f: F) -> &mut Self
+    where
+        F: Fn(Ctx, serde_json::Value) -> Outcome + Send + Sync + 'static,
+    {
+        self.insert(name, description, Body::Process(Arc::new(f)))
     }
 
     fn insert(&mut self, name: &str, description: &str, body: Body) -> &mut Self {

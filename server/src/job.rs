@@ -13,7 +13,7 @@ use jobd_proto::{JobId, JobState};
 use crate::function::PoolKind;
 
 /// The name of a pool, as a Submit asks for it (a string on the wire):
-/// "async" and "blocking" today. Kept apart from the [`PoolKind`] that runs
+/// "async", "blocking", "worker" and "process" today. Kept apart from the [`PoolKind`] that runs
 /// it, so that a pool is found by name and new kinds of executor do not
 /// change what clients send.
 ///
@@ -90,7 +90,9 @@ pub enum JobError {
     #[error("result too large: {0}")]
     ResultTooLarge(String),
     /// The remote worker running the job was lost and the job may not run
-    /// again (not safe to retry, or a poison pill).
+    /// again (not safe to retry, or a poison pill); or the process-pool
+    /// child running it died (a crash, an abort, a signal, its memory
+    /// limit) and the job has no attempt left or is not safe to retry.
     #[error("worker lost: {0}")]
     WorkerLost(String),
 }
@@ -239,6 +241,24 @@ impl LogPage {
             entries,
         }
     }
+}
+
+/// The length of `value` as compact JSON text, without building the text.
+pub(crate) fn json_len(value: &serde_json::Value) -> usize {
+    struct Counter(usize);
+    impl std::io::Write for Counter {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0 += buf.len();
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut counter = Counter(0);
+    // Writing a `Value` into a sink that never fails cannot fail.
+    let _ = serde_json::to_writer(&mut counter, value);
+    counter.0
 }
 
 #[cfg(test)]

@@ -1,8 +1,10 @@
 //! jobd: Python's `concurrent.futures` across the network.
 //!
 //! Clients submit named job functions with JSON arguments over gRPC; the
-//! server runs them on an async pool (tokio tasks, for I/O-bound work) or a
-//! blocking pool (dedicated OS threads, for CPU-bound or blocking work) and
+//! server runs them on an async pool (tokio tasks, for I/O-bound work), a
+//! blocking pool (dedicated OS threads, for CPU-bound or blocking work) or a
+//! process pool (child processes, for work that must be isolated and
+//! killable), or hands them to remote workers, and
 //! answers `Done`, `Result`, `Wait`, `Cancel`, listing and status questions.
 //! Job state is durable by default (embedded SQLite; see [`store`]).
 //!
@@ -35,7 +37,8 @@
 //! time), `engine` (admission and the executors that run jobs), [`store`]
 //! (where job state lives, behind one interface: in memory or in SQLite),
 //! `grpc` (the wire), [`server`] (assembly and shutdown), [`limits`]
-//! (transport limits and load shedding), [`auth`] (bearer tokens),
+//! (transport limits and load shedding), [`process`] (the process pool's
+//! children), [`auth`] (bearer tokens),
 //! [`tls`] (certificates), [`builtins`] (the shipped functions).
 
 pub mod auth;
@@ -49,6 +52,7 @@ pub mod function;
 mod grpc;
 pub mod job;
 pub mod limits;
+pub mod process;
 pub mod server;
 pub mod store;
 pub mod tls;

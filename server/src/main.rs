@@ -22,7 +22,7 @@ use tracing_subscriber::EnvFilter;
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-/// jobd: run named job functions on async and blocking pools, over gRPC.
+/// jobd: run named job functions on async, blocking and process pools, over gRPC.
 ///
 /// Submit jobs with `jobctl submit hello`, fetch results with
 /// `jobctl result ID`, or talk to it with any gRPC tool (`grpcurl -plaintext
@@ -45,6 +45,31 @@ struct Args {
     /// Dedicated OS threads in the blocking pool [default: number of cores].
     #[arg(long, env = "JOBD_BLOCKING_WORKERS")]
     blocking_workers: Option<NonZeroUsize>,
+
+    /// Child processes in the process pool, one job at a time each
+    /// [default: number of cores]. Children start when the first process
+    /// job comes, and are replaced when they die.
+    #[arg(long, env = "JOBD_PROCESS_WORKERS")]
+    process_workers: Option<NonZeroUsize>,
+
+    /// Replace a process-pool child after it has run this many jobs (0:
+    /// never), so that what a job leaks (memory, file descriptors, global
+    /// state) goes with its child.
+    #[arg(
+        long,
+        env = "JOBD_PROCESS_MAX_JOBS_PER_CHILD",
+        value_name = "N",
+        default_value = "0"
+    )]
+    process_max_jobs_per_child: u64,
+
+    /// The address space each process-pool child may use (RLIMIT_AS, set by
+    /// the child itself before it runs anything), e.g. "512MiB", "2GiB" or
+    /// bytes. A job that allocates past it kills its child, not jobd: the
+    /// job fails with WORKER_LOST. At least 64MiB (a child needs some to
+    /// start). Default: no limit.
+    #[arg(long, env = "JOBD_PROCESS_MEMORY_LIMIT", value_name = "BYTES", value_parser = parse_memory_limit)]
+    process_memory_limit: Option<u64>,
 
     /// Pending jobs each pool's queue holds; past it Submit answers
     /// RESOURCE_EXHAUSTED.
@@ -83,8 +108,8 @@ struct Args {
     #[arg(long, env = "JOBD_CACHE_FINISHED", default_value = "100000")]
     cache_finished: usize,
 
-    /// Start with both pools paused: jobs are accepted and queued, none
-    /// starts. For maintenance windows and for measuring the cost of queued
+    /// Start with every local pool paused: jobs are accepted and queued,
+    /// none starts. For maintenance windows and for measuring the cost of queued
     /// jobs (see `jobctl bench --help`).
     #[arg(long, env = "JOBD_PAUSED")]
     paused: bool,
@@ -366,6 +391,22 @@ fn security(args: &Args) -> anyhow::Result<Security> {
     })
 }
 
+/// The smallest `--process-memory-limit`: a child is this program, and its
+/// code, runtime and thread stacks take address space before any job runs.
+const MIN_PROCESS_MEMORY: u64 = 64 * 1024 * 1024;
+
+/// `--process-memory-limit`: a size (see [`jobd::units::parse_bytes`]), at
+/// least [`MIN_PROCESS_MEMORY`].
+fn parse_memory_limit(raw: &str) -> Result<u64, String> {
+    let bytes = jobd::units::parse_bytes(raw)?;
+    if bytes < MIN_PROCESS_MEMORY {
+        return Err(format!(
+            "{raw:?} is too small: a child needs at least 64MiB of address space to start"
+        ));
+    }
+    Ok(bytes)
+}
+
 /// `--max-wait`: a duration of at least 100 ms, so that a client asking
 /// again after each cut-off cannot turn into a busy loop.
 fn parse_max_wait(raw: &str) -> Result<Duration, String> {
@@ -380,6 +421,9 @@ fn main() -> std::process::ExitCode {
     // Command functions with limits start their program through this
     // binary: in that role it sets the limits and becomes the program.
     jobd_command::exec_if_helper();
+    // A child of the process pool is this program run again: it serves the
+    // built-ins' jobs and exits here, before any flag is read.
+    jobd::process::run_child_if_requested(jobd::builtins::registry);
     let args = Args::parse();
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(runtime) => runtime,
@@ -411,6 +455,12 @@ async fn run(args: Args) -> anyhow::Result<()> {
         blocking_workers: args
             .blocking_workers
             .unwrap_or_else(|| EngineConfig::default().blocking_workers),
+        process_workers: args
+            .process_workers
+            .unwrap_or_else(|| EngineConfig::default().process_workers),
+        process_max_jobs_per_child: NonZeroU64::new(args.process_max_jobs_per_child),
+        process_memory_limit: args.process_memory_limit,
+        process_program: None,
         max_queued: args.max_queued,
         retention: args.retention,
         cache_finished: args.cache_finished,
@@ -565,6 +615,22 @@ async fn shutdown_signal() {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn memory_limits_have_a_floor() {
+        assert_eq!(parse_memory_limit("512MiB"), Ok(512 << 20));
+        assert_eq!(parse_memory_limit("65536KiB"), Ok(64 << 20));
+        assert!(
+            parse_memory_limit("1MiB")
+                .unwrap_err()
+                .contains("too small")
+        );
+        assert!(
+            parse_memory_limit("5TB")
+                .unwrap_err()
+                .contains("unknown unit")
+        );
+    }
 
     /// The flag defaults are written as strings for `--help`; this keeps
     /// them equal to the library's `ServerLimits::default()`.

@@ -105,6 +105,12 @@ pub enum Exit {
     Signal(Signal),
 }
 
+impl From<ExitStatus> for Exit {
+    fn from(status: ExitStatus) -> Self {
+        Self::from_status(status)
+    }
+}
+
 impl Exit {
     pub(crate) fn from_status(status: ExitStatus) -> Self {
         match (status.code(), status.signal()) {

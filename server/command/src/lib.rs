@@ -43,8 +43,9 @@
 //! setting them between `fork` and `exec` would need `unsafe`.
 
 // Layers: `argv` and `template` (words), `spec` and `ending` (data),
-// `output`, `group` and `limits` (mechanisms), `run` (uses all of them), `outcome`
-// (reads what `run` returns).
+// `output`, `group` and `limits` (mechanisms), `run` (uses all of them),
+// `stop` (the group stop of `run`, for children spawned elsewhere),
+// `outcome` (reads what `run` returns).
 mod argv;
 mod ending;
 mod group;
@@ -53,6 +54,7 @@ mod outcome;
 mod output;
 mod run;
 mod spec;
+mod stop;
 mod template;
 
 pub use argv::{SplitError, split_command_line};
@@ -64,4 +66,5 @@ pub use spec::{
     CommandSpec, DEFAULT_KILL_GRACE, DEFAULT_MAX_OUTPUT, DEFAULT_STDERR_TAIL, MAX_LINE, OutputLine,
     Stream,
 };
+pub use stop::{GroupStop, ProcessGroup};
 pub use template::{Template, TemplateError};

@@ -447,7 +447,7 @@ async fn first_stop(
 /// Phase 2: makes sure nothing of the group is left alive and the program
 /// is reaped. `status` is the program's exit status if it has already
 /// been reaped.
-async fn clean_up(
+pub(crate) async fn clean_up(
     group: &Group,
     child: &mut Child,
     mut status: Option<ExitStatus>,

@@ -19,7 +19,7 @@ use super::Inner;
 use crate::{
     Error,
     function::{Function, PoolKind},
-    job::PoolName,
+    job::{PoolName, json_len},
     store::{NewJob, QueueName, Submitted},
 };
 
@@ -30,7 +30,9 @@ pub struct SubmitSpec {
     pub function: String,
     /// Its argument.
     pub args: serde_json::Value,
-    /// The pool the client asked for, if any; must be the function's.
+    /// The pool the client asked for, if any: the function's own, or
+    /// `process` for an async or blocking function of this server (see
+    /// [`Function::runs_on`](crate::function::Function::runs_on)).
     pub pool: Option<PoolName>,
     /// The client's request id, if any.
     pub request_id: Option<String>,
@@ -56,7 +58,7 @@ impl Inner {
         if !self.accepting.load(std::sync::atomic::Ordering::Acquire) {
             return Err(Error::ShuttingDown);
         }
-        let function = self.function_for(&spec)?;
+        let (function, pool) = self.function_for(&spec)?;
         let args_bytes = json_len(&spec.args);
         if args_bytes > self.max_args_bytes {
             return Err(Error::invalid(
@@ -74,7 +76,7 @@ impl Inner {
                 violations,
             });
         }
-        let pool = PoolName::of(function.pool());
+        let pool = PoolName::of(pool);
         if function.pool() == PoolKind::Worker {
             // Its queue's dispatcher runs before the job can wait in it.
             self.workers.ensure_lane(&QueueName::routed(
@@ -107,8 +109,12 @@ impl Inner {
     }
 
     /// The function `spec` names (one of jobd's, or one a remote worker
-    /// declared), if it exists and runs on the pool asked for.
-    pub(super) fn function_for(&self, spec: &SubmitSpec) -> Result<FunctionRef<'_>, Error> {
+    /// declared), if it exists and may run on the pool asked for; and the
+    /// pool the job goes to.
+    pub(super) fn function_for(
+        &self,
+        spec: &SubmitSpec,
+    ) -> Result<(FunctionRef<'_>, PoolKind), Error> {
         let function = match self.registry.get(&spec.function) {
             Some(function) => FunctionRef::Local(function),
             None => FunctionRef::Declared(
@@ -117,25 +123,35 @@ impl Inner {
                     .ok_or_else(|| Error::UnknownFunction(spec.function.clone()))?,
             ),
         };
-        let pool = PoolName::of(function.pool());
-        if let Some(requested) = &spec.pool
-            && *requested != pool
-        {
-            let reason = if PoolKind::from_name(requested.as_str()).is_some() {
+        let home = function.pool();
+        let Some(requested) = &spec.pool else {
+            return Ok((function, home));
+        };
+        match PoolKind::from_name(requested.as_str()) {
+            Some(kind) if function.runs_on(kind) => Ok((function, kind)),
+            Some(kind) => {
+                let also = if function.runs_on(PoolKind::Process) && kind != PoolKind::Process {
+                    " (or the process pool)"
+                } else {
+                    ""
+                };
+                Err(Error::invalid(
+                    "pool",
+                    format!(
+                        "function {:?} runs on the {home} pool{also}, not the {requested} pool",
+                        spec.function
+                    ),
+                ))
+            }
+            None => Err(Error::invalid(
+                "pool",
                 format!(
-                    "function {:?} runs on the {pool} pool, not the {requested} pool",
-                    spec.function
-                )
-            } else {
-                format!(
-                    "this server has no pool {:?} (its pools are \"async\", \"blocking\" and \"worker\"; function {:?} runs on the {pool} pool)",
+                    "this server has no pool {:?} (its pools are \"async\", \"blocking\", \"worker\" and \"process\"; function {:?} runs on the {home} pool)",
                     requested.as_str(),
                     spec.function
-                )
-            };
-            return Err(Error::invalid("pool", reason));
+                ),
+            )),
         }
-        Ok(function)
     }
 
     /// Hands a checked job to the store, which takes its queue place now;
@@ -194,22 +210,4 @@ impl std::ops::Deref for FunctionRef<'_> {
             Self::Declared(function) => function,
         }
     }
-}
-
-/// The length of `value` as compact JSON text, without building the text.
-pub(super) fn json_len(value: &serde_json::Value) -> usize {
-    struct Counter(usize);
-    impl std::io::Write for Counter {
-        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-            self.0 += buf.len();
-            Ok(buf.len())
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
-    let mut counter = Counter(0);
-    // Writing a `Value` into a sink that never fails cannot fail.
-    let _ = serde_json::to_writer(&mut counter, value);
-    counter.0
 }

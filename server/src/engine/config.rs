@@ -1,7 +1,11 @@
 //! How an engine is sized and bounded: its pools, queues, retention, event
 //! history and caps.
 
-use std::{num::NonZeroUsize, time::Duration};
+use std::{
+    num::{NonZeroU64, NonZeroUsize},
+    path::PathBuf,
+    time::Duration,
+};
 
 use crate::clock::Clock;
 
@@ -12,6 +16,23 @@ pub struct EngineConfig {
     pub async_concurrency: NonZeroUsize,
     /// How many dedicated threads the blocking pool has.
     pub blocking_workers: NonZeroUsize,
+    /// How many child processes the process pool may run at once (one job
+    /// each). Children start when the first process job comes, so a
+    /// server that runs none starts none.
+    pub process_workers: NonZeroUsize,
+    /// A child of the process pool is replaced after this many jobs (like
+    /// Python's `max_tasks_per_child`); `None`: never.
+    pub process_max_jobs_per_child: Option<NonZeroU64>,
+    /// The address-space limit (RLIMIT_AS) each child of the process pool
+    /// sets on itself, in bytes; `None`: none. A job that allocates past it
+    /// kills its child (the job fails with `WORKER_LOST`), not the server.
+    pub process_memory_limit: Option<u64>,
+    /// The program the process pool's children run, with a marker argument
+    /// that [`run_child_if_requested`](crate::process::run_child_if_requested)
+    /// recognises; `None`: this program (`std::env::current_exe`). Its
+    /// `main` must make that call first thing, with a registry holding the
+    /// functions sent to the pool.
+    pub process_program: Option<PathBuf>,
     /// How many pending jobs each pool's queue holds before Submit is refused
     /// with `RESOURCE_EXHAUSTED`.
     pub max_queued: NonZeroUsize,
@@ -20,7 +41,7 @@ pub struct EngineConfig {
     /// With a durable store, how many finished jobs stay in memory for fast
     /// reads (older ones are read from disk).
     pub cache_finished: usize,
-    /// Start with both pools paused (see [`Engine::set_paused`](crate::Engine::set_paused)).
+    /// Start with every local pool paused (see [`Engine::set_paused`](crate::Engine::set_paused)).
     pub paused: bool,
     /// How many recent job events (state changes and progress reports, of
     /// all jobs) the server keeps for `Watch`: what a slow watcher may fall
@@ -67,6 +88,10 @@ impl Default for EngineConfig {
         Self {
             async_concurrency: NonZeroUsize::new(1024).expect("nonzero"),
             blocking_workers: std::thread::available_parallelism().unwrap_or(NonZeroUsize::MIN),
+            process_workers: std::thread::available_parallelism().unwrap_or(NonZeroUsize::MIN),
+            process_max_jobs_per_child: None,
+            process_memory_limit: None,
+            process_program: None,
             max_queued: NonZeroUsize::new(100_000).expect("nonzero"),
             retention: Duration::from_secs(7 * 24 * 3600),
             cache_finished: 100_000,

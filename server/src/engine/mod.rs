@@ -35,6 +35,7 @@ pub(crate) use self::executor::remote::{
 };
 use self::executor::{
     Ending, Honour, Running,
+    process_pool::{self, ProcessConfig, ProcessPool},
     remote::{WORKERS_HOLDER, WorkerConfig, Workers},
 };
 pub use self::{
@@ -59,7 +60,8 @@ use crate::{
 pub enum CancelOutcome {
     /// It was pending and will never run.
     Cancelled,
-    /// It was running on the async pool and was aborted.
+    /// It was running on the async pool and was aborted, or on the process
+    /// pool and its child process (with everything it started) was killed.
     Aborted,
     /// It is running where it cannot be stopped from outside (the blocking
     /// pool); a cooperative request was sent.
@@ -135,6 +137,8 @@ struct Inner {
     ending: Arc<Ending>,
     /// The remote worker pool.
     workers: Arc<Workers>,
+    /// The process pool's slots and children.
+    processes: ProcessPool,
     /// One permit per open `Watch` stream (`EngineConfig::max_watchers`).
     watchers: Arc<Semaphore>,
     max_watchers: usize,
@@ -184,6 +188,7 @@ impl Engine {
                     PoolName::of(PoolKind::Async),
                     PoolName::of(PoolKind::Blocking),
                     PoolName::of(PoolKind::Worker),
+                    PoolName::of(PoolKind::Process),
                 ],
                 routed: vec![PoolName::of(PoolKind::Worker)],
                 max_queued: config.max_queued.get(),
@@ -230,6 +235,7 @@ impl Engine {
             max_args_bytes: config.max_args_bytes,
             ending,
             workers,
+            processes: ProcessPool::default(),
             watchers: Arc::new(Semaphore::new(config.max_watchers)),
             max_watchers: config.max_watchers,
             tasks: TaskTracker::new(),
@@ -240,6 +246,15 @@ impl Engine {
             &inner,
             config.async_concurrency.get(),
             config.blocking_workers.get(),
+            ProcessConfig {
+                workers: config.process_workers.get(),
+                max_jobs_per_child: config.process_max_jobs_per_child,
+                spawn: process_pool::Spawn {
+                    program: config.process_program,
+                    memory_limit: config.process_memory_limit,
+                    max_result_bytes: config.max_result_bytes,
+                },
+            },
         );
         inner.workers.resume_lanes();
         inner
@@ -428,6 +443,13 @@ impl Engine {
         self.inner.store.is_durable()
     }
 
+    /// How many child processes the process pool has right now (each
+    /// started when first needed, and replaced when it dies or retires).
+    #[must_use]
+    pub fn process_children(&self) -> usize {
+        self.inner.processes.children()
+    }
+
     /// How many callers are waiting for a job to finish right now.
     #[must_use]
     pub fn waiters(&self) -> usize {
@@ -451,10 +473,12 @@ impl Engine {
 
     /// Drains: refuses new jobs, starts no pending job, lets running jobs
     /// finish for up to `grace`, then interrupts whatever still runs here
-    /// (async jobs are aborted, blocking jobs are asked to stop; with the
+    /// (async jobs are aborted, blocking jobs are asked to stop, process
+    /// jobs are killed with their child's process group; with the
     /// in-memory store they are marked failed, with a durable store they go
     /// back to pending and run again after a restart) and releases every
-    /// waiter. Idempotent.
+    /// waiter. Returns once every child process of the process pool is
+    /// gone (bounded). Idempotent.
     pub async fn shutdown(&self, grace: Duration) {
         let inner = &self.inner;
         inner.accepting.store(false, Ordering::Release);
@@ -472,6 +496,15 @@ impl Engine {
                 jobs = n,
                 ?grace,
                 "grace period over; interrupted running jobs"
+            );
+        }
+        // The interrupted process jobs' children are being killed (and idle
+        // ones retired): none may outlive the server.
+        if !inner.processes.stopped(process_pool::STOP_BOUND).await {
+            tracing::error!(
+                children = inner.processes.children(),
+                "process-pool children still stopping after {:?}",
+                process_pool::STOP_BOUND
             );
         }
         // Outcomes of jobs that finished during the drain may still be on
@@ -514,6 +547,18 @@ impl Inner {
         self.running.cancel(&lease);
         match self.honour(&pool) {
             Honour::Request => Ok(CancelOutcome::Requested),
+            Honour::Kill => {
+                // The executor kills the job's process group, then ends the
+                // job; waiting for that end means that when Cancel answers,
+                // nothing the job started still runs.
+                match tokio::time::timeout(process_pool::STOP_BOUND, self.store.wait(id)).await {
+                    Ok(finished) => match found(id, finished)?.outcome {
+                        Err(JobError::Cancelled) => Ok(CancelOutcome::Aborted),
+                        _ => Ok(CancelOutcome::AlreadyDone),
+                    },
+                    Err(_) => Ok(CancelOutcome::Requested),
+                }
+            }
             Honour::Abort => {
                 // The job's future is dropped at its next await; the job is
                 // cancelled from this moment, unless it ended first.

@@ -427,6 +427,7 @@ fn wire_pool_kind(pool: PoolKind) -> pb::PoolKind {
         PoolKind::Async => pb::PoolKind::Async,
         PoolKind::Blocking => pb::PoolKind::Blocking,
         PoolKind::Worker => pb::PoolKind::Worker,
+        PoolKind::Process => pb::PoolKind::Process,
     }
 }
 

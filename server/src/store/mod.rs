@@ -308,6 +308,8 @@ pub(crate) struct Claimed {
     pub(crate) args: serde_json::Value,
     pub(crate) timeout: Option<Duration>,
     pub(crate) max_attempts: u32,
+    /// Whether an attempt lost with the process running it may run again.
+    pub(crate) retry_safe: bool,
 }
 
 /// What renewing a lease found.

@@ -12,6 +12,8 @@
 //! - [`tools`]: the external tools some tests drive (grpcurl, Python's h2),
 //!   which fail a test that cannot run, saying how to install them;
 //! - [`pki`]: certificates made at test time;
+//! - [`procs`]: processes as `/proc` shows them (children, groups, who is
+//!   still alive), for the process pool's tests;
 //! - [`proxy`]: a TCP proxy a test can partition or reset;
 //! - [`time`]: a paused clock that moves only when the test moves it;
 //! - [`worker`]: a worker that speaks the worker protocol message by
@@ -20,6 +22,7 @@
 pub mod fixtures;
 pub mod pki;
 mod process;
+pub mod procs;
 pub mod proxy;
 mod server;
 pub mod time;

@@ -3,7 +3,8 @@
 //! or retry it after a backoff) — and each decides how to honour a cancel:
 //! the async pool drops the job's future ([`Honour::Abort`]), the blocking
 //! pool fires the job's cancel signal and lets the function decide
-//! ([`Honour::Request`]).
+//! ([`Honour::Request`]), the process pool kills the job's child process
+//! and everything it started ([`Honour::Kill`]).
 //!
 //! The executors know the store only through its interface, and hold a
 //! lease for every attempt they run: an outcome that arrives after the lease
@@ -12,11 +13,11 @@
 
 mod async_tasks;
 mod blocking_threads;
+pub(crate) mod process_pool;
 pub(crate) mod remote;
 mod running;
 
 use std::{
-    panic::AssertUnwindSafe,
     sync::{Arc, PoisonError},
     time::Duration,
 };
@@ -24,12 +25,13 @@ use std::{
 use jobd_proto::JobId;
 
 pub(crate) use self::running::{Registered, Running};
-use super::{Inner, admission::json_len};
+use super::Inner;
+use crate::function::{guarded, panicked};
 use crate::{
     Ctx,
     ctx::Reports,
     function::PoolKind,
-    job::{JobError, LogStream, Outcome, PoolName},
+    job::{JobError, LogStream, Outcome, PoolName, json_len},
     store::{ClaimRequest, Claimed, Fenced, JobStore, Lease, LogLine, QueueName},
 };
 
@@ -41,6 +43,10 @@ pub(crate) enum Honour {
     Abort,
     /// The job's cancel signal fires; the function decides whether to stop.
     Request,
+    /// The job's cancel signal fires and its executor kills what runs it
+    /// (a child process and its whole group), then ends the job as
+    /// CANCELLED; the canceller waits for that end.
+    Kill,
 }
 
 impl Honour {
@@ -48,6 +54,7 @@ impl Honour {
     pub(crate) fn of(kind: PoolKind) -> Self {
         match kind {
             PoolKind::Async => Self::Abort,
+            PoolKind::Process => Self::Kill,
             // A remote job is told to stop (over its worker's session) and
             // ends when the worker reports it.
             PoolKind::Blocking | PoolKind::Worker => Self::Request,
@@ -55,10 +62,16 @@ impl Honour {
     }
 }
 
-/// Starts the executors of every pool.
-pub(super) fn start(inner: &Arc<Inner>, async_concurrency: usize, blocking_threads: usize) {
+/// Starts the executors of every local pool.
+pub(super) fn start(
+    inner: &Arc<Inner>,
+    async_concurrency: usize,
+    blocking_threads: usize,
+    processes: process_pool::ProcessConfig,
+) {
     async_tasks::start(inner, PoolName::of(PoolKind::Async), async_concurrency);
     blocking_threads::start(inner, PoolName::of(PoolKind::Blocking), blocking_threads);
+    process_pool::start(inner, PoolName::of(PoolKind::Process), processes);
 }
 
 /// The pause after a claim the store could not answer, before the next try.
@@ -323,22 +336,6 @@ async fn time_limit(limit: Option<Duration>) -> JobError {
         }
         None => std::future::pending().await,
     }
-}
-
-/// Runs user code that may panic; a panic fails the job, not the executor.
-fn guarded<T>(run: impl FnOnce() -> T) -> Result<T, JobError> {
-    std::panic::catch_unwind(AssertUnwindSafe(run)).map_err(|panic| panicked(&*panic))
-}
-
-/// The message of a caught panic, which is a `&str` or a `String` unless the
-/// code panicked with some other payload.
-fn panicked(payload: &(dyn std::any::Any + Send)) -> JobError {
-    let message = payload
-        .downcast_ref::<&str>()
-        .map(|s| (*s).to_owned())
-        .or_else(|| payload.downcast_ref::<String>().cloned())
-        .unwrap_or_else(|| "a non-string panic payload".to_owned());
-    JobError::Panicked(message)
 }
 
 #[cfg(test)]

@@ -274,6 +274,7 @@ impl JobTable {
             args: record.args.clone(),
             timeout: record.timeout,
             max_attempts: record.max_attempts,
+            retry_safe: record.retry_safe,
         })
     }
 
