@@ -187,6 +187,44 @@ fn roundtrip_mode_waits_for_every_result() {
 }
 
 #[test]
+fn the_pool_flag_sends_every_job_to_that_pool() {
+    let server = Target::start();
+    // sha256 of one short string: the near-empty blocking job that the
+    // process pool is compared with.
+    let report = server.bench(&[
+        "--mode",
+        "roundtrip",
+        "--jobs",
+        "50",
+        "--function",
+        "sha256",
+        "--payload-bytes",
+        "8",
+        "--pool",
+        "blocking",
+    ]);
+    assert_eq!(report["pool"], "blocking", "{report}");
+    assert_eq!(report["jobs"], 50, "{report}");
+    assert_eq!(report["errors"], 0, "{report}");
+    // The pool reaches the server: a blocking function is refused the async
+    // pool, and the bench says why in one line.
+    let run = server.jobctl(&[
+        "bench",
+        "--jobs",
+        "5",
+        "--warmup",
+        "0",
+        "--function",
+        "sha256",
+        "--pool",
+        "async",
+    ]);
+    let line = run.failed_in_one_line();
+    assert!(line.contains("not the async pool"), "{line}");
+    server.shutdown();
+}
+
+#[test]
 fn batch_mode_counts_jobs_and_cuts_the_last_batch_to_the_budget() {
     let server = Target::start();
     let report = server.bench(&[

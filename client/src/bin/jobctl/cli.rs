@@ -449,6 +449,12 @@ pub(crate) struct Bench {
     #[arg(long)]
     pub(crate) function: Option<String>,
 
+    /// Run the jobs on this pool ("async", "blocking" or "process")
+    /// instead of the function's own, to compare pools on one function in
+    /// one run [default: the function's pool].
+    #[arg(long, value_name = "POOL", conflicts_with = "worker_slots")]
+    pub(crate) pool: Option<String>,
+
     /// The size of each job's argument: 0 sends null, more sends a JSON
     /// string of this many bytes.
     #[arg(long, value_name = "B", default_value = "0")]
@@ -513,8 +519,8 @@ pub(crate) struct Submit {
     #[arg(long, value_name = "SECS", value_parser = parse_seconds, allow_hyphen_values = true, requires = "wait")]
     pub(crate) timeout: Option<Duration>,
 
-    /// Require the job to run on this pool ("async" or "blocking"); by
-    /// default it runs on the function's own.
+    /// Require the job to run on this pool ("async", "blocking" or
+    /// "process"); by default it runs on the function's own.
     #[arg(long)]
     pub(crate) pool: Option<String>,
 

@@ -183,6 +183,7 @@ async fn measure(
     Ok(Report {
         mode: args.mode,
         function: args.function().to_owned(),
+        pool: args.pool.clone(),
         payload_bytes: args.payload_bytes,
         connections: args.connections.get(),
         concurrency: args.concurrency.get(),
@@ -318,6 +319,7 @@ impl Workload {
         let submit = pb::SubmitRequest {
             function: args.function().to_owned(),
             args: payload(args.payload_bytes),
+            pool: args.pool.clone().unwrap_or_default(),
             ..pb::SubmitRequest::default()
         };
         match args.mode {

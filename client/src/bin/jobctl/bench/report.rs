@@ -14,6 +14,8 @@ use crate::cli::{BenchMode, Format};
 pub(crate) struct Report {
     pub(crate) mode: BenchMode,
     pub(crate) function: String,
+    /// The pool asked for (`--pool`); `None`: the function's own.
+    pub(crate) pool: Option<String>,
     pub(crate) payload_bytes: usize,
     pub(crate) connections: u32,
     pub(crate) concurrency: u32,
@@ -140,6 +142,7 @@ fn json(report: &Report) -> Value {
     json!({
         "mode": report.mode.as_str(),
         "function": (report.mode != BenchMode::Floor).then_some(&report.function),
+        "pool": report.pool.as_ref().filter(|_| report.mode != BenchMode::Floor),
         "payload_bytes": (report.mode != BenchMode::Floor).then_some(report.payload_bytes),
         "connections": report.connections,
         "concurrency": report.concurrency,
@@ -257,9 +260,14 @@ fn heading(report: &Report) -> String {
     let what = match report.mode {
         BenchMode::Floor => "floor (grpc.health.v1.Health/Check)".to_owned(),
         mode => format!(
-            "{} {} with {}",
+            "{} {}{} with {}",
             mode.as_str(),
             report.function,
+            report
+                .pool
+                .as_ref()
+                .map(|pool| format!(" on the {pool} pool"))
+                .unwrap_or_default(),
             match report.payload_bytes {
                 0 => "null args".to_owned(),
                 bytes => format!("a {bytes}-byte string arg"),
@@ -344,6 +352,7 @@ mod tests {
         Report {
             mode,
             function: "noop".to_owned(),
+            pool: None,
             payload_bytes: 0,
             connections: 4,
             concurrency: 64,
