@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import io
+import logging
 import os
 import signal
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -21,6 +24,7 @@ from conftest import (
     wait_for_progress,
     wait_for_state,
 )
+from jobd.v1 import jobd_pb2
 
 
 def test_python_program_to_python_workers(server: JobdServer, pool: jobd.Executor) -> None:
@@ -283,3 +287,197 @@ def test_worker_rides_out_a_jobd_restart(tmp_path: Path) -> None:
         first.kill()
         if second is not None:
             assert second.stop() == 0
+
+
+STDOUT, STDERR, LOG = (
+    jobd_pb2.LOG_STREAM_STDOUT,
+    jobd_pb2.LOG_STREAM_STDERR,
+    jobd_pb2.LOG_STREAM_LOG,
+)
+
+
+def job_log(server: JobdServer, job_id: str) -> list[tuple[int, bytes]]:
+    """The job's whole log as jobd has it now (stream, data), read once."""
+    entries: list[tuple[int, bytes]] = []
+    request = jobd_pb2.LogsRequest(job_id=job_id, offset=0, follow=False)
+    for page in server.stubs().Logs(request, timeout=10):
+        assert page.skipped == 0
+        for entry in page.entries:
+            assert entry.attempt == 1
+            entries.append((entry.stream, entry.data))
+    return entries
+
+
+@pytest.fixture
+def app_logger() -> Iterator[logging.Logger]:
+    """A logger of the job's code, passing everything (DEBUG) to the root's handlers."""
+    logger = logging.getLogger("jobd-test.app")
+    level = logger.level
+    logger.setLevel(logging.DEBUG)
+    yield logger
+    logger.setLevel(level)
+
+
+@pytest.mark.parametrize("kind", ["sync", "async"])
+def test_job_logs_reach_jobd_in_order_before_the_report(
+    server: JobdServer, pool: jobd.Executor, app_logger: logging.Logger, kind: str
+) -> None:
+    worker = jobd.Worker(server.address, slots=2)
+
+    def first_steps(ctx: jobd.Context) -> None:
+        ctx.log(f"{kind} starts")
+        ctx.log_output("stdout", b"raw \xff\xfe not UTF-8\n")
+        ctx.log_output("stderr", "half a ")
+        ctx.log_output("stderr", b"line\n")
+        app_logger.info("info from %s", kind)
+        app_logger.debug("debug is below INFO: not in the log")
+
+    def last_steps(ctx: jobd.Context) -> None:
+        for n in range(300):
+            ctx.log(f"line {n}")
+        ctx.log("returning\n")  # just before the report
+
+    @worker.function()
+    def py_log_sync(ctx: jobd.Context) -> str:
+        first_steps(ctx)
+        last_steps(ctx)
+        return "sync done"
+
+    @worker.function()
+    async def py_log_async(ctx: jobd.Context) -> str:
+        first_steps(ctx)
+        await asyncio.sleep(0)  # the rest runs in the job's task
+
+        async def child() -> None:
+            app_logger.warning("from a task the job started")
+
+        await asyncio.create_task(child())
+        last_steps(ctx)
+        return "async done"
+
+    expected = [
+        (LOG, f"{kind} starts\n".encode()),
+        (STDOUT, b"raw \xff\xfe not UTF-8\n"),
+        (STDERR, b"half a "),
+        (STDERR, b"line\n"),
+        (LOG, f"INFO jobd-test.app: info from {kind}\n".encode()),
+    ]
+    if kind == "async":
+        expected.append((LOG, b"WARNING jobd-test.app: from a task the job started\n"))
+    expected += [(LOG, f"line {n}\n".encode()) for n in range(300)]
+    expected.append((LOG, b"returning\n"))
+
+    with running_worker(worker):
+        for _ in range(3):
+            future = pool.submit(f"py_log_{kind}")
+            assert future.result(timeout=10) == f"{kind} done"
+            # Read once, right after the result: every line came before the report.
+            assert job_log(server, future.job_id) == expected
+
+
+def test_job_log_is_bounded_and_counts_dropped_lines(
+    server: JobdServer, pool: jobd.Executor
+) -> None:
+    worker = jobd.Worker(server.address, slots=1)
+    line = "x" * 1023  # 1 KiB with its newline
+
+    @worker.function()
+    async def py_log_flood(lines: int, ctx: jobd.Context) -> int:
+        # No await: the worker cannot send anything until this returns, so
+        # all of it waits, and the bound (256 KiB per job) applies exactly.
+        for _ in range(lines):
+            ctx.log(line)
+        return lines
+
+    with running_worker(worker):
+        flooded = pool.submit("py_log_flood", 300)
+        assert flooded.result(timeout=10) == 300
+        entries = job_log(server, flooded.job_id)
+        assert entries[:-1] == [(LOG, (line + "\n").encode())] * 256
+        assert entries[-1] == (
+            LOG,
+            b"[worker: 44 log lines dropped: the job wrote faster than they could be sent]\n",
+        )
+        # The bound is per job: the next one starts afresh.
+        fits = pool.submit("py_log_flood", 256)
+        assert fits.result(timeout=10) == 256
+        assert job_log(server, fits.job_id) == [(LOG, (line + "\n").encode())] * 256
+
+
+def _capture_handlers() -> list[logging.Handler]:
+    return [h for h in logging.getLogger().handlers if type(h).__name__ == "_JobLogHandler"]
+
+
+def test_logging_capture_is_scoped_to_jobs_and_can_be_turned_off(
+    server: JobdServer, pool: jobd.Executor, app_logger: logging.Logger
+) -> None:
+    started = threading.Event()
+    release = threading.Event()
+
+    def held(ctx: jobd.Context) -> str:
+        started.set()
+        assert release.wait(10)
+        app_logger.info("inside the job")
+        ctx.log("explicit")
+        return "held"
+
+    worker = jobd.Worker(server.address, slots=1)
+    worker.add(held, name="py_log_held")
+    quiet = jobd.Worker(server.address, slots=1, capture_logging=False)
+    quiet.add(held, name="py_log_held_quiet")
+    assert _capture_handlers() == []
+    with running_worker(quiet):
+        assert _capture_handlers() == []
+        with running_worker(worker):
+            assert len(_capture_handlers()) == 1
+            future = pool.submit("py_log_held")
+            assert started.wait(10)
+            # While the job runs, but not in its context: not its line.
+            app_logger.warning("outside the job")
+            release.set()
+            assert future.result(timeout=10) == "held"
+            assert job_log(server, future.job_id) == [
+                (LOG, b"INFO jobd-test.app: inside the job\n"),
+                (LOG, b"explicit\n"),
+            ]
+            # The other worker's handler is there, but this worker does not capture.
+            future = pool.submit("py_log_held_quiet")
+            assert future.result(timeout=10) == "held"
+            assert job_log(server, future.job_id) == [(LOG, b"explicit\n")]
+        assert _capture_handlers() == []  # removed when the worker stopped
+
+
+def test_capture_keeps_warnings_of_unconfigured_logging_printed(
+    server: JobdServer, pool: jobd.Executor
+) -> None:
+    """Without handlers of its own, Python prints WARNING records
+    (logging.lastResort); the worker's handler on the root logger must not
+    silence them."""
+    logger = logging.getLogger("jobd-test.unconfigured")
+    root = logging.getLogger()
+    saved_handlers, saved_last_resort = root.handlers[:], logging.lastResort
+    printed = io.StringIO()
+    logging.lastResort = logging.StreamHandler(printed)
+    logging.lastResort.setLevel(logging.WARNING)
+    for handler in saved_handlers:
+        root.removeHandler(handler)
+    try:
+        worker = jobd.Worker(server.address, slots=1)
+
+        @worker.function()
+        def py_log_warns() -> None:
+            logger.warning("inside the job")
+            logger.info("INFO does not pass the root logger's WARNING")
+
+        with running_worker(worker):
+            logger.warning("outside a job")
+            future = pool.submit("py_log_warns")
+            assert future.result(timeout=10) is None
+            assert job_log(server, future.job_id) == [
+                (LOG, b"WARNING jobd-test.unconfigured: inside the job\n")
+            ]
+    finally:
+        logging.lastResort = saved_last_resort
+        for handler in saved_handlers:
+            root.addHandler(handler)
+    assert printed.getvalue() == "outside a job\ninside the job\n"

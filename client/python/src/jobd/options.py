@@ -27,7 +27,8 @@ class Options:
     """How jobs are submitted. Every field is optional; ``None`` leaves it to jobd."""
 
     pool: str | None = None
-    """``"async"``, ``"blocking"`` or ``"process"``: the function's own pool, or the process pool for an async or blocking function of jobd."""
+    """``"async"``, ``"blocking"`` or ``"process"``: the function's own pool, or
+    the process pool for an async or blocking function of jobd."""
     priority: int | None = None
     """-1000 to 1000 (default 0): a higher priority starts first within a pool."""
     labels: Mapping[str, str] = field(default_factory=dict)

@@ -11,6 +11,8 @@
     @worker.function()
     async def fetch(url: str, ctx: jobd.Context) -> int:
         ctx.progress(1, 2, "fetching")
+        ctx.log(f"fetching {url}")                  # a line of the job's log
+        logging.getLogger("app").warning("slow")    # so is this one
         ...
 
     worker.run()      # until SIGTERM (or SIGINT): then it drains
@@ -29,6 +31,10 @@ protocol of ``proto/jobd/v1/worker.proto`` (read its rules there):
   cancelled (``CancelledError`` at its next ``await``); a sync one, which runs
   on the worker's threads, sees ``ctx.cancelled`` become True;
 - ``raise jobd.Retry(...)`` asks for another attempt;
+- what a job logs (:meth:`Context.log`, :meth:`Context.log_output`, and by
+  default the records of Python's ``logging`` emitted while it runs) goes to
+  the job's log (``jobctl logs``, ``JobService.Logs``), in order, and all of
+  it before the job's report: a job's log is complete when it ends;
 - on SIGTERM (or :meth:`Worker.stop`) it drains: it takes nothing new,
   lets running jobs finish within ``grace``, gives back what cannot, and
   returns once every report is acknowledged.
@@ -110,6 +116,15 @@ _DERIVE: Any = object()
 
 # WorkerFailure.Kind numbers.
 _FAILED, _RETRYABLE, _CANCELLED, _PANICKED = 1, 2, 3, 4
+
+# LogStream numbers.
+_STDOUT, _STDERR, _LOG = 1, 2, 3
+_STREAMS = {"stdout": _STDOUT, "stderr": _STDERR, "log": _LOG}
+
+MAX_PENDING_LOG = 256 * 1024
+"""Bytes of log lines one job may have waiting to be sent (while the worker
+reconnects, or a job logs faster than the connection takes); past it lines
+are dropped, and counted in the log (as the Rust SDK does)."""
 
 
 def _pb() -> Any:
@@ -204,8 +219,111 @@ class Context:
             fraction = float(done)
         self._runner.post_progress(self.job_id, self._token, fraction, str(message))
 
+    def log(self, message: str) -> None:
+        """Adds a line to the job's log (stream LOG), which ``jobctl logs``
+        and ``JobService.Logs`` show; a newline is added unless it ends with one.
+
+        Safe from any thread and from async functions; it never blocks.
+        Lines are sent to jobd in order and all before the job's report (so
+        a line logged just before returning is in the log when the result
+        is seen), tagged with this attempt's fencing token: jobd drops lines
+        of an attempt that is no longer current. Bounded, as in the Rust
+        SDK: at most 256 KiB per job wait to be sent (``MAX_PENDING_LOG``);
+        a job that logs faster than they can be sent loses lines rather than
+        slowing down, and its log then says how many (``[worker: N log lines
+        dropped: ...]``). Lines of a job that ends while the worker is
+        disconnected are lost (jobd would refuse them).
+        """
+        data = str(message).encode("utf-8", "replace")
+        if not data.endswith(b"\n"):
+            data += b"\n"
+        self._runner.post_log(self.job_id, self._token, _LOG, data)
+
+    def log_output(self, stream: str, data: bytes | bytearray | memoryview | str) -> None:
+        """Adds what a program the job runs wrote to the job's log, as it is:
+        ``stream`` is ``"stdout"`` or ``"stderr"`` (or ``"log"``); bytes are
+        kept as they are (output that is not UTF-8 survives), a ``str`` is
+        written as UTF-8; no newline is added. Sent and bounded as :meth:`log`.
+        """
+        number = _STREAMS.get(stream.lower()) if isinstance(stream, str) else None
+        if number is None:
+            raise ValueError(f'stream must be "stdout" or "stderr", not {stream!r}')
+        raw = data.encode("utf-8", "replace") if isinstance(data, str) else bytes(data)
+        if raw:
+            self._runner.post_log(self.job_id, self._token, number, raw)
+
     def __repr__(self) -> str:
         return f"<jobd.Context {self.function} {self.job_id} attempt {self.attempt}>"
+
+
+_JOB: contextvars.ContextVar[Context | None] = contextvars.ContextVar("jobd_job", default=None)
+"""The job whose function runs in this context: set on the worker thread for
+the call of a sync function, and in the task's context of an async one (so
+tasks it starts inherit it)."""
+
+
+class _JobLogHandler(logging.Handler):
+    """On the root logger while a worker with ``capture_logging`` runs: a
+    record emitted in a job's context becomes a line of that job's log."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            ctx = _JOB.get()
+            if ctx is not None and ctx._runner.worker.capture_logging:
+                ctx.log(self.format(record))
+            last_resort = logging.lastResort
+            if (
+                last_resort is not None
+                and record.levelno >= last_resort.level
+                and self._alone(record)
+            ):
+                # Without this handler the record would have met no handler
+                # and Python would have printed it (lastResort): so it is.
+                last_resort.handle(record)
+        except Exception:
+            self.handleError(record)
+
+    def _alone(self, record: logging.LogRecord) -> bool:
+        """Whether this is the only handler the record meets on its way up."""
+        node: Any
+        if record.name == logging.root.name:
+            node = logging.root
+        else:
+            node = logging.Logger.manager.loggerDict.get(record.name)
+            if not isinstance(node, logging.Logger):
+                return False  # not a logger of the tree: do not guess
+        while node is not None:
+            if any(handler is not self for handler in node.handlers):
+                return False
+            node = node.parent if node.propagate else None
+        return True
+
+
+_CAPTURE_LOCK = threading.Lock()
+_capture_users = 0
+_capture_handler: _JobLogHandler | None = None
+
+
+def _start_capture() -> None:
+    global _capture_users, _capture_handler
+    with _CAPTURE_LOCK:
+        _capture_users += 1
+        if _capture_handler is None:
+            _capture_handler = _JobLogHandler()
+            logging.getLogger().addHandler(_capture_handler)
+
+
+def _stop_capture() -> None:
+    global _capture_users, _capture_handler
+    with _CAPTURE_LOCK:
+        _capture_users -= 1
+        if _capture_users == 0 and _capture_handler is not None:
+            logging.getLogger().removeHandler(_capture_handler)
+            _capture_handler = None
 
 
 @dataclass(frozen=True)
@@ -234,6 +352,23 @@ class Worker:
     ``max_result_bytes`` (a larger result is reported as a failure). The
     connection settings are as :class:`jobd.Executor`'s; a worker needs a
     token with the ``worker`` capability on a server that requires tokens.
+
+    ``capture_logging`` (on by default): while the worker runs, a handler on
+    the root logger sends the records of Python's ``logging`` emitted inside
+    a job (on the thread of a sync function, during its call; in the context
+    of an async one, which the tasks it starts inherit) at INFO and above to
+    that job's log, as ``LEVEL name: message`` lines (with the traceback of
+    ``exc_info``), on top of whatever the application's own handlers do with
+    them. The loggers' levels still decide what is emitted: with logging left
+    unconfigured the root logger passes WARNING and above only, so set a
+    level (``logging.getLogger("app").setLevel(logging.INFO)``, or
+    ``basicConfig(level=logging.INFO)``) to have INFO records too. Records
+    from threads a job starts itself are not captured (use
+    :meth:`Context.log`). The handler is removed when :meth:`run` returns;
+    while it is there, a record that meets no other handler is printed as
+    Python prints it without any (``logging.lastResort``). Call
+    ``logging.basicConfig`` before :meth:`run`: it does nothing once the root
+    logger has a handler (unless ``force=True``).
     """
 
     def __init__(
@@ -247,6 +382,7 @@ class Worker:
         threads: int | None = None,
         max_result_bytes: int = DEFAULT_MAX_RESULT_BYTES,
         version: str | None = None,
+        capture_logging: bool = True,
         token: str | None = None,
         token_file: str | None = None,
         ca_cert: PemSource | None = None,
@@ -273,6 +409,8 @@ class Worker:
         self.grace = grace
         self.threads = threads or slots
         self.max_result_bytes = max_result_bytes
+        self.capture_logging = capture_logging
+        """Whether ``logging`` records emitted inside a job go to its log."""
         from jobd import __version__
 
         self.version = version or (
@@ -431,11 +569,16 @@ class Worker:
                     installed.append(signum)
                 except (NotImplementedError, RuntimeError):
                     pass
+        capture = self.capture_logging
+        if capture:
+            _start_capture()
         try:
             for _ in range(stops):
                 runner.request_stop()
             await runner.run()
         finally:
+            if capture:
+                _stop_capture()
             for signum in installed:
                 loop.remove_signal_handler(signum)
             self._attached.clear()
@@ -513,6 +656,15 @@ class _DaemonThreads:
 
 
 @dataclass
+class _PendingLog:
+    """One job's log lines waiting to be sent."""
+
+    lines: list[tuple[int, bytes]]
+    size: int = 0
+    dropped: int = 0
+
+
+@dataclass
 class _Running:
     job_id: str
     token: int
@@ -574,6 +726,9 @@ class _Runner:
         self.stop_requests = 0
         self.progress_lock = threading.Lock()
         self.progress: dict[tuple[str, int], tuple[float, str]] = {}
+        # Log lines waiting to be sent, by (job id, fencing token).
+        self.logs_lock = threading.Lock()
+        self.logs: dict[tuple[str, int], _PendingLog] = {}
         self.threads: _DaemonThreads | None = None
         self.max_unacked = max(2 * worker.slots, 64)
         self.credit_batch = max(1, min(32, worker.slots // 8))
@@ -720,7 +875,12 @@ class _Runner:
                     raise end
                 raise _End("broken", f"the session's reader ended: {end!r}")
             await self.flush(session)
-            if not session.outbox and not self.credit_due(session) and not self.progress:
+            if (
+                not session.outbox
+                and not self.credit_due(session)
+                and not self.progress
+                and not self.logs
+            ):
                 self.wake.clear()
                 await self.wake.wait()
 
@@ -737,7 +897,7 @@ class _Runner:
         return session.owed_credit >= self.credit_batch and len(self.unacked) < self.max_unacked
 
     async def flush(self, session: _Session) -> None:
-        """Writes everything queued: messages, owed credit, progress."""
+        """Writes everything queued: messages, owed credit, log lines, progress."""
         pb = self.pb
         call = session.call
         try:
@@ -747,6 +907,15 @@ class _Runner:
                 elif self.credit_due(session):
                     message = pb.WorkerMessage(credit=pb.Credit(slots=session.owed_credit))
                     session.owed_credit = 0
+                elif self.logs:
+                    with self.logs_lock:
+                        logs, self.logs = self.logs, {}
+                    for (job_id, token), pending in logs.items():
+                        running = self.jobs.get(job_id)
+                        # Lines of a job that has ended here would be dropped.
+                        if running is not None and running.token == token:
+                            session.outbox.append(self.log_message(job_id, token, pending))
+                    continue
                 elif self.progress:
                     with self.progress_lock:
                         notes, self.progress = self.progress, {}
@@ -928,6 +1097,7 @@ class _Runner:
         event loop. The first step runs in a copy of the context, which the
         task then keeps, as a task started the usual way would."""
         context = contextvars.copy_context()
+        context.run(_JOB.set, running.ctx)
         try:
             args, kwargs = context.run(function.binding.call, value, running.ctx)
             coroutine = context.run(function.fn, *args, **kwargs)
@@ -965,14 +1135,22 @@ class _Runner:
 
     def run_sync(self, function: _Function, value: Any, running: _Running) -> None:
         """Runs on a worker thread."""
+        job = _JOB.set(running.ctx)
         try:
             args, kwargs = function.binding.call(value, running.ctx)
             result = function.fn(*args, **kwargs)
-            if inspect.isawaitable(result):
-                raise TypeError(f"{function.name} returned an awaitable from a sync function")
-            outcome = self.encode(result)
         except BaseException as exc:  # everything the function raises is its outcome
-            outcome = self.failure_of(exc, running.ctx)
+            raised: BaseException | None = exc
+        else:
+            raised = None
+        finally:
+            _JOB.reset(job)
+        if raised is None and inspect.isawaitable(result):
+            raised = TypeError(f"{function.name} returned an awaitable from a sync function")
+        if raised is None:
+            outcome = self.encode(result)
+        else:
+            outcome = self.failure_of(raised, running.ctx)
         try:
             self.loop.call_soon_threadsafe(self.finished, running, outcome)
         except RuntimeError:
@@ -1011,12 +1189,19 @@ class _Runner:
         return _failure(_PANICKED, f"{type(exc).__name__}: {exc}")
 
     def finished(self, running: _Running, outcome: Any) -> None:
-        """A job ended here: report it (now, or in the next session)."""
+        """A job ended here: report it (now, or in the next session), after
+        the log lines it has left to send."""
+        with self.logs_lock:
+            pending = self.logs.pop((running.job_id, running.token), None)
         if self.jobs.get(running.job_id) is not running:
             # Given back, lost or superseded: jobd would refuse the report.
             return
         del self.jobs[running.job_id]
-        self.report(running.job_id, running.token, outcome, self.session)
+        session = self.session
+        if pending is not None and session is not None:
+            # Lines taken earlier are already in the outbox, ahead of these.
+            session.outbox.append(self.log_message(running.job_id, running.token, pending))
+        self.report(running.job_id, running.token, outcome, session)
 
     def report(self, job_id: str, token: int, outcome: Any, session: _Session | None) -> None:
         pb = self.pb
@@ -1042,6 +1227,38 @@ class _Runner:
                 self.loop.call_soon_threadsafe(self.wake.set)
             except RuntimeError:
                 pass
+
+    def post_log(self, job_id: str, token: int, stream: int, data: bytes) -> None:
+        """From any thread: a line of a job's log, to send (or drop, counted,
+        past ``MAX_PENDING_LOG`` waiting)."""
+        with self.logs_lock:
+            first = not self.logs
+            key = (job_id, token)
+            pending = self.logs.get(key)
+            if pending is None:
+                pending = self.logs[key] = _PendingLog([])
+            if pending.size + len(data) > MAX_PENDING_LOG:
+                pending.dropped += 1
+            else:
+                pending.size += len(data)
+                pending.lines.append((stream, data))
+        if first:
+            try:
+                self.loop.call_soon_threadsafe(self.wake.set)
+            except RuntimeError:
+                pass
+
+    def log_message(self, job_id: str, token: int, pending: _PendingLog) -> Any:
+        """The LogLines message of a job's waiting lines, with a note of any dropped."""
+        pb = self.pb
+        lines = [pb.LogLine(stream=stream, data=data) for stream, data in pending.lines]
+        if pending.dropped:
+            note = (
+                f"[worker: {pending.dropped} log lines dropped: "
+                "the job wrote faster than they could be sent]\n"
+            )
+            lines.append(pb.LogLine(stream=_LOG, data=note.encode()))
+        return pb.WorkerMessage(log=pb.LogLines(job_id=job_id, fencing_token=token, lines=lines))
 
     # -- stopping ---------------------------------------------------------------------
 
@@ -1092,6 +1309,8 @@ class _Runner:
             self.stop_timer.cancel()
         if self.threads is not None:
             self.threads.close()
+        with self.logs_lock:
+            self.logs.clear()
         with self.worker._lock:
             self.worker._runner = None
 
