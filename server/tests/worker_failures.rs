@@ -86,20 +86,9 @@ impl WorkerProcess {
         self.child.wait().expect("reap the worker");
     }
 
-    /// Waits (bounded, polling: a child's exit has no awaitable signal
-    /// without unsafe code) for the process to exit.
+    /// Waits (bounded) for the process to exit.
     fn exited(&mut self, limit: Duration) -> std::process::ExitStatus {
-        let deadline = Instant::now() + limit;
-        loop {
-            if let Some(status) = self.child.try_wait().expect("try_wait") {
-                return status;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "the worker did not exit in {limit:?}"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        jobd_test_support::wait_exit(&mut self.child, limit, "the worker")
     }
 }
 

@@ -117,20 +117,26 @@ impl JobdProcess {
         self.child.wait().expect("reap jobd");
     }
 
-    /// Waits for the process to exit, at most `limit`. Polls: a child's
-    /// exit has no signal a test can await without unsafe code.
+    /// Waits for the process to exit, at most `limit`.
     pub fn wait_exit(&mut self, limit: Duration) -> ExitStatus {
-        let deadline = Instant::now() + limit;
-        loop {
-            if let Some(status) = self.child.try_wait().expect("try_wait") {
-                return status;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "jobd did not exit within {limit:?}"
-            );
-            std::thread::sleep(Duration::from_millis(20));
+        wait_exit(&mut self.child, limit, "jobd")
+    }
+}
+
+/// Waits for `child` (`what`, for the panic) to exit, at most `limit`.
+/// Polls: a child's exit has no signal a test can await without unsafe
+/// code.
+pub fn wait_exit(child: &mut Child, limit: Duration, what: &str) -> ExitStatus {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(status) = child.try_wait().expect("try_wait") {
+            return status;
         }
+        assert!(
+            Instant::now() < deadline,
+            "{what} did not exit within {limit:?}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
     }
 }
 
