@@ -167,6 +167,11 @@ mod faults {
                 },
             )
             .register_process(
+                "test.stack_overflow",
+                "TEST ONLY: recurses until its thread's stack overflows",
+                |_ctx, _args| Ok(json!(deeper(0))),
+            )
+            .register_process(
                 "test.exit",
                 "TEST ONLY: exits its process with code args (default 3) mid-job",
                 |_ctx, args| {
@@ -246,6 +251,16 @@ mod faults {
                     Ok(Value::Null)
                 },
             );
+    }
+
+    /// A recursion with 4 KiB frames that the compiler can neither flatten
+    /// nor turn into a loop: it ends only when the stack does.
+    fn deeper(depth: u64) -> u64 {
+        let frame = std::hint::black_box([depth; 512]);
+        if std::hint::black_box(depth) == u64::MAX {
+            return frame[0];
+        }
+        deeper(depth + 1).wrapping_add(frame[511])
     }
 }
 

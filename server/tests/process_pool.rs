@@ -177,6 +177,9 @@ async fn a_crash_fails_only_its_job_and_the_pool_heals() {
     let segv = submit(&client, "test.segfault", Value::Null, None).await;
     let message = failure(&segv, ErrorKind::WorkerLost).await;
     assert!(message.contains("SIGSEGV"), "{message}");
+    let overflow = submit(&client, "test.stack_overflow", Value::Null, None).await;
+    let message = failure(&overflow, ErrorKind::WorkerLost).await;
+    assert!(message.contains("stack overflow"), "{message}");
     let exit = submit(&client, "test.exit", json!(7), None).await;
     let message = failure(&exit, ErrorKind::WorkerLost).await;
     assert!(message.contains("exited with code 7"), "{message}");
