@@ -1,18 +1,18 @@
 //! The store boundary: where job state lives, behind one interface,
-//! [`JobStore`], that every store implements and the engine alone calls.
+//! `JobStore`, that every store implements and the engine alone calls.
 //!
 //! The interface speaks only of the domain: jobs ([`JobRecord`]), leases,
 //! events, listings, and its own [`StoreError`]. It knows nothing of the
 //! engine, its executors or the API: the engine asks for the next job of a
-//! pool and gets a [`Lease`] (the attempt plus a fencing token); every later
+//! pool and gets a `Lease` (the attempt plus a fencing token); every later
 //! write about that attempt carries the lease and is refused as
-//! [`Fenced::Stale`] once the lease is no longer current, whoever holds an
+//! `Fenced::Stale` once the lease is no longer current, whoever holds an
 //! old one. A cancel is recorded here; how it is honoured (dropping a
 //! future, firing a token, killing a process, messaging a worker) is the
 //! executor's business.
 //!
-//! Two stores implement it: [`memory`] (ephemeral) and [`sqlite`] (durable,
-//! embedded). Both build on [`live`], the in-memory machinery they share:
+//! Two stores implement it: `memory` (ephemeral) and `sqlite` (durable,
+//! embedded). Both build on `live`, the in-memory machinery they share:
 //! the job table, each pool's queue (priority with aging, delayed jobs) and
 //! the event hub. With SQLite, that machinery is a cache of live jobs which
 //! only the SQLite store reads or writes. One conformance suite
