@@ -697,3 +697,75 @@ async fn a_retryable_failure_sent_again_after_a_restart_keeps_the_retry_budget()
     assert_eq!(outcome.state, JobState::Failed, "{outcome:?}");
     server.shutdown().await;
 }
+
+/// A lane that claimed a job for a free slot another lane took meanwhile
+/// holds the job while it waits for a slot; once no worker serves the job
+/// any more (its only worker drains), the job goes back to pending instead
+/// of looking running with nobody to run it.
+///
+/// With the SQLite store each lane awaits the commit of its claim before it
+/// assigns, so two lanes woken by one freed slot both claim, and one of
+/// them is left holding its job.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_held_for_a_slot_goes_back_when_no_worker_serves_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let (registry, _fx) = registry();
+    let config = jobd::EngineConfig {
+        worker_heartbeat_interval: Duration::from_millis(100),
+        worker_lease_timeout: Duration::from_millis(400),
+        ..config(64, 2, 1000)
+    };
+    let store = jobd::StoreConfig::Sqlite {
+        dir: dir.path().to_owned(),
+    };
+    let server = TestServer::start_on(registry, config, Duration::from_secs(5), &store).await;
+    let client = server.client().await;
+    let mut worker = worker(&server, attach("one", &["f", "g", "h"], 1)).await;
+    let _alive = worker.heartbeats(Duration::from_millis(100));
+
+    // The one slot is busy; f and g wait for it, each in its own lane.
+    let h = client.submit("h", json!(0)).await.unwrap();
+    let busy = worker.assignment().await;
+    assert_eq!(busy.job_id, h.id().to_string());
+    let f = client.submit("f", json!(1)).await.unwrap();
+    let g = client.submit("g", json!(2)).await.unwrap();
+    worker.succeed(&busy, json!("done")).await;
+    assert_eq!(
+        worker.ack().await.result(),
+        pb::report_ack::Result::Accepted
+    );
+    // One freed slot wakes both lanes.
+    worker.credit(1).await;
+    let taken = worker.assignment().await;
+    let held = if taken.job_id == f.id().to_string() {
+        &g
+    } else {
+        &f
+    };
+    let status = held.status().await.unwrap();
+    assert_eq!(
+        (status.state, status.attempt),
+        (JobState::Running, 1),
+        "the other lane claimed its job too, and holds it for a slot"
+    );
+
+    // Its only worker drains: nobody will take the held job, so it is
+    // given back.
+    assert!(worker.send(Kind::Draining(pb::Draining {})).await);
+    let mut events = client
+        .watch(jobd_client::Watch::ids([held.id()]))
+        .await
+        .unwrap();
+    let back = tokio::time::timeout(Duration::from_secs(5), async {
+        while let Some(event) = tokio_stream::StreamExt::next(&mut events).await {
+            if event.unwrap().state == Some(JobState::Pending) {
+                return true;
+            }
+        }
+        false
+    })
+    .await;
+    assert_eq!(back, Ok(true), "the held job did not go back to pending");
+    drop(worker.close());
+    server.shutdown().await;
+}

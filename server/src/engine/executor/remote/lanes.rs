@@ -8,7 +8,7 @@
 use std::{collections::BTreeMap, sync::Arc};
 
 use super::Workers;
-use crate::store::{ClaimRequest, Claimed, Fenced, LeaseState, QueueName};
+use crate::store::{ClaimRequest, Claimed, Fenced, Lease, LeaseState, QueueName};
 
 /// The pause after a claim the store could not answer.
 const CLAIM_RETRY: std::time::Duration = std::time::Duration::from_millis(500);
@@ -92,7 +92,10 @@ async fn wait_for_taker(workers: &Workers, route: &Route) -> bool {
 
 /// Hands `claimed` to a worker with a free slot, waiting for one when the
 /// free slots were taken meanwhile (renewing the job's lease while it
-/// waits). A job cancelled meanwhile ends here; one whose lease is lost is
+/// waits). When no attached worker serves the job any more (the one that
+/// had a free slot detached or started draining meanwhile), the job is
+/// given back at once: held here, it would look running with nobody to
+/// run it. A job cancelled meanwhile ends here; one whose lease is lost is
 /// someone else's.
 async fn assign(workers: &Arc<Workers>, route: &Route, claimed: Claimed) {
     let lease = &claimed.lease;
@@ -126,6 +129,10 @@ async fn assign(workers: &Arc<Workers>, route: &Route, claimed: Claimed) {
             // That session is over; look again.
             continue;
         }
+        if !workers.has_server(route) {
+            give_back(workers, lease, "no worker serves it any more").await;
+            return;
+        }
         tokio::select! {
             () = &mut changed => {}
             _ = renew.tick() => match workers.store.renew(lease, ttl).await {
@@ -142,12 +149,21 @@ async fn assign(workers: &Arc<Workers>, route: &Route, claimed: Claimed) {
                 Err(err) => tracing::warn!(id = %lease.job, %err, "cannot renew the lease of a job waiting for a worker"),
             },
             () = workers.stopped.cancelled() => {
-                match workers.store.release(lease).await {
-                    Ok(Fenced::Applied | Fenced::Repeated | Fenced::Stale) => {}
-                    Err(err) => tracing::warn!(id = %lease.job, %err, "cannot give back a job no worker took"),
-                }
+                give_back(workers, lease, "jobd is stopping").await;
                 return;
             }
+        }
+    }
+}
+
+/// Gives back a job no worker took: pending again, for its next attempt.
+async fn give_back(workers: &Workers, lease: &Lease, why: &str) {
+    match workers.store.release(lease).await {
+        Ok(Fenced::Applied | Fenced::Repeated | Fenced::Stale) => {
+            tracing::debug!(id = %lease.job, why, "gave back a job no worker took");
+        }
+        Err(err) => {
+            tracing::warn!(id = %lease.job, %err, why, "cannot give back a job no worker took");
         }
     }
 }

@@ -431,6 +431,13 @@ impl Workers {
             .any(|s| s.can_run(&route.function, &route.labels))
     }
 
+    /// True when some attached session takes jobs of `route`, busy or not.
+    fn has_server(&self, route: &lanes::Route) -> bool {
+        self.lock_sessions()
+            .values()
+            .any(|s| s.serves(&route.function, &route.labels))
+    }
+
     fn lock_sessions(&self) -> std::sync::MutexGuard<'_, HashMap<Arc<str>, Arc<Session>>> {
         // Inserts and removals cannot leave the map half-updated.
         self.sessions.lock().unwrap_or_else(PoisonError::into_inner)

@@ -201,8 +201,13 @@ impl Session {
     /// Whether this session may take a job of `function` requiring
     /// `labels` now.
     pub(super) fn can_run(&self, function: &str, labels: &BTreeMap<String, String>) -> bool {
-        self.free() > 0
-            && !self.draining.load(Ordering::Acquire)
+        self.free() > 0 && self.serves(function, labels)
+    }
+
+    /// Whether this session takes jobs of `function` requiring `labels`,
+    /// once it has a free slot (it is neither draining nor closed).
+    pub(super) fn serves(&self, function: &str, labels: &BTreeMap<String, String>) -> bool {
+        !self.draining.load(Ordering::Acquire)
             && !self.closed.is_cancelled()
             && self.functions.iter().any(|f| **f == *function)
             && labels
