@@ -710,6 +710,36 @@ fn usage_errors_exit_2() {
     );
 }
 
+/// A worker whose command cannot start would take jobs only to fail them:
+/// it refuses to start instead, before it connects (the address is one
+/// nothing listens on, so an attempt to connect would fail otherwise).
+#[test]
+fn a_worker_whose_program_cannot_start_refuses_to_start() {
+    for (exec, expected) in [
+        (
+            "upper=no-such-program-jobd a-z A-Z",
+            r#"jobctl: --exec upper: cannot run "no-such-program-jobd": not found in PATH"#,
+        ),
+        (
+            "size=/nonexistent/wc -c",
+            r#"jobctl: --exec size: cannot run "/nonexistent/wc": /nonexistent/wc does not exist"#,
+        ),
+    ] {
+        let run = execute(jobctl().args([
+            "--addr",
+            "http://127.0.0.1:1",
+            "worker",
+            "--exec",
+            "fine=cat",
+            "--exec",
+            exec,
+        ]))
+        .code(2);
+        assert_eq!(run.stdout, "");
+        assert_eq!(run.error_line(), expected);
+    }
+}
+
 #[test]
 fn an_unreachable_server_is_one_line_and_exit_3() {
     let refused =

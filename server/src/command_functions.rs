@@ -139,6 +139,39 @@ impl CommandFunction {
         &self.name
     }
 
+    /// Where its program would be found if a job ran now (in `PATH`, its
+    /// working directory and its environment), for a check at start: jobs
+    /// look it up again each time, so a program installed later is found.
+    ///
+    /// ```
+    /// use std::path::Path;
+    ///
+    /// let functions = jobd::command_functions::parse(
+    ///     "[functions.count]\ncommand = [\"wc\", \"-c\"]\n\n[functions.gone]\ncommand = [\"no-such-program-jobd\"]\n",
+    ///     Path::new("functions.toml"),
+    /// )?;
+    /// assert!(functions[0].find_program().is_ok());
+    /// assert_eq!(
+    ///     functions[1].find_program().unwrap_err().to_string(),
+    ///     "not found in PATH"
+    /// );
+    /// # Ok::<(), jobd::command_functions::FunctionsFileError>(())
+    /// ```
+    ///
+    /// # Errors
+    ///
+    /// Why the program could not be started now.
+    pub fn find_program(&self) -> Result<PathBuf, jobd_command::SpawnError> {
+        let mut spec = CommandSpec::new(self.template.program()).inherit_path(true);
+        for (name, value) in &self.env {
+            spec = spec.env(name, value);
+        }
+        if let Some(dir) = &self.cwd {
+            spec = spec.current_dir(dir);
+        }
+        spec.find_program()
+    }
+
     /// Whether it runs its program under resource limits (which need the
     /// limits helper, see [`register`]).
     #[must_use]

@@ -491,6 +491,17 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let mut registry = jobd::builtins::registry();
     if let Some(path) = &args.functions {
         let functions = jobd::command_functions::load(path)?;
+        for function in &functions {
+            // Not fatal: the program may be installed later, and each job
+            // looks it up again (failing with this reason meanwhile).
+            if let Err(reason) = function.find_program() {
+                tracing::warn!(
+                    function = function.name(),
+                    %reason,
+                    "the program of a command function cannot be started now; its jobs fail until it can"
+                );
+            }
+        }
         let helper = std::env::current_exe()
             .map_err(|e| anyhow::anyhow!("cannot find jobd's own executable: {e}"))?;
         let count = functions.len();

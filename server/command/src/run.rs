@@ -14,7 +14,7 @@
 //! 3. finish reading the pipes, bounded: once the group is gone only a
 //!    process that left it can still hold them open.
 
-use std::ffi::OsStr;
+use std::ffi::{OsStr, OsString};
 use std::future::Future;
 use std::io;
 use std::os::unix::ffi::OsStrExt;
@@ -210,13 +210,7 @@ pub async fn run(spec: CommandSpec, cancel: &CancellationToken) -> Result<Finish
     } else {
         None
     };
-    // The PATH the program will get is the one its name is looked up in:
-    // its own, given in the spec, wins over an inherited one.
-    let path = env
-        .iter()
-        .find(|(name, _)| name == "PATH")
-        .map(|(_, value)| value.clone())
-        .or_else(|| inherited.clone());
+    let path = program_path(&env, inherited.as_ref());
     let resolved = {
         let (argv0, path, cwd) = (argv0.clone(), path.clone(), cwd.clone());
         // A few stat calls, but file I/O all the same (a PATH entry may be
@@ -498,6 +492,47 @@ async fn gone_by(
 
 /// Finds the file to execute for `program`, the way `execvp` would in the
 /// program's own environment, but with every surprise made an error.
+/// The PATH the program will get, which is the one its name is looked up
+/// in: its own, given in the spec, wins over an inherited one.
+fn program_path(env: &[(OsString, OsString)], inherited: Option<&OsString>) -> Option<OsString> {
+    env.iter()
+        .find(|(name, _)| name == "PATH")
+        .map(|(_, value)| value.clone())
+        .or_else(|| inherited.cloned())
+}
+
+impl CommandSpec {
+    /// Where the program would be found if it ran now, as [`run`] looks it
+    /// up: a name with a `/` as a path (from the working directory), a bare
+    /// name in the program's `PATH`. For checking a configuration before
+    /// any job runs; [`run`] looks again each time. Blocking (a few
+    /// `stat` calls).
+    ///
+    /// ```
+    /// use jobd_command::{CommandSpec, SpawnError};
+    ///
+    /// assert!(CommandSpec::new("sh").inherit_path(true).find_program().is_ok());
+    /// assert!(matches!(
+    ///     CommandSpec::new("no-such-program-here").inherit_path(true).find_program(),
+    ///     Err(SpawnError::NotInPath)
+    /// ));
+    /// ```
+    ///
+    /// # Errors
+    ///
+    /// Why it could not be started: not in `PATH`, no `PATH`, missing, not
+    /// executable, or a missing working directory.
+    pub fn find_program(&self) -> Result<PathBuf, SpawnError> {
+        let inherited = if self.inherit_path {
+            std::env::var_os("PATH")
+        } else {
+            None
+        };
+        let path = program_path(&self.env, inherited.as_ref());
+        resolve(&self.program, path.as_deref(), self.cwd.as_deref())
+    }
+}
+
 fn resolve(
     program: &OsStr,
     path: Option<&OsStr>,

@@ -213,6 +213,28 @@ impl Template {
         self
     }
 
+    /// The program, argv\[0\]: literal text, since a placeholder may not
+    /// name it.
+    ///
+    /// ```
+    /// let template = jobd_command::Template::parse(["wc", "-c", "{file}"], ["file"])?;
+    /// assert_eq!(template.program(), "wc");
+    /// # Ok::<(), jobd_command::TemplateError>(())
+    /// ```
+    #[must_use]
+    pub fn program(&self) -> String {
+        self.elements
+            .first()
+            .into_iter()
+            .flatten()
+            .map(|piece| match piece {
+                Piece::Text(text) => text.as_str(),
+                // Refused by `parse`: the program is never a placeholder.
+                Piece::Field(_) => "",
+            })
+            .collect()
+    }
+
     /// The names the placeholders use, each once, in order.
     pub fn fields(&self) -> impl Iterator<Item = &str> {
         let mut seen = BTreeSet::new();

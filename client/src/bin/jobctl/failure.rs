@@ -112,6 +112,14 @@ pub(crate) enum Failure {
         cause: Box<Failure>,
     },
     /// `map`: stdin could not be read (e.g. it is not UTF-8 text).
+    /// An `--exec` command whose program cannot be started here.
+    #[error("--exec {name}: cannot run {program:?}: {reason}")]
+    ExecProgram {
+        name: String,
+        program: String,
+        reason: jobd_command::SpawnError,
+    },
+
     #[error("cannot read stdin: {0}")]
     Stdin(io::Error),
     /// Any other failure reported by the client library.
@@ -169,7 +177,10 @@ impl Failure {
             | Self::NothingSucceeded { .. }
             | Self::BenchWorker { .. }
             | Self::MapStopped { .. } => Exit::Rpc,
-            Self::ServerMemory { .. } | Self::File { .. } | Self::Stdin(_) => Exit::Usage,
+            Self::ServerMemory { .. }
+            | Self::File { .. }
+            | Self::Stdin(_)
+            | Self::ExecProgram { .. } => Exit::Usage,
             Self::Interrupted { .. } => Exit::Interrupted,
             Self::Job { .. } | Self::MapUnsuccessful { .. } | Self::Output(_) => {
                 Exit::JobUnsuccessful

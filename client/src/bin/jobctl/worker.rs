@@ -94,6 +94,18 @@ pub(crate) async fn serve(
     options: ConnectOptions,
     args: &Serve,
 ) -> Result<(), Failure> {
+    // A program that cannot start would fail every job this worker took:
+    // better not to attach at all. (Each job looks it up again.)
+    for exec in &args.exec {
+        let program = &exec.argv[0];
+        if let Err(reason) = CommandSpec::new(program).inherit_path(true).find_program() {
+            return Err(Failure::ExecProgram {
+                name: exec.name.clone(),
+                program: program.clone(),
+                reason,
+            });
+        }
+    }
     let mut worker = Worker::new(addr)
         .connect_options(options)
         .version(concat!("jobctl ", env!("CARGO_PKG_VERSION")))
