@@ -547,6 +547,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let engine = tokio::task::spawn_blocking(move || Engine::open(registry, config, &store))
         .await
         .context("opening the job store panicked")??;
+    let shutdown = shutdown_signal()?;
     // Printed on stdout (not a log line) so scripts and tests can read it.
     println!("listening on {addr}");
     let limits = args.limits();
@@ -560,7 +561,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     jobd::serve(listener, engine)
         .limits(limits)
         .security(security)
-        .with_graceful_shutdown(shutdown_signal(), args.shutdown_grace)
+        .with_graceful_shutdown(shutdown, args.shutdown_grace)
         .await?;
     tracing::info!("stopped");
     Ok(())
@@ -595,32 +596,34 @@ fn reload_tokens_on_sighup(path: PathBuf, tokens: Arc<TokenSet>) -> anyhow::Resu
     Ok(())
 }
 
-/// Resolves on the first SIGINT or SIGTERM.
-async fn shutdown_signal() {
-    let ctrl_c = async {
+/// Listens for SIGINT and SIGTERM from now on, and returns what resolves
+/// on the first of them. Called before jobd says it is listening: a signal
+/// that came between that line and the first poll of a lazily registered
+/// handler would otherwise kill jobd with the default action, skipping the
+/// drain.
+#[cfg(unix)]
+fn shutdown_signal() -> anyhow::Result<impl Future<Output = ()>> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut interrupt = signal(SignalKind::interrupt()).context("cannot listen for SIGINT")?;
+    let mut terminate = signal(SignalKind::terminate()).context("cannot listen for SIGTERM")?;
+    Ok(async move {
+        tokio::select! {
+            _ = interrupt.recv() => tracing::info!("SIGINT received"),
+            _ = terminate.recv() => tracing::info!("SIGTERM received"),
+        }
+    })
+}
+
+/// Resolves on the first Ctrl-C.
+#[cfg(not(unix))]
+fn shutdown_signal() -> anyhow::Result<impl Future<Output = ()>> {
+    Ok(async {
         if let Err(err) = tokio::signal::ctrl_c().await {
-            tracing::error!(%err, "cannot listen for SIGINT");
+            tracing::error!(%err, "cannot listen for Ctrl-C");
             std::future::pending::<()>().await;
         }
-    };
-    #[cfg(unix)]
-    let terminate = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut sigterm) => {
-                sigterm.recv().await;
-            }
-            Err(err) => {
-                tracing::error!(%err, "cannot listen for SIGTERM");
-                std::future::pending::<()>().await;
-            }
-        }
-    };
-    #[cfg(not(unix))]
-    let terminate = std::future::pending::<()>();
-    tokio::select! {
-        () = ctrl_c => tracing::info!("SIGINT received"),
-        () = terminate => tracing::info!("SIGTERM received"),
-    }
+        tracing::info!("Ctrl-C received");
+    })
 }
 
 #[cfg(test)]

@@ -87,6 +87,20 @@ async fn sigterm_drains_running_jobs_then_exits_zero() {
     assert_eq!(waiter.await.unwrap().unwrap(), json!("drained"));
 }
 
+/// A SIGTERM that comes as soon as jobd says it is listening still drains
+/// and exits 0: the handler is in place before the line is printed. (The
+/// window this guards was between the line and the first poll of a lazily
+/// registered handler; tried a few times, as it is narrow.)
+#[test]
+fn sigterm_right_after_the_listening_line_exits_zero() {
+    for _ in 0..10 {
+        let mut server = JobdProcess::start(jobd_binary!(), &["--store", "memory"]);
+        server.terminate();
+        let status = server.wait_exit(Duration::from_secs(15));
+        assert!(status.success(), "jobd exited with {status}");
+    }
+}
+
 #[test]
 fn help_teaches_the_flags() {
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_jobd"))
