@@ -203,19 +203,33 @@ async fn run_command(argv: &[String], ctx: &Ctx, args: &Value) -> Result<Value, 
 /// SIGINT or SIGTERM, whichever comes first: both drain the worker. If a
 /// handler cannot be installed that signal keeps its default (it ends the
 /// process at once), rather than the worker refusing to start.
-async fn stop_signal() {
+fn stop_signal() -> impl Future<Output = ()> {
     use tokio::signal::unix::{SignalKind, signal};
-    let terminate = async {
-        match signal(SignalKind::terminate()) {
-            Ok(mut terminate) => {
-                terminate.recv().await;
+    // Registered now, not when first polled: a SIGTERM that comes while the
+    // worker connects must drain it, not kill it with the default action.
+    let interrupt = signal(SignalKind::interrupt());
+    let terminate = signal(SignalKind::terminate());
+    async move {
+        let interrupt = async {
+            match interrupt {
+                Ok(mut interrupt) => {
+                    interrupt.recv().await;
+                }
+                Err(_) => std::future::pending().await,
             }
-            Err(_) => std::future::pending().await,
+        };
+        let terminate = async {
+            match terminate {
+                Ok(mut terminate) => {
+                    terminate.recv().await;
+                }
+                Err(_) => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            () = interrupt => {}
+            () = terminate => {}
         }
-    };
-    tokio::select! {
-        Ok(()) = tokio::signal::ctrl_c() => {}
-        () = terminate => {}
     }
 }
 
