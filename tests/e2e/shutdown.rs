@@ -101,3 +101,57 @@ async fn health_turns_not_serving_when_the_drain_starts() {
     assert_eq!(waiter.await.unwrap().unwrap(), json!("finished anyway"));
     server.join().await;
 }
+
+/// Drops slowly, as a job future holding a resource with a costly cleanup.
+struct SlowDrop;
+
+impl Drop for SlowDrop {
+    fn drop(&mut self) {
+        std::thread::sleep(Duration::from_millis(300));
+    }
+}
+
+/// `hang`: reports its attempt on `started`, then runs until interrupted
+/// and drops slowly.
+fn hanging(started: tokio::sync::mpsc::Sender<u32>) -> jobd::Registry {
+    let mut registry = jobd::Registry::new();
+    registry.register_async("hang", "runs until interrupted", move |ctx, _args| {
+        let started = started.clone();
+        async move {
+            let _cleanup = SlowDrop;
+            let _ = started.send(ctx.attempt()).await;
+            std::future::pending::<()>().await;
+            Ok(json!(null))
+        }
+    });
+    registry
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_durable_store_opens_again_as_soon_as_shutdown_returns() {
+    // The interrupted job's task still holds the engine (and the store's
+    // lock on its directory) until its future is dropped: shutdown must
+    // wait for that, so that an embedder can open the store again.
+    let dir = tempfile::tempdir().unwrap();
+    let store = jobd::StoreConfig::Sqlite {
+        dir: dir.path().to_owned(),
+    };
+    let (started, mut attempts) = tokio::sync::mpsc::channel(1);
+    let grace = Duration::from_millis(100);
+    let server =
+        TestServer::start_on(hanging(started.clone()), config(4, 1, 100), grace, &store).await;
+    server
+        .client()
+        .await
+        .submit("hang", json!(null))
+        .await
+        .unwrap();
+    assert_eq!(attempts.recv().await, Some(1));
+    server.shutdown().await;
+
+    let engine = jobd::Engine::open(hanging(started), config(4, 1, 100), &store)
+        .expect("the store opens again once shutdown has returned");
+    // The interrupted job went back to pending and runs again.
+    assert_eq!(attempts.recv().await, Some(2));
+    engine.shutdown(grace).await;
+}

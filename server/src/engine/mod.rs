@@ -55,6 +55,9 @@ use crate::{
     },
 };
 
+/// How long a shutdown waits for the jobs it interrupted to return.
+const INTERRUPTED_BOUND: Duration = Duration::from_secs(2);
+
 /// What `Cancel` did, as `Future.cancel()` would report it and more.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CancelOutcome {
@@ -477,8 +480,9 @@ impl Engine {
     /// jobs are killed with their child's process group; with the
     /// in-memory store they are marked failed, with a durable store they go
     /// back to pending and run again after a restart) and releases every
-    /// waiter. Returns once every child process of the process pool is
-    /// gone (bounded). Idempotent.
+    /// waiter. Returns once the interrupted jobs have returned and every
+    /// child process of the process pool is gone (both bounded), so that a
+    /// durable store can be opened again in the same process. Idempotent.
     pub async fn shutdown(&self, grace: Duration) {
         let inner = &self.inner;
         inner.accepting.store(false, Ordering::Release);
@@ -498,9 +502,24 @@ impl Engine {
                 "grace period over; interrupted running jobs"
             );
         }
-        // The interrupted process jobs' children are being killed (and idle
-        // ones retired): none may outlive the server.
-        if !inner.processes.stopped(process_pool::STOP_BOUND).await {
+        // The interrupted jobs were told to stop: let them return, so that
+        // nothing of this engine (its store, and a durable store's lock on
+        // its directory) outlives the shutdown. An async job returns at
+        // once; a blocking function that ignores its signal cannot be made
+        // to, hence the bound. Meanwhile the interrupted process jobs'
+        // children are being killed (and idle ones retired): none may
+        // outlive the server.
+        let (returned, stopped) = tokio::join!(
+            tokio::time::timeout(INTERRUPTED_BOUND, inner.tasks.wait()),
+            inner.processes.stopped(process_pool::STOP_BOUND)
+        );
+        if returned.is_err() {
+            tracing::warn!(
+                ?INTERRUPTED_BOUND,
+                "interrupted jobs still running; they keep the store open until they return"
+            );
+        }
+        if !stopped {
             tracing::error!(
                 children = inner.processes.children(),
                 "process-pool children still stopping after {:?}",
