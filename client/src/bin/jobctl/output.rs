@@ -291,6 +291,29 @@ pub(crate) fn timestamp(at: SystemTime) -> String {
     prost_types::Timestamp::from(at).to_string()
 }
 
+/// Rows as a table of left-aligned columns two spaces apart, the first row
+/// being the header; no trailing spaces.
+pub(crate) fn columns<const N: usize>(rows: &[[String; N]]) -> String {
+    let mut widths = [0; N];
+    for row in rows {
+        for (width, cell) in widths.iter_mut().zip(row) {
+            *width = (*width).max(cell.chars().count());
+        }
+    }
+    rows.iter()
+        .map(|row| {
+            row.iter()
+                .zip(widths)
+                .map(|(cell, width)| format!("{cell:<width$}"))
+                .collect::<Vec<_>>()
+                .join("  ")
+                .trim_end()
+                .to_owned()
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
 fn aligned(rows: &[(&str, String)]) -> String {
     let width = rows.iter().map(|(key, _)| key.len()).max().unwrap_or(0) + 1;
     rows.iter()

@@ -8,7 +8,7 @@
 
 use std::{
     collections::BTreeMap,
-    io::{IsTerminal as _, Write as _},
+    io::IsTerminal as _,
     time::{Duration, SystemTime},
 };
 
@@ -18,8 +18,9 @@ use serde_json::json;
 
 use crate::{
     cli::{Format, parse_label, parse_seconds},
+    commands::print,
     failure::Failure,
-    output,
+    output::{self, timestamp},
 };
 
 /// The server's largest page; `list` never asks for more than it still
@@ -206,38 +207,7 @@ fn render_table(jobs: &[JobInfo]) -> String {
                 ]
             }))
             .collect();
-    let mut widths = [0; 5];
-    for row in &rows {
-        for (width, cell) in widths.iter_mut().zip(row) {
-            *width = (*width).max(cell.chars().count());
-        }
-    }
-    rows.iter()
-        .map(|row| {
-            row.iter()
-                .zip(widths)
-                .map(|(cell, width)| format!("{cell:<width$}"))
-                .collect::<Vec<_>>()
-                .join("  ")
-                .trim_end()
-                .to_owned()
-        })
-        .collect::<Vec<_>>()
-        .join("\n")
-}
-
-/// RFC 3339 in UTC, as `status` prints times.
-fn timestamp(at: SystemTime) -> String {
-    prost_types::Timestamp::from(at).to_string()
-}
-
-/// Writes one answer; see `commands::print` (not `println!`, which panics
-/// on a closed pipe).
-fn print(text: &str) -> Result<(), Failure> {
-    let mut stdout = std::io::stdout().lock();
-    writeln!(stdout, "{text}")?;
-    stdout.flush()?;
-    Ok(())
+    output::columns(&rows)
 }
 
 /// A point in time for `list`'s time filters: an RFC 3339 timestamp, or a

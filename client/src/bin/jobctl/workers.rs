@@ -14,7 +14,12 @@ use std::{
 use jobd_client::{JobClient, WorkerInfo};
 use serde_json::{Value, json};
 
-use crate::{cli::Format, commands::print, failure::Failure};
+use crate::{
+    cli::Format,
+    commands::print,
+    failure::Failure,
+    output::{self, timestamp},
+};
 
 /// How many function names and running job ids a table cell shows before
 /// it says how many more there are (JSON has them all).
@@ -100,24 +105,7 @@ fn table(workers: &[WorkerInfo], now: SystemTime) -> String {
             ]
         }))
         .collect();
-    let mut widths = [0; 8];
-    for row in &rows {
-        for (width, cell) in widths.iter_mut().zip(row) {
-            *width = (*width).max(cell.chars().count());
-        }
-    }
-    rows.iter()
-        .map(|row| {
-            row.iter()
-                .zip(widths)
-                .map(|(cell, width)| format!("{cell:<width$}"))
-                .collect::<Vec<_>>()
-                .join("  ")
-                .trim_end()
-                .to_owned()
-        })
-        .collect::<Vec<_>>()
-        .join("\n")
+    output::columns(&rows)
 }
 
 /// The first few items, comma-separated, and how many more there are.
@@ -147,11 +135,6 @@ fn short_age(age: Duration) -> String {
         3_600..86_400 => format!("{}h", secs / 3_600),
         _ => format!("{}d", secs / 86_400),
     }
-}
-
-/// RFC 3339 in UTC, as `status` prints times.
-fn timestamp(at: SystemTime) -> String {
-    prost_types::Timestamp::from(at).to_string()
 }
 
 #[cfg(test)]
