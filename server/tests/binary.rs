@@ -6,10 +6,10 @@
     reason = "tests of the real jobd binary keep real time: its clock is the system's"
 )]
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use jobd_client::JobClient;
-use jobd_test_support::{JobdProcess, jobd_binary, refused_start};
+use jobd_test_support::{JobdProcess, jobd_binary, refused_start, seed_example};
 use serde_json::json;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -37,25 +37,7 @@ async fn serves_builtins_on_the_printed_address() {
 async fn seed_example_with_two_blocking_workers() {
     let server = JobdProcess::start(jobd_binary!(), &["--blocking-workers", "2"]);
     let client = JobClient::connect(server.url()).await.unwrap();
-    let start = Instant::now();
-    let hello = client
-        .submit("return_future", json!("hello"))
-        .await
-        .unwrap();
-    let world = client
-        .submit("return_future", json!("world"))
-        .await
-        .unwrap();
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    assert!(!hello.done().await.unwrap());
-    assert!(!world.done().await.unwrap());
-    let (a, b) = tokio::join!(hello.result(), world.result());
-    assert_eq!((a.unwrap(), b.unwrap()), (json!("hello"), json!("world")));
-    let elapsed = start.elapsed();
-    assert!(
-        (Duration::from_millis(2900)..Duration::from_secs(5)).contains(&elapsed),
-        "{elapsed:?}"
-    );
+    seed_example(&client, None).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -31,8 +31,8 @@ pub mod worker;
 
 pub use fixtures::{Fixtures, Probe, config, registry};
 pub use process::{
-    JobdProcess, free_listen, job_count, refused_start, refused_start_output, submit_noop,
-    wait_exit,
+    JobdProcess, free_listen, job_count, refused_start, refused_start_output, seed_example,
+    submit_noop, wait_exit,
 };
 pub use server::{BlockingServer, TestServer};
 

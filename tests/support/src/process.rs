@@ -223,3 +223,38 @@ pub async fn submit_noop(jobs: &mut JobServiceClient<Channel>) -> String {
     .into_inner()
     .job_id
 }
+
+/// The seed example against a real server, in real time: two
+/// `return_future` jobs (on `pool`, or the function's own) are both not
+/// done at 1 s, and both done with their messages at about 3 s, not 6:
+/// they ran at once. Returns them, for checks of their own.
+pub async fn seed_example(
+    client: &jobd_client::JobClient,
+    pool: Option<&str>,
+) -> [jobd_client::JobHandle; 2] {
+    let submit = |message: &'static str| {
+        let mut submission =
+            jobd_client::Submission::new("return_future", serde_json::json!(message));
+        submission.pool = pool.map(str::to_owned);
+        client.submit_with(submission)
+    };
+    let start = Instant::now();
+    let hello = submit("hello").await.unwrap();
+    let world = submit("world").await.unwrap();
+    // The example's own pause, not a synchronisation: at 1 s neither may
+    // be done.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(!hello.done().await.unwrap());
+    assert!(!world.done().await.unwrap());
+    let (a, b) = tokio::join!(hello.result(), world.result());
+    assert_eq!(
+        (a.unwrap(), b.unwrap()),
+        (serde_json::json!("hello"), serde_json::json!("world"))
+    );
+    let elapsed = start.elapsed();
+    assert!(
+        (Duration::from_millis(2900)..Duration::from_secs(5)).contains(&elapsed),
+        "{elapsed:?}"
+    );
+    [hello, world]
+}
