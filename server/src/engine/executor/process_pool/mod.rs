@@ -301,7 +301,9 @@ impl Slot {
         let ran = child
             .run(claimed, reports.as_ref(), cancel, claimed.timeout)
             .await;
-        let (stop, outcome) = match ran {
+        // Past a normal end, the child goes with the job: it was killed, it
+        // died, or something the job started must go with its group.
+        let outcome = match ran {
             Ran::Finished {
                 outcome,
                 leftovers: false,
@@ -314,18 +316,15 @@ impl Slot {
                     LogStream::Log,
                     b"[jobd: the job left processes running; they were stopped with its child process]\n",
                 );
-                (true, outcome)
+                outcome
             }
-            Ran::Cancelled => (true, Err(JobError::Cancelled)),
-            Ran::TimedOut(limit) => (
-                true,
-                Err(JobError::TimedOut(format!(
-                    "ran longer than its {limit:?} limit; its child process was killed"
-                ))),
-            ),
-            Ran::Lost(lost) => (true, Err(self.lost(claimed, lost))),
+            Ran::Cancelled => Err(JobError::Cancelled),
+            Ran::TimedOut(limit) => Err(JobError::TimedOut(format!(
+                "ran longer than its {limit:?} limit; its child process was killed"
+            ))),
+            Ran::Lost(lost) => Err(self.lost(claimed, lost)),
         };
-        if stop && let Some(child) = self.child.take() {
+        if let Some(child) = self.child.take() {
             child.stop(KILL_GRACE).await;
         }
         outcome
