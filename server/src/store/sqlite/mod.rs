@@ -62,7 +62,8 @@ pub(crate) struct SqliteStore {
     reader: Reader,
     /// Finished jobs kept in the cache (older ones are read from disk).
     cache_finished: usize,
-    /// Where the logs of running jobs that wrote any end.
+    /// Where the logs of running jobs that wrote any end; an entry goes
+    /// when its job finishes (completed, cancelled, or failed by a lapse).
     log_ends: dashmap::DashMap<JobId, u64>,
     /// Held for the life of the process: the advisory lock on the data dir.
     _lock: File,
@@ -286,6 +287,8 @@ impl JobStore for SqliteStore {
                 let attempt = self.live.table.view(id, |r| r.attempt).unwrap_or(0);
                 slot.finish_visible(id, attempt, Err(JobError::Cancelled), self.live.clock.now())
                     .await?;
+                // A job cancelled while waiting to retry may have logged.
+                self.log_ends.remove(&id);
                 self.evict();
                 CancelResult::Cancelled
             }
@@ -420,6 +423,7 @@ impl JobStore for SqliteStore {
                     }
                     Some(Lapsed::Failed(err)) => {
                         slot.finish(id, attempt, Err(err), now);
+                        self.log_ends.remove(&id);
                         done.failed += 1;
                     }
                     None => {}
