@@ -399,7 +399,10 @@ pub fn register(
             })
             .try_with_args_schema(schema)
             .map_err(|e| e.to_string())?
-            .returns("the program's stdout (as its `result` mode says)");
+            .returns("the program's stdout (as its `result` mode says)")
+            // It is a process of its own already; and the pool's children
+            // never read the file that declares it.
+            .server_only();
         if !retry_safe {
             registry.not_safe_to_retry(&name);
         }

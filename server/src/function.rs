@@ -106,6 +106,10 @@ pub struct Function {
     args_schema: Option<ArgsSchema>,
     /// What it returns, in words, if it said.
     returns: Option<String>,
+    /// False for a function the children of the process pool do not have
+    /// (one registered from the server's configuration, which they never
+    /// read): it runs in the server only.
+    in_children: bool,
 }
 
 /// A function's argument schema: the JSON Schema as written, and the
@@ -164,12 +168,14 @@ impl Function {
     /// or the process pool for a function whose code this server holds (an
     /// async or blocking one), as a caller of Python's concurrent.futures
     /// picks a thread or a process pool for the same function. Functions
-    /// registered for the process pool never run in the server itself, and
-    /// functions of remote workers run only on their workers.
+    /// registered for the process pool never run in the server itself,
+    /// functions of remote workers run only on their workers, and command
+    /// functions (from the server's configuration) only in the server.
     #[must_use]
     pub fn runs_on(&self, pool: PoolKind) -> bool {
         pool == self.pool()
             || (pool == PoolKind::Process
+                && self.in_children
                 && matches!(self.body, Body::Async(_) | Body::Blocking(_)))
     }
 
@@ -203,6 +209,7 @@ impl Function {
             retry_safe,
             args_schema,
             returns,
+            in_children: false,
         })
     }
 
@@ -445,6 +452,7 @@ impl Registry {
             retry_safe: true,
             args_schema: None,
             returns: None,
+            in_children: true,
         };
         let previous = self.functions.insert(Arc::clone(&name), function);
         assert!(
@@ -574,6 +582,13 @@ impl Registry {
             .get_mut(name)
             .unwrap_or_else(|| panic!("job function {name:?} is not registered"))
             .retry_safe = false;
+        self
+    }
+
+    /// Keeps the function registered last out of the process pool: the
+    /// pool's children build their registry without it.
+    pub(crate) fn server_only(&mut self) -> &mut Self {
+        self.last_mut("server_only").in_children = false;
         self
     }
 

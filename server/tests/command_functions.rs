@@ -132,6 +132,20 @@ async fn arguments_are_single_literal_arguments_and_never_options() {
         Some(tonic::Code::InvalidArgument),
         "{refused}"
     );
+    // The process pool's children do not have command functions: asking
+    // for it is refused at Submit, not failed in a child.
+    let mut on_process = jobd_client::Submission::new("say", json!({"text": "x"}));
+    on_process.pool = Some("process".into());
+    let refused = client.submit_with(on_process).await.unwrap_err();
+    assert_eq!(
+        refused.code(),
+        Some(tonic::Code::InvalidArgument),
+        "{refused}"
+    );
+    assert!(
+        refused.to_string().contains("not the process pool"),
+        "{refused}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
