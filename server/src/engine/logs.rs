@@ -50,11 +50,7 @@ impl Engine {
             return Err(Error::ShuttingDown);
         }
         let follow = if follow {
-            Some(
-                Arc::clone(&inner.watchers)
-                    .try_acquire_owned()
-                    .map_err(|_| Error::TooManyWatchers(inner.max_watchers))?,
-            )
+            Some(inner.stream_slot()?)
         } else {
             None
         };

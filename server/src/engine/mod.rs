@@ -538,6 +538,14 @@ impl Engine {
 }
 
 impl Inner {
+    /// One of the bounded slots every open stream (Watch, a followed log)
+    /// holds for its life.
+    fn stream_slot(&self) -> Result<tokio::sync::OwnedSemaphorePermit, Error> {
+        Arc::clone(&self.watchers)
+            .try_acquire_owned()
+            .map_err(|_| Error::TooManyWatchers(self.max_watchers))
+    }
+
     async fn state(&self, id: JobId) -> Result<JobState, Error> {
         found(id, self.store.state(id).await)
     }

@@ -162,9 +162,7 @@ impl Engine {
         if !inner.accepting.load(std::sync::atomic::Ordering::Acquire) {
             return Err(Error::ShuttingDown);
         }
-        let slot = Arc::clone(&inner.watchers)
-            .try_acquire_owned()
-            .map_err(|_| Error::TooManyWatchers(inner.max_watchers))?;
+        let slot = inner.stream_slot()?;
         let head = inner.store.event_head();
         if let Some((epoch, after)) = &spec.resume {
             if *head.epoch != **epoch {
