@@ -160,9 +160,9 @@ pub(crate) struct Workers {
     lanes: Mutex<HashMap<QueueName, ()>>,
     /// Breaks ties between equally free workers in turn.
     turn: AtomicU64,
-    /// Cancels of jobs claimed for a worker but not yet in a session (the
-    /// lane assigns them, and pushes the cancel right after), with when
-    /// they came; swept after a minute.
+    /// Cancels not yet pushed to a session (the job was claimed for a
+    /// worker but not yet assigned, or no attached session runs it), with
+    /// when they came; swept after a minute.
     early_cancels: Mutex<HashMap<JobId, (u64, tokio::time::Instant)>>,
     /// Fired when the engine stops.
     stopped: CancellationToken,
@@ -280,18 +280,24 @@ impl Workers {
     }
 
     /// Honours a cancel of a job a worker runs: the cancel is pushed to its
-    /// session at once. False when no attached session runs it (it will
-    /// learn of the recorded request when it re-attaches).
-    pub(crate) fn cancel(&self, lease: &Lease) -> bool {
-        if let Some(session) = self.session_running(lease.job) {
-            return session.push_cancel(lease.job, lease.token.0);
+    /// session at once. When no attached session runs it, the worker learns
+    /// of the recorded request when it re-attaches.
+    pub(crate) fn cancel(&self, lease: &Lease) {
+        // A lane may be handing the job to a session right now. The cancel
+        // is recorded first, then the sessions looked at; the lane assigns
+        // first, then looks for a record. So whichever of the two comes
+        // second sees the other's step, and the one that takes the record
+        // pushes the cancel: once, never not at all.
+        {
+            let mut early = self.lock_early_cancels();
+            early.retain(|_, (_, at)| at.elapsed() < EARLY_CANCEL_TTL);
+            early.insert(lease.job, (lease.token.0, tokio::time::Instant::now()));
         }
-        // Claimed for a worker but not handed to one yet: the lane pushes
-        // the cancel with the assignment.
-        let mut early = self.lock_early_cancels();
-        early.retain(|_, (_, at)| at.elapsed() < EARLY_CANCEL_TTL);
-        early.insert(lease.job, (lease.token.0, tokio::time::Instant::now()));
-        false
+        if let Some(session) = self.session_running(lease.job)
+            && self.take_early_cancel(lease)
+        {
+            session.push_cancel(lease.job, lease.token.0);
+        }
     }
 
     /// Takes the cancel that came for `lease` before it was assigned.
