@@ -77,14 +77,7 @@ impl Inner {
             });
         }
         let pool = PoolName::of(pool);
-        if function.pool() == PoolKind::Worker {
-            // Its queue's dispatcher runs before the job can wait in it.
-            self.workers.ensure_lane(&QueueName::routed(
-                &pool,
-                function.name(),
-                &spec.worker_labels,
-            ));
-        } else if !spec.worker_labels.is_empty() {
+        if function.pool() != PoolKind::Worker && !spec.worker_labels.is_empty() {
             return Err(Error::invalid(
                 "worker_labels",
                 format!(
@@ -163,11 +156,23 @@ impl Inner {
     ) -> impl Future<Output = Result<(JobId, JobState), Error>> + Send + 'static {
         let pool = job.pool.clone();
         let request_id = job.request_id.clone();
+        // A job for remote workers waits in the queue of its function and
+        // worker labels, which a dispatcher (lane) serves. The lane starts
+        // once the store has taken the job, so a refused job (a full queue,
+        // one label set too many) leaves no lane behind.
+        let lane = (pool == PoolName::of(PoolKind::Worker))
+            .then(|| QueueName::routed(&pool, &job.function, &job.worker_labels));
         let submitted = self.store.submit(job);
         let inner = Arc::clone(self);
         submitted.map(move |submitted| (inner, submitted)).then(
             move |(inner, submitted)| async move {
-                match submitted.map_err(Error::Store)? {
+                let submitted = submitted.map_err(Error::Store)?;
+                if let (Some(queue), Submitted::New(_) | Submitted::Existing { .. }) =
+                    (&lane, &submitted)
+                {
+                    inner.workers.ensure_lane(queue);
+                }
+                match submitted {
                     Submitted::New(id) => Ok((id, JobState::Pending)),
                     Submitted::Existing {
                         id,
