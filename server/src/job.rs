@@ -243,6 +243,19 @@ impl LogPage {
     }
 }
 
+/// `outcome`, or a `ResultTooLarge` failure when its value is more than
+/// `max_bytes` of JSON: a result too large to store and send fails the job
+/// (as data), so the caller learns why instead of the answer failing in
+/// transit.
+pub(crate) fn cap_result(outcome: Outcome, max_bytes: usize) -> Outcome {
+    outcome.and_then(|value| match json_len(&value) {
+        len if len > max_bytes => Err(JobError::ResultTooLarge(format!(
+            "the function returned {len} bytes of JSON; the server keeps at most {max_bytes} (--max-result-bytes)"
+        ))),
+        _ => Ok(value),
+    })
+}
+
 /// The length of `value` as compact JSON text, without building the text.
 pub(crate) fn json_len(value: &serde_json::Value) -> usize {
     struct Counter(usize);

@@ -27,7 +27,7 @@ use crate::{
     Ctx, Registry,
     ctx::Reports,
     function::{Body, guarded, panicked},
-    job::{JobError, LogStream, Outcome, json_len},
+    job::{JobError, LogStream, Outcome, cap_result},
 };
 
 /// Why a child could not serve; printed on its stderr (which the server
@@ -143,12 +143,9 @@ pub(crate) fn serve(registry: impl FnOnce() -> Registry) -> Result<(), ChildErro
                 "the child could not read the job: {reason}"
             ))),
         };
-        let outcome = outcome.and_then(|value| match json_len(&value) {
-            len if len > max_result_bytes => Err(JobError::ResultTooLarge(format!(
-                "the function returned {len} bytes of JSON; the server keeps at most {max_result_bytes} (--max-result-bytes)"
-            ))),
-            _ => Ok(value),
-        });
+        // Checked here too: a result past the cap would not fit the frame
+        // that carries it to the server.
+        let outcome = cap_result(outcome, max_result_bytes);
         // What the function printed with `print!` waits in std's buffer:
         // it belongs to this job's log, so it goes out before the `done`.
         let _ = io::stdout().flush();

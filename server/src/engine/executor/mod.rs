@@ -31,7 +31,7 @@ use crate::{
     Ctx,
     ctx::Reports,
     function::PoolKind,
-    job::{JobError, LogStream, Outcome, PoolName, json_len},
+    job::{JobError, LogStream, Outcome, PoolName, cap_result},
     store::{ClaimRequest, Claimed, Fenced, JobStore, Lease, LogLine, QueueName},
 };
 
@@ -283,15 +283,7 @@ impl Ending {
         max_attempts: u32,
         outcome: Outcome,
     ) -> Result<Fenced, crate::store::StoreError> {
-        // A result too large to store and send fails the job (as data);
-        // the caller learns why instead of the answer failing in transit.
-        let outcome = outcome.and_then(|value| match json_len(&value) {
-            len if len > self.max_result_bytes => Err(JobError::ResultTooLarge(format!(
-                "the function returned {len} bytes of JSON; the server keeps at most {} (--max-result-bytes)",
-                self.max_result_bytes
-            ))),
-            _ => Ok(value),
-        });
+        let outcome = cap_result(outcome, self.max_result_bytes);
         if let Err(JobError::Retryable(reason)) = &outcome
             && lease.attempt < max_attempts
         {
