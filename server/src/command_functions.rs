@@ -162,14 +162,22 @@ impl CommandFunction {
     ///
     /// Why the program could not be started now.
     pub fn find_program(&self) -> Result<PathBuf, jobd_command::SpawnError> {
-        let mut spec = CommandSpec::new(self.template.program()).inherit_path(true);
+        self.environment(CommandSpec::new(self.template.program()))
+            .find_program()
+    }
+
+    /// `spec` in the environment this function's program runs in: `PATH`
+    /// inherited, its own variables, its working directory. The lookup of
+    /// [`find_program`](Self::find_program) and each job's run share it.
+    fn environment(&self, mut spec: CommandSpec) -> CommandSpec {
+        spec = spec.inherit_path(true);
         for (name, value) in &self.env {
             spec = spec.env(name, value);
         }
         if let Some(dir) = &self.cwd {
             spec = spec.current_dir(dir);
         }
-        spec.find_program()
+        spec
     }
 
     /// Whether it runs its program under resource limits (which need the
@@ -421,16 +429,12 @@ fn run(
         .template
         .render(args)
         .map_err(|e| JobError::bad_args(e.to_string()))?;
-    let mut spec = CommandSpec::from_argv(argv)
-        .ok_or_else(|| JobError::failed("the command has no program"))?
-        .inherit_path(true)
+    let mut spec = function
+        .environment(
+            CommandSpec::from_argv(argv)
+                .ok_or_else(|| JobError::failed("the command has no program"))?,
+        )
         .limits(helper, function.limits);
-    for (name, value) in &function.env {
-        spec = spec.env(name, value);
-    }
-    if let Some(dir) = &function.cwd {
-        spec = spec.current_dir(dir);
-    }
     if function.stdin_json {
         let mut input = args.to_string().into_bytes();
         input.push(b'\n');
